@@ -1,0 +1,1 @@
+"""Review analyses (entropy maps, suggestions, embeddings); no Qt."""

@@ -1,0 +1,150 @@
+"""Weak and strong augmentation on the training device (torch, batched).
+
+* weak view: random flips, rot90 (square crops), a small rotation; applied identically to
+  image and target.
+* strong view: the weak view plus intensity perturbation (brightness, contrast, gamma),
+  Gaussian blur, Gaussian noise and cutout. Being computed *from* the weak view, it stays
+  pixel-aligned with it, so student (strong) and teacher (weak) predictions compare pixel by
+  pixel.
+
+Layout: images (B, C, H, W) float, targets (B, H, W) long with ``IGNORE_INDEX`` padding.
+All randomness comes from the ``torch.Generator`` passed in (CPU), so runs are repeatable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .annotation import IGNORE_INDEX
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=g) * (hi - lo) + lo
+
+
+def weak_augment(
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    generator: torch.Generator,
+    max_rotation_deg: float = 15.0,
+):
+    """Random flips, rot90 and a small rotation, the same for ``x`` and ``y``.
+
+    Returns ``(x_aug, y_aug)`` (``y_aug`` is None when ``y`` is None). Pixels rotated in
+    from outside are 0 in the image and ``IGNORE_INDEX`` in the target.
+    """
+    b = x.shape[0]
+    x = x.clone()
+    y = None if y is None else y.clone()
+    flips_h = torch.rand(b, generator=generator) < 0.5
+    flips_v = torch.rand(b, generator=generator) < 0.5
+    k90 = torch.randint(0, 4, (b,), generator=generator) if x.shape[-1] == x.shape[-2] else torch.zeros(b, dtype=torch.long)
+    for i in range(b):
+        dims = []
+        if flips_h[i]:
+            dims.append(-1)
+        if flips_v[i]:
+            dims.append(-2)
+        if dims:
+            x[i] = x[i].flip(dims)
+            if y is not None:
+                y[i] = y[i].flip(dims)
+        if k90[i]:
+            x[i] = torch.rot90(x[i], int(k90[i]), dims=(-2, -1))
+            if y is not None:
+                y[i] = torch.rot90(y[i], int(k90[i]), dims=(-2, -1))
+    if max_rotation_deg > 0:
+        angles = _uniform(b, -max_rotation_deg, max_rotation_deg, generator) * math.pi / 180
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+        theta = theta.to(x.device, x.dtype)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if y is not None:
+            # shift by one so that 0 marks "outside", then nearest-neighbour resample
+            y1 = (y + 1 - IGNORE_INDEX).unsqueeze(1).to(x.dtype)
+            y1 = F.grid_sample(y1, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+            y1 = y1.squeeze(1).round().long()
+            y = torch.where(y1 == 0, torch.full_like(y1, IGNORE_INDEX), y1 - 1 + IGNORE_INDEX)
+    return x, y
+
+
+def _gaussian_kernel(sigma: float, device, dtype) -> torch.Tensor:
+    radius = max(1, int(math.ceil(2.5 * sigma)))
+    t = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W) with reflect padding."""
+    if sigma <= 0:
+        return x
+    k = _gaussian_kernel(sigma, x.device, x.dtype)
+    c = x.shape[1]
+    r = k.numel() // 2
+    kx = k.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
+    ky = k.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
+    mode = "reflect" if min(x.shape[-2:]) > r else "replicate"
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode=mode), kx, groups=c)
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode=mode), ky, groups=c)
+
+
+def strong_augment(
+    x: torch.Tensor,
+    *,
+    generator: torch.Generator,
+    brightness: float = 0.15,
+    contrast: float = 0.25,
+    gamma: float = 0.3,
+    blur_sigma: tuple[float, float] = (0.1, 1.2),
+    noise_std: float = 0.05,
+    cutout: float = 0.25,
+    p: float = 0.8,
+) -> torch.Tensor:
+    """Intensity, blur, noise and cutout perturbation of an (already weak) view.
+
+    Each perturbation is applied to a sample with probability ``p``; ``cutout`` is the side
+    of the erased square as a fraction of the crop (0 disables it).
+    """
+    b = x.shape[0]
+    out = x.clone()
+    dev, dt = x.device, x.dtype
+
+    def coin() -> torch.Tensor:
+        return (torch.rand(b, generator=generator) < p).to(dev, dt).view(b, 1, 1, 1)
+
+    lo = out.amin(dim=(1, 2, 3), keepdim=True)
+    hi = out.amax(dim=(1, 2, 3), keepdim=True)
+    span = (hi - lo).clamp_min(1e-6)
+    # gamma on the per-sample [0, 1] range, mapped back
+    g = torch.exp(_uniform(b, -gamma, gamma, generator)).to(dev, dt).view(b, 1, 1, 1)
+    m = coin()
+    out = m * (((out - lo) / span).clamp(0, 1) ** g * span + lo) + (1 - m) * out
+    # contrast around the mean, then brightness relative to the range
+    c = _uniform(b, 1 - contrast, 1 + contrast, generator).to(dev, dt).view(b, 1, 1, 1)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    m = coin()
+    out = m * ((out - mean) * c + mean) + (1 - m) * out
+    br = _uniform(b, -brightness, brightness, generator).to(dev, dt).view(b, 1, 1, 1)
+    out = out + coin() * br * span
+    # blur (one sigma per batch keeps it a single convolution), noise, cutout
+    sigma = float(_uniform(1, *blur_sigma, generator))
+    m = coin()
+    out = m * gaussian_blur(out, sigma) + (1 - m) * out
+    noise = torch.randn(out.shape, generator=generator).to(dev, dt) * noise_std
+    out = out + coin() * noise * span
+    if cutout > 0:
+        h, w = out.shape[-2:]
+        side_h, side_w = max(1, int(h * cutout)), max(1, int(w * cutout))
+        do = torch.rand(b, generator=generator) < p * 0.5
+        ys = torch.randint(0, h - side_h + 1, (b,), generator=generator)
+        xs = torch.randint(0, w - side_w + 1, (b,), generator=generator)
+        for i in torch.nonzero(do).flatten().tolist():
+            out[i, :, ys[i]:ys[i] + side_h, xs[i]:xs[i] + side_w] = mean[i]
+    return out

@@ -1,0 +1,62 @@
+"""Checkpoints: plain tensors and JSON text, written atomically, loaded with weights_only.
+
+A checkpoint is data, never code: :func:`load_checkpoint` uses
+``torch.load(..., weights_only=True)``, so a pickle carrying code is refused before anything
+in it runs. The config is stored as JSON text inside the file and beside it as config.json.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+
+FORMAT = "napari-semicl/1"
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> Path:
+    """Write ``payload`` (tensors, numbers, strings, lists, dicts) atomically to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save({"format": FORMAT, **payload}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, *, map_location="cpu") -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint`.
+
+    Raises
+    ------
+    CheckpointError
+        Missing file, not a napari-semicl checkpoint, or content that is not plain data
+        (e.g. a pickle that would run code), with a message saying which.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects other than plain tensors and values "
+            f"(a checkpoint must never carry code). Detail: {str(exc).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a PyTorch file ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a napari-semicl checkpoint (expected format {FORMAT!r})")
+    return data

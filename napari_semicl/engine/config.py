@@ -1,0 +1,245 @@
+"""Configuration: one tree of dataclasses, saved as JSON beside every checkpoint.
+
+``TrainConfig.to_json`` / ``TrainConfig.from_json`` round-trip exactly. Loading is strict:
+an unknown key or a value of the wrong type raises :class:`ConfigError` naming the key
+path (e.g. ``data.patch_size``), and no value is ever evaluated as code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from ..errors import ConfigError, check_choice as _check_choice, check_positive as _check_positive
+from ..methods.mean_teacher import MeanTeacherConfig
+
+UNPAINTED_CHOICES = ("ignore", "background")
+NORMALISE_CHOICES = ("percentile", "zscore", "none")
+BUDGET_CHOICES = ("iterations", "minutes")
+
+
+
+@dataclass
+class ModelConfig:
+    """The segmentation network (a 2D U-Net on slices).
+
+    ``in_channels`` is set from the data (1 for grey, 3 for RGB); ``n_classes`` from the
+    class table. ``spatial_dims`` is kept a setting so 3D patches can be added later.
+    """
+
+    in_channels: int = 1
+    n_classes: int = 2
+    base_channels: int = 16
+    depth: int = 4
+    dropout: float = 0.1
+    spatial_dims: int = 2
+
+    def validate(self, path: str = "model") -> None:
+        _check_positive(f"{path}.in_channels", self.in_channels)
+        if self.n_classes < 2:
+            raise ConfigError(f"{path}.n_classes must be >= 2, got {self.n_classes}")
+        _check_positive(f"{path}.base_channels", self.base_channels)
+        if not 1 <= self.depth <= 6:
+            raise ConfigError(f"{path}.depth must be in 1..6, got {self.depth}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{path}.dropout must be in [0, 1), got {self.dropout}")
+        if self.spatial_dims != 2:
+            raise ConfigError(f"{path}.spatial_dims: only 2 (slices) is implemented, got {self.spatial_dims}")
+
+
+@dataclass
+class DataConfig:
+    """How annotations and images become training items.
+
+    ``unpainted``: {'ignore', 'background'}. With 'ignore' (the default) unpainted pixels of
+    a labelled slice are never used (scribbles); with 'background' they are class 0 (fully
+    painted slices). ``class_values`` is the class table: label values in network-class
+    order (filled from the annotations when empty). ``validation_slices`` maps a pair index
+    (as a string, JSON keys are strings) to slice indices held out for live Dice.
+    """
+
+    axis: int = 0
+    patch_size: int = 128
+    batch_labelled: int = 4
+    batch_unlabelled: int = 4
+    unpainted: str = "ignore"
+    normalise: str = "percentile"
+    class_values: list[int] = field(default_factory=list)
+    class_names: dict[str, str] = field(default_factory=dict)
+    validation_slices: dict[str, list[int]] = field(default_factory=dict)
+
+    def validate(self, path: str = "data") -> None:
+        _check_choice(f"{path}.unpainted", self.unpainted, UNPAINTED_CHOICES)
+        _check_choice(f"{path}.normalise", self.normalise, NORMALISE_CHOICES)
+        if self.patch_size < 16 or self.patch_size % 16:
+            raise ConfigError(f"{path}.patch_size must be a multiple of 16 and >= 16, got {self.patch_size}")
+        _check_positive(f"{path}.batch_labelled", self.batch_labelled)
+        _check_positive(f"{path}.batch_unlabelled", self.batch_unlabelled, allow_zero=True)
+        if self.axis < 0:
+            raise ConfigError(f"{path}.axis must be >= 0, got {self.axis}")
+        if len(set(self.class_values)) != len(self.class_values):
+            raise ConfigError(f"{path}.class_values has duplicates: {self.class_values}")
+        if any(v < 0 for v in self.class_values):
+            raise ConfigError(f"{path}.class_values must be >= 0: {self.class_values}")
+
+
+@dataclass
+class OptimConfig:
+    """Adam(W) with a poly learning-rate decay over the iteration budget."""
+
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+
+    def validate(self, path: str = "optim") -> None:
+        _check_positive(f"{path}.lr", self.lr)
+        _check_positive(f"{path}.weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive(f"{path}.poly_power", self.poly_power, allow_zero=True)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved as ``config.json`` beside each checkpoint.
+
+    The budget is ``iterations`` steps, or ``minutes`` of wall-clock time when
+    ``budget == 'minutes'`` (the iteration count then only shapes the schedules).
+    """
+
+    method: str = "supervised"
+    iterations: int = 300
+    minutes: float = 5.0
+    budget: str = "iterations"
+    seed: int = 0
+    refresh_every: int = 50
+    checkpoint_minutes: float = 5.0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
+
+    def validate(self) -> "TrainConfig":
+        """Check every value; return self. Raises :class:`ConfigError`."""
+        from ..methods import available_methods  # the registry lives with the methods
+
+        _check_choice("method", self.method, tuple(available_methods()))
+        _check_choice("budget", self.budget, BUDGET_CHOICES)
+        _check_positive("iterations", self.iterations)
+        _check_positive("minutes", self.minutes)
+        _check_positive("refresh_every", self.refresh_every)
+        _check_positive("checkpoint_minutes", self.checkpoint_minutes)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate(f.name)
+        return self
+
+    # --- JSON -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n", encoding="utf-8")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        return _from_dict(cls, data, "").validate()
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "TrainConfig":
+        """Load from a JSON string or a path to a JSON file (strict, see module doc)."""
+        text = str(text_or_path)
+        source = "config"
+        if not text.lstrip().startswith("{"):
+            path = Path(text_or_path)
+            source = str(path)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{source} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+
+def _from_dict(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'} must be an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"unknown key(s){where}: {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, path)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+    if origin is Literal:
+        _check_choice(path, value, args)
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path} must be a list, got {type(value).__name__}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be an object, got {type(value).__name__}")
+        return {str(k): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {tp!r}")  # pragma: no cover - programming error
+
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "MeanTeacherConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+]

@@ -1,0 +1,87 @@
+"""Events the training generator yields, and the messages it accepts through ``send``.
+
+Small frozen dataclasses holding numpy/plain values, never layers: the widgets turn them
+into layer updates on the Qt thread, the CLI into log lines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Started:
+    device: str
+    step: int
+    target_step: int | None
+    budget_s: float | None
+    summary: dict
+
+
+@dataclass(frozen=True)
+class StepDone:
+    step: int
+    losses: dict
+    lr: float
+    elapsed_s: float
+    fraction: float          # of this run's budget, in [0, 1]
+    eta_s: float | None
+
+
+@dataclass(frozen=True)
+class Preview:
+    """``kind`` 'prediction': label values of a whole pair (spatial shape of its image)."""
+
+    step: int
+    kind: str
+    pair_index: int
+    array: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    step: int
+    metrics: dict
+
+
+@dataclass(frozen=True)
+class DataUpdated:
+    step: int
+    summary: dict
+
+
+@dataclass(frozen=True)
+class Notice:
+    level: str               # 'info' | 'warning'
+    text: str
+
+
+@dataclass(frozen=True)
+class Checkpointed:
+    step: int
+    path: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    step: int
+    reason: str              # 'budget' | 'stopped' | 'error'
+    seconds: float
+    losses: dict
+    checkpoint: str | None
+    error: str | None = None
+
+
+# --- messages sent into the generator ------------------------------------------------------
+@dataclass(frozen=True)
+class UpdateData:
+    """New annotation snapshots; they replace the training data before the next step."""
+
+    pairs: list
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Stop after the current step, checkpoint, and finish with reason 'stopped'."""

@@ -1,0 +1,362 @@
+"""The one training loop, for every method, as a generator of events.
+
+``Trainer.run()`` yields :mod:`~napari_semicl.engine.events` after every step and at every
+refresh (whole-volume predictions, validation Dice). Between steps it honours, in this
+order: a :class:`~napari_semicl.engine.events.Stop` sent into the generator or
+:meth:`Trainer.request_stop` (thread-safe), and new annotation snapshots sent as
+:class:`~napari_semicl.engine.events.UpdateData` or passed to :meth:`Trainer.submit_data`.
+Closing the generator (a worker's quit) also stops cleanly and checkpoints.
+:func:`run_sync` drives the generator for the CLI and tests.
+
+Model wrapping, seeding and checkpoint I/O live here and nowhere else, so that the same
+loop can later run under ``torchrun`` with rank-0-only I/O.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Generator
+
+import numpy as np
+import torch
+
+from ..data.annotation import decode_classes
+from ..data.dataset import SliceDataset
+from ..errors import CheckpointError, SemiclError
+from ..methods import get_method
+from ..models import build_model
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .device import describe_device, pick_device, set_threads
+from .events import (
+    Checkpointed,
+    DataUpdated,
+    Evaluated,
+    Finished,
+    Notice,
+    Preview,
+    Started,
+    StepDone,
+    Stop,
+    UpdateData,
+)
+from .inference import Prediction, predict_slices, predict_volume
+from .metrics import dice_per_class
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def _seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    return torch.Generator().manual_seed(seed)
+
+
+class Trainer:
+    """Train a method on snapshots of annotated pairs.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        Validated here; the class table and channels are filled from the data.
+    pairs : list of AnnotatedPair
+        Snapshots (copies) of images and their labels.
+    device : torch.device, optional
+        Defaults to :func:`~napari_semicl.engine.device.pick_device`.
+    out_dir : path, optional
+        Where ``checkpoint.pt`` and ``config.json`` go (on stop, finish and autosave).
+    num_threads : int, optional
+        CPU threads for torch while :meth:`run` trains (process-wide); ``None`` keeps
+        torch's setting. Behind a GUI use :func:`~napari_semicl.engine.device.gui_thread_count`.
+    """
+
+    def __init__(
+        self, config: TrainConfig, pairs, *, device: torch.device | None = None, out_dir=None,
+        num_threads: int | None = None,
+    ) -> None:
+        self.config = copy.deepcopy(config).validate()
+        self.device = device if device is not None else pick_device()
+        self.num_threads = num_threads
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self._torch_gen = _seed_everything(self.config.seed)
+        self._rng = np.random.default_rng(self.config.seed)
+        self.pairs = list(pairs)
+        self.dataset = SliceDataset(self.pairs, self.config.data)
+        self.config.model.in_channels = self.dataset.in_channels
+        self.config.model.n_classes = self.dataset.n_classes
+        self.model = build_model(self.config.model).to(self.device)
+        self.method = get_method(self.config.method)(self.config, self.model)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.config.optim.lr, weight_decay=self.config.optim.weight_decay
+        )
+        self.step = 0
+        self.last_losses: dict[str, float] = {}
+        self.history: list[dict] = []
+        self._stop = threading.Event()
+        self._pending_lock = threading.Lock()
+        self._pending_pairs: list | None = None
+        self._notices: list[Notice] = []
+        if self.method.uses_unlabelled and not self.dataset.unlabelled:
+            self._notices.append(Notice("warning", "no unlabelled slice: the consistency term uses labelled slices"))
+
+    # --- construction from a checkpoint ----------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path, pairs, *, device=None, out_dir=None, num_threads=None) -> "Trainer":
+        """Resume: the checkpoint's config, weights, teacher, optimiser and step."""
+        data = load_checkpoint(path)
+        config = TrainConfig.from_json(data["config"])
+        trainer = cls(config, pairs, device=device, out_dir=out_dir, num_threads=num_threads)
+        if trainer.config.model.n_classes != config.model.n_classes:
+            raise CheckpointError(
+                f"the checkpoint has {config.model.n_classes} classes, the annotations give "
+                f"{trainer.config.model.n_classes}"
+            )
+        trainer._load_state(data)
+        return trainer
+
+    def _load_state(self, data: dict) -> None:
+        try:
+            self.model.load_state_dict(data["student"])
+            self.method.load_state_dict(data.get("method", {}))
+        except (RuntimeError, KeyError) as exc:
+            raise CheckpointError(f"the checkpoint does not fit this network: {str(exc).splitlines()[0]}") from None
+        if data.get("optimizer"):
+            self.optimizer.load_state_dict(data["optimizer"])
+        self.step = int(data.get("step", 0))
+
+    # --- thread-safe controls -----------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Ask the loop to stop after the current step (safe from any thread)."""
+        self._stop.set()
+
+    def submit_data(self, pairs) -> None:
+        """Queue new annotation snapshots; they replace the data before the next step."""
+        with self._pending_lock:
+            self._pending_pairs = list(pairs)
+
+    # --- the loop ----------------------------------------------------------------------------
+    def _lr(self, fraction: float) -> float:
+        o = self.config.optim
+        return o.lr * (1.0 - min(fraction, 0.95)) ** o.poly_power
+
+    def train_step(self, fraction: float = 0.0) -> dict[str, float]:
+        """One optimisation step; returns the losses by name (and 'total')."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr(fraction)
+        self.model.train()
+        batch = self.dataset.sample_batch(self._rng, self.device, with_unlabelled=self.method.uses_unlabelled)
+        losses = self.method.compute_losses(batch, step=self.step, generator=self._torch_gen)
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            raise FloatingPointError(
+                f"the loss became {float(total)} at step {self.step}: lower the learning rate "
+                "(optim.lr) or check the image for extreme values"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        self.method.after_step(self.step)
+        self.step += 1
+        out = {k: float(v.detach()) for k, v in losses.items()}
+        out["total"] = float(total.detach())
+        return out
+
+    def _apply_pending(self) -> DataUpdated | None:
+        with self._pending_lock:
+            pairs, self._pending_pairs = self._pending_pairs, None
+        if pairs is None:
+            return None
+        dataset = SliceDataset(pairs, copy.deepcopy(self.config.data))  # class table kept
+        self.pairs, self.dataset = pairs, dataset
+        return DataUpdated(self.step, dataset.summary())
+
+    def _handle(self, message) -> None:
+        if isinstance(message, Stop):
+            self._stop.set()
+        elif isinstance(message, UpdateData):
+            self.submit_data(message.pairs)
+
+    def _emit(self, event) -> Generator:
+        message = yield event
+        self._handle(message)
+
+    def run(self) -> Generator:
+        """Train until the budget is spent or a stop is asked; yields events.
+
+        With ``budget='iterations'`` a fresh run goes to ``iterations`` steps and a resumed
+        one that already reached them adds ``iterations`` more; with ``'minutes'`` each call
+        trains for ``minutes`` of wall-clock time. Returns (and yields last) a
+        :class:`Finished` event.
+        """
+        cfg = self.config
+        self._stop.clear()
+        set_threads(self.num_threads)
+        t0 = time.monotonic()
+        start_step = self.step
+        if cfg.budget == "iterations":
+            target = cfg.iterations if self.step < cfg.iterations else self.step + cfg.iterations
+            budget_s = None
+        else:
+            target, budget_s = None, cfg.minutes * 60.0
+        yield from self._emit(Started(describe_device(self.device), self.step, target, budget_s, self.dataset.summary()))
+        for notice in self._notices:
+            yield from self._emit(notice)
+        self._notices.clear()
+        reason, error, last_save = "budget", None, t0
+        try:
+            while not self._stop.is_set():
+                elapsed = time.monotonic() - t0
+                if target is not None:
+                    fraction = (self.step - start_step) / max(target - start_step, 1)
+                    if self.step >= target:
+                        break
+                else:
+                    fraction = elapsed / budget_s
+                    if elapsed >= budget_s:
+                        break
+                update = self._apply_pending()
+                if update is not None:
+                    yield from self._emit(update)
+                losses = self.train_step(fraction if target is None else self.step / max(target, 1))
+                self.last_losses = losses
+                self.history.append({"step": self.step, **losses})
+                elapsed = time.monotonic() - t0
+                done = self.step - start_step
+                if target is not None:
+                    fraction = done / max(target - start_step, 1)
+                    eta = elapsed / done * (target - self.step)
+                else:
+                    fraction = min(elapsed / budget_s, 1.0)
+                    eta = max(budget_s - elapsed, 0.0)
+                yield from self._emit(StepDone(self.step, losses, self.optimizer.param_groups[0]["lr"], elapsed, fraction, eta))
+                if self.step % cfg.refresh_every == 0 and not self._stop.is_set():
+                    for event in self.refresh_events():
+                        yield from self._emit(event)
+                if self.out_dir is not None and time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
+                    yield from self._emit(Checkpointed(self.step, str(self.save())))
+                    last_save = time.monotonic()
+            if self._stop.is_set():
+                reason = "stopped"
+        except GeneratorExit:
+            # the consumer closed us (e.g. a worker's quit): keep the model, say nothing more
+            if self.out_dir is not None:
+                self.save()
+            raise
+        except (SemiclError, FloatingPointError, RuntimeError, ValueError, MemoryError) as exc:
+            reason, error = "error", str(exc)
+            log.exception("training stopped by an error at step %d", self.step)
+        ckpt = None
+        if self.out_dir is not None and reason != "error":
+            ckpt = str(self.save())
+        elif self.out_dir is not None and (self.out_dir / CHECKPOINT_NAME).exists():
+            ckpt = str(self.out_dir / CHECKPOINT_NAME)  # the last good one is kept as it was
+        if reason != "error":
+            for event in self.refresh_events():
+                yield from self._emit(event)
+        finished = Finished(self.step, reason, time.monotonic() - t0, dict(self.last_losses), ckpt, error)
+        yield finished
+        return finished
+
+    # --- previews, validation, prediction ------------------------------------------------------
+    def refresh_events(self) -> list:
+        """Whole-pair predictions (and entropy) plus validation Dice at the current step."""
+        model = self.method.inference_model()
+        events: list = []
+        for p_idx, img in enumerate(self.dataset.images):
+            idx, ent = predict_slices(model, img, device=self.device, with_entropy=True)
+            labels = self._to_pair_layout(decode_classes(idx, self.dataset.class_values), p_idx)
+            events.append(Preview(self.step, "prediction", p_idx, labels))
+            events.append(Preview(self.step, "entropy", p_idx, self._to_pair_layout(ent, p_idx)))
+        metrics = self.validate()
+        if metrics:
+            events.append(Evaluated(self.step, metrics))
+        return events
+
+    def _to_pair_layout(self, arr: np.ndarray, p_idx: int) -> np.ndarray:
+        pair = self.pairs[p_idx]
+        if len(pair.spatial_shape) == 2:
+            return arr[0]
+        return np.ascontiguousarray(np.moveaxis(arr, 0, self.config.data.axis))
+
+    def validate(self) -> dict:
+        """Dice per class (label value) on the validation slices; {} when there are none."""
+        if not self.dataset.validation:
+            return {}
+        model = self.method.inference_model()
+        preds, refs = [], []
+        for p_idx, s_idx in self.dataset.validation:
+            img = self.dataset.images[p_idx][s_idx:s_idx + 1]
+            idx, _ = predict_slices(model, img, device=self.device)
+            ref = self.dataset.targets[p_idx][s_idx]
+            pred = decode_classes(idx[0], self.dataset.class_values)
+            if self.config.data.unpainted == "ignore":
+                painted = ref != 0
+                pred, ref = pred[painted], ref[painted]
+            preds.append(pred.ravel())
+            refs.append(ref.ravel())
+        per_class = dice_per_class(np.concatenate(preds), np.concatenate(refs), self.dataset.class_values)
+        mean = float(np.mean(list(per_class.values()))) if per_class else math.nan
+        return {"dice": mean, "dice_per_class": per_class, "slices": len(self.dataset.validation)}
+
+    def predict(self, image: np.ndarray, *, rgb: bool = False, with_entropy: bool = False) -> Prediction:
+        """Predict any image with the trained network (the teacher when there is one)."""
+        return predict_volume(
+            self.method.inference_model(), image, class_values=self.dataset.class_values,
+            axis=self.config.data.axis, rgb=rgb, normalise=self.config.data.normalise,
+            device=self.device, with_entropy=with_entropy,
+        )
+
+    # --- persistence -------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "config": self.config.to_json(),
+            "student": self.model.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+        }
+
+    def save(self, path=None) -> Path:
+        """Checkpoint (atomic) plus ``config.json`` beside it; returns the checkpoint path."""
+        if path is None:
+            if self.out_dir is None:
+                raise ValueError("no out_dir given: pass a path")
+            path = self.out_dir / CHECKPOINT_NAME
+        path = save_checkpoint(path, self.state())
+        self.config.to_json(path.parent / "config.json")
+        return path
+
+
+def load_predictor(path, *, device=None):
+    """(network, config) from a checkpoint, ready to predict (the teacher when saved)."""
+    data = load_checkpoint(path)
+    config = TrainConfig.from_json(data["config"])
+    device = device if device is not None else pick_device()
+    model = build_model(config.model)
+    state = (data.get("method") or {}).get("teacher") or data["student"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the checkpoint does not fit its own config: {str(exc).splitlines()[0]}") from None
+    return model.to(device).eval(), config
+
+
+def run_sync(gen: Generator, callback: Callable | None = None):
+    """Drive a trainer generator to the end, calling ``callback(event)`` for each event;
+    returns the final :class:`Finished` event."""
+    last = None
+    try:
+        while True:
+            event = next(gen)
+            last = event
+            if callback is not None:
+                callback(event)
+    except StopIteration as stop:
+        return stop.value if stop.value is not None else last
