@@ -503,20 +503,24 @@ def test_metadata_survives_layers_and_copies(nifti_path, tmp_path):
     assert np.asanyarray(written.dataobj)[2, 1, 0] == 3
 
 
-def test_manifest_part_is_valid_npe2():
+def test_manifest_is_valid_and_every_command_imports():
     npe2 = pytest.importorskip("npe2")
-    part = yaml.safe_load((REPO / "napari_semicl" / "napari.yaml.io-part").read_text())
-    manifest = npe2.PluginManifest(name="napari-semicl", contributions=part)
+    manifest = npe2.PluginManifest.from_file(REPO / "napari_semicl" / "napari.yaml")
     ids = {cmd.id for cmd in manifest.contributions.commands}
     assert all(cid.startswith("napari-semicl.") for cid in ids)
     used = {r.command for r in manifest.contributions.readers}
     used |= {w.command for w in manifest.contributions.writers}
     used |= {s.command for s in manifest.contributions.sample_data}
+    used |= {w.command for w in manifest.contributions.widgets}
     assert used <= ids
     for cmd in manifest.contributions.commands:
         module, _, func = cmd.python_name.partition(":")
-        assert module == "napari_semicl.io._npe2"
-        assert callable(getattr(importlib.import_module(module), func))
+        assert callable(getattr(importlib.import_module(module), func)), cmd.python_name
+    # the installed package exposes the same manifest under the napari.manifest entry point
+    from importlib.metadata import entry_points
+
+    names = {ep.value for ep in entry_points(group="napari.manifest")}
+    assert "napari_semicl:napari.yaml" in names
 
 
 def test_io_does_not_import_napari_or_qt():
