@@ -1,0 +1,293 @@
+"""Command line: everything the train dock does, without Qt.
+
+    napari-semicl train --image IMG --labels LAB [--method NAME] [--iterations N] --out DIR
+    napari-semicl predict --checkpoint CKPT --image IMG --out MASK [--entropy OUT]
+    napari-semicl evaluate --pred P --reference R
+    napari-semicl demo [--out DIR]      (the whole loop on the bundled sample volume)
+
+Errors a user can cause print one line, ``napari-semicl: error: ...``, and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .data import AnnotatedPair
+from .data.reveal import choose_reveal_slices, reveal_slices
+from .engine import (
+    Evaluated,
+    Finished,
+    Notice,
+    StepDone,
+    TrainConfig,
+    Trainer,
+    evaluate_segmentation,
+    load_predictor,
+    pick_device,
+    predict_volume,
+)
+from .engine.config import UNPAINTED_CHOICES
+from .errors import SemiclError
+from .io import ImageData, read_image, read_labels, write_image, write_labels
+from .methods import available_methods
+
+log = logging.getLogger("napari_semicl")
+
+
+class CliError(Exception):
+    """A usage problem reported as one line."""
+
+
+# --- helpers ----------------------------------------------------------------------------------
+def _mask_suffix(image: ImageData) -> str:
+    return ".nii.gz" if image.metadata.get("format") == "nifti" else ".tif"
+
+
+def _write_mask(path: Path, data: np.ndarray, image: ImageData, overwrite: bool) -> Path:
+    return write_labels(path, data, metadata=image.metadata, overwrite=overwrite)
+
+
+def _build_config(args) -> TrainConfig:
+    cfg = TrainConfig.from_json(args.config) if args.config else TrainConfig()
+    if args.method is not None:
+        cfg.method = args.method
+    if args.iterations is not None:
+        cfg.iterations, cfg.budget = args.iterations, "iterations"
+    if args.minutes is not None:
+        cfg.minutes, cfg.budget = args.minutes, "minutes"
+    if args.seed is not None:
+        cfg.seed = args.seed
+    if args.unpainted is not None:
+        cfg.data.unpainted = args.unpainted
+    if args.axis is not None:
+        cfg.data.axis = args.axis
+    if args.patch_size is not None:
+        cfg.data.patch_size = args.patch_size
+    return cfg.validate()
+
+
+def _progress_printer(every: int = 25):
+    def callback(event) -> None:
+        if isinstance(event, StepDone) and (event.step % every == 0 or event.fraction >= 1):
+            losses = " ".join(f"{k}={v:.4f}" for k, v in event.losses.items())
+            eta = f" eta {event.eta_s:.0f}s" if event.eta_s is not None else ""
+            log.info("step %d (%3.0f%%) %s%s", event.step, 100 * event.fraction, losses, eta)
+        elif isinstance(event, Evaluated):
+            log.info("validation dice %.4f at step %d", event.metrics.get("dice", float("nan")), event.step)
+        elif isinstance(event, Notice):
+            log.warning("%s", event.text)
+    return callback
+
+
+def _train(trainer: Trainer, *, progress_every: int = 25) -> Finished:
+    """Run to the end; Ctrl-C (SIGINT) stops after the current step and keeps the model."""
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_interrupt(signum, frame):  # pragma: no cover - exercised manually
+        log.warning("stopping after the current step (press Ctrl-C again to abort)")
+        trainer.request_stop()
+        signal.signal(signal.SIGINT, previous)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        callback = _progress_printer(progress_every)
+        finished = None
+        for event in trainer.run():
+            callback(event)
+            if isinstance(event, Finished):
+                finished = event
+        return finished
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _final_metrics(trainer: Trainer, finished: Finished) -> dict:
+    return {
+        "losses": finished.losses,
+        "steps": finished.step,
+        "seconds": round(finished.seconds, 3),
+        "device": str(trainer.device),
+        "method": trainer.config.method,
+        "reason": finished.reason,
+        "class_values": trainer.dataset.class_values,
+        "data": trainer.dataset.summary(),
+    }
+
+
+# --- subcommands -----------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    out = Path(args.out)
+    images = [read_image(p) for p in args.image]
+    labels = args.labels or []
+    if len(labels) > len(images):
+        raise CliError("more --labels than --image: give one --labels per --image (in order)")
+    pairs = []
+    for i, img in enumerate(images):
+        lab = read_labels(labels[i], like=img).data if i < len(labels) else None
+        pairs.append(AnnotatedPair(img.data, lab, rgb=img.rgb, name=img.name, spacing=img.scale, metadata=img.metadata))
+    cfg = _build_config(args)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.resume:
+        trainer = Trainer.from_checkpoint(args.resume, pairs, device=pick_device(args.device), out_dir=out)
+    else:
+        trainer = Trainer(cfg, pairs, device=pick_device(args.device), out_dir=out)
+    log.info("training %s on %s: %s", trainer.config.method, trainer.device, trainer.dataset.summary())
+    finished = _train(trainer)
+    if finished.reason == "error":
+        raise CliError(f"training failed at step {finished.step}: {finished.error}")
+    for i, img in enumerate(images):
+        pred = trainer.predict(img.data, rgb=img.rgb)
+        name = "prediction" if len(images) == 1 else f"prediction_{i}_{img.name}"
+        path = _write_mask(out / f"{name}{_mask_suffix(img)}", pred.labels, img, overwrite=True)
+        log.info("prediction written to %s", path)
+    metrics = _final_metrics(trainer, finished)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps({"out": str(out), "checkpoint": finished.checkpoint, **metrics}, indent=2))
+    return 0 if finished.reason in ("budget", "stopped") else 1
+
+
+def cmd_predict(args) -> int:
+    model, cfg = load_predictor(args.checkpoint, device=pick_device(args.device))
+    img = read_image(args.image)
+    device = next(model.parameters()).device
+    pred = predict_volume(
+        model, img.data, class_values=cfg.data.class_values, axis=cfg.data.axis, rgb=img.rgb,
+        normalise=cfg.data.normalise, device=device, with_entropy=args.entropy is not None,
+    )
+    path = _write_mask(Path(args.out), pred.labels, img, overwrite=args.overwrite)
+    print(f"mask written to {path}")
+    if args.entropy is not None:
+        epath = write_image(Path(args.entropy), pred.entropy, metadata=img.metadata, overwrite=args.overwrite)
+        print(f"entropy map written to {epath}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    pred = read_labels(args.pred)
+    ref = read_labels(args.reference, like=pred)
+    spacing = None if args.voxels else ref.metadata.get("spacing") or None
+    if spacing is not None and ref.metadata.get("format") != "nifti":
+        spacing = None
+    result = evaluate_segmentation(pred.data, ref.data, spacing=spacing)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .io.sample import load_sample_volume
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    image, reference = load_sample_volume()
+    axis = 0
+    slices = choose_reveal_slices(reference.data, args.reveal, axis)
+    painted = reveal_slices(reference.data, slices, axis)
+    paths = {
+        "reference": write_labels(out / "reference.nii.gz", reference.data, metadata=image.metadata, overwrite=True),
+        "painted": write_labels(out / "painted.nii.gz", painted, metadata=image.metadata, overwrite=True),
+    }
+    cfg = TrainConfig(method=args.method, iterations=args.iterations, seed=args.seed)
+    cfg.data.unpainted = "background"  # revealed slices are fully labelled
+    cfg.data.axis = axis
+    pair = AnnotatedPair(image.data, painted, name=image.name, spacing=image.scale, metadata=image.metadata)
+    log.info("demo: %s, %d revealed slices %s along axis %d, %s for %d steps",
+             image.name, len(slices), slices, axis, args.method, args.iterations)
+    trainer = Trainer(cfg, [pair], device=pick_device(args.device), out_dir=out)
+    finished = _train(trainer)
+    if finished.reason == "error":
+        raise CliError(f"training failed at step {finished.step}: {finished.error}")
+    pred = trainer.predict(image.data)
+    mask = write_labels(out / "prediction.nii.gz", pred.labels, metadata=image.metadata, overwrite=True)
+    keep = np.ones(reference.data.shape[axis], bool)
+    keep[slices] = False
+    scores = evaluate_segmentation(np.compress(keep, pred.labels, axis), np.compress(keep, reference.data, axis))
+    metrics = {**_final_metrics(trainer, finished), "revealed_slices": slices, "unrevealed_scores": scores}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    print(f"Dice on the {int(keep.sum())} unrevealed slices: {scores['mean'].get('dice', float('nan')):.3f}")
+    print(f"painted slices: {paths['painted']}")
+    print(f"checkpoint: {finished.checkpoint}")
+    print(f"mask written to {mask}")
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="napari-semicl", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"napari-semicl {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_training_options(p, *, method_default=None):
+        p.add_argument("--method", choices=available_methods(), default=method_default,
+                       help="learning method (default: supervised, or the --config's)")
+        p.add_argument("--iterations", type=int, help="training steps")
+        p.add_argument("--minutes", type=float, help="wall-clock budget instead of --iterations")
+        p.add_argument("--seed", type=int)
+        p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+
+    t = sub.add_parser("train", help="train on painted labels and predict the whole image")
+    t.add_argument("--image", required=True, action="append", help="image file (repeat for several pairs)")
+    t.add_argument("--labels", action="append", help="painted labels, 0 = unpainted (one per --image)")
+    add_training_options(t)
+    t.add_argument("--unpainted", choices=UNPAINTED_CHOICES,
+                   help="unpainted pixels of labelled slices: ignore (scribbles, default) or background")
+    t.add_argument("--axis", type=int, help="slicing axis (default 0, the napari slider axis)")
+    t.add_argument("--patch-size", type=int, help="training crop size, a multiple of 16 (default 128)")
+    t.add_argument("--config", help="a config.json to start from (flags override it)")
+    t.add_argument("--resume", help="a checkpoint to continue training from")
+    t.add_argument("--out", required=True, help="output folder")
+    t.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="predict an image with a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--out", required=True, help="mask file (.nii.gz, .nii, .tif)")
+    p.add_argument("--entropy", help="also write the normalised entropy map here")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.set_defaults(func=cmd_predict)
+
+    e = sub.add_parser("evaluate", help="Dice, HD95 and ASD of a mask against a reference (JSON)")
+    e.add_argument("--pred", required=True)
+    e.add_argument("--reference", required=True)
+    e.add_argument("--voxels", action="store_true", help="distances in voxels even if spacing is known")
+    e.set_defaults(func=cmd_evaluate)
+
+    d = sub.add_parser("demo", help="the whole loop on the bundled sample volume, headless")
+    d.add_argument("--out", default="semicl_out")
+    d.add_argument("--reveal", type=int, default=3, help="reference slices revealed as 'painted'")
+    add_training_options(d, method_default="mean_teacher")
+    d.set_defaults(iterations=150, seed=0)
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (SemiclError, CliError, FileNotFoundError, FileExistsError, ValueError, OSError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"napari-semicl: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
