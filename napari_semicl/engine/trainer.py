@@ -94,7 +94,7 @@ class Trainer:
         self.model = build_model(self.config.model).to(self.device)
         self.method = get_method(self.config.method)(self.config, self.model)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=self.config.optim.lr, weight_decay=self.config.optim.weight_decay
+            [*self.model.parameters(), *self.method.extra_parameters()], lr=self.config.optim.lr, weight_decay=self.config.optim.weight_decay
         )
         self.step = 0
         self.last_losses: dict[str, float] = {}

@@ -34,12 +34,30 @@ class Method:
     def __init__(self, config, student: nn.Module) -> None:
         self.config = config
         self.student = student
+        self.device = next(student.parameters()).device
         self.teacher: nn.Module | None = None
+        #: extra trainable modules (projection heads...), optimised with the student and
+        #: saved in checkpoints; register them with :meth:`add_module`.
+        self.modules = nn.ModuleDict()
         if self.uses_teacher:
-            self.teacher = copy.deepcopy(student)
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
-            self.teacher.train()
+            self.teacher = self.make_ema_copy(student)
+
+    @staticmethod
+    def make_ema_copy(module: nn.Module) -> nn.Module:
+        """A frozen copy of ``module`` (for a teacher or a teacher-side head)."""
+        copy_ = copy.deepcopy(module)
+        for p in copy_.parameters():
+            p.requires_grad_(False)
+        return copy_.train()
+
+    def add_module(self, name: str, module: nn.Module) -> nn.Module:
+        """Register a trainable module of the method (moved to the training device)."""
+        self.modules[name] = module.to(self.device)
+        return self.modules[name]
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters beyond the student's (the optimiser includes them)."""
+        return [p for p in self.modules.parameters() if p.requires_grad]
 
     # --- the step -----------------------------------------------------------------------
     def compute_losses(self, batch, *, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -60,8 +78,24 @@ class Method:
 
     # --- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"teacher": None if self.teacher is None else self.teacher.state_dict()}
+        """Teacher, extra modules and buffers (tensors and plain values only)."""
+        return {
+            "teacher": None if self.teacher is None else self.teacher.state_dict(),
+            "modules": self.modules.state_dict(),
+            "buffers": self.buffers_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if self.teacher is not None and state.get("teacher") is not None:
             self.teacher.load_state_dict(state["teacher"])
+        if state.get("modules"):
+            self.modules.load_state_dict(state["modules"])
+        if state.get("buffers"):
+            self.load_buffers_state(state["buffers"])
+
+    def buffers_state(self) -> dict:
+        """Method buffers to checkpoint (memory queues, running statistics); override."""
+        return {}
+
+    def load_buffers_state(self, state: dict) -> None:
+        """Restore what :meth:`buffers_state` returned; override."""
