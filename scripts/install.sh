@@ -10,7 +10,7 @@
 # Environment:
 #   PYTHON           interpreter to install into (default: python3)
 #   TORCH_INDEX_URL  pip index for the CPU torch build, for machines where PyPI's torch is the
-#                    CUDA build, e.g. TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+#                    CUDA build, (the CPU wheel index documented on pytorch.org)
 #   SEMICL_DRY_RUN=1 print the pip/apt-get commands instead of running them
 #   SEMICL_VERBOSE=1 show pip's full output for the package install
 #
