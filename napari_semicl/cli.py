@@ -222,6 +222,28 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import label_efficiency, speed as speed_mod
+
+    device = pick_device(args.device)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if getattr(args, "methods", None) else None
+    if args.bench == "within-volume":
+        data = label_efficiency.within_volume(args.data, k=args.k, methods=methods, budget_s=args.budget_s,
+                                              seed=args.seed, out=args.out, limit=args.limit, device=device,
+                                              budget_steps=args.budget_steps)
+    elif args.bench == "cohort":
+        data = label_efficiency.cohort(args.train, args.test, labelled=args.labelled, methods=methods,
+                                       budget_s=args.budget_s, seed=args.seed, out=args.out, device=device,
+                                       limit_test=args.limit_test, budget_steps=args.budget_steps)
+    else:
+        data = speed_mod.speed(methods=methods, steps=args.steps, device=device, threads=args.threads)
+        Path(args.out).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    summary = {m: {k: v for k, v in row.items() if k != "per_volume" and k != "step_s_all"}
+               for m, row in data["methods"].items()}
+    print(json.dumps({"out": args.out, "methods": summary}, indent=2))
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="napari-semicl", description=__doc__.split("\n\n")[0])
@@ -271,6 +293,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_options(d, method_default="mean_teacher")
     d.set_defaults(iterations=150, seed=0)
     d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmarks: label efficiency and speed (docs/benchmarks.md)")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    w = bsub.add_parser("within-volume", help="reveal K slices per volume, score the rest")
+    w.add_argument("--data", required=True, help="folder of NAME.nii.gz + NAME_gt.nii.gz")
+    w.add_argument("--k", type=int, required=True)
+    w.add_argument("--limit", type=int, help="only the first N volumes")
+    c = bsub.add_parser("cohort", help="N fully labelled training volumes, the rest unlabelled")
+    c.add_argument("--train", required=True)
+    c.add_argument("--test", required=True)
+    c.add_argument("--labelled", type=int, required=True)
+    c.add_argument("--limit-test", type=int, help="only the first N test volumes")
+    for q in (w, c):
+        q.add_argument("--methods", required=True, help="comma-separated: registered methods, rf, full")
+        budget = q.add_mutually_exclusive_group(required=True)
+        budget.add_argument("--budget-s", type=float, help="wall-clock training budget per method")
+        budget.add_argument("--budget-steps", type=int, help="step budget per method (robust on a busy machine)")
+    s_ = bsub.add_parser("speed", help="step time, FLOP/s, inference throughput and memory")
+    s_.add_argument("--methods", help="comma-separated (default: every registered method)")
+    s_.add_argument("--steps", type=int, default=10)
+    s_.add_argument("--threads", type=int, help="torch CPU threads")
+    for q in (w, c, s_):
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+        q.add_argument("--out", required=True, help="results JSON (written as results arrive)")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

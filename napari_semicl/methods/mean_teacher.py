@@ -71,17 +71,26 @@ class MeanTeacher(Method):
     def consistency_weight(self, step: int) -> float:
         return self.mt.consistency * sigmoid_rampup(step, self.mt.rampup_steps)
 
-    def compute_losses(self, batch, *, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def student_views(self, batch, generator: torch.Generator):
+        """Weak labelled view + targets, weak and strong unlabelled views (aligned)."""
         x, y = weak_augment(batch.x_l, batch.y_l, generator=generator)
-        losses = supervised_loss(self.student(x), y)
-        if batch.x_u is not None:
-            u_weak, _ = weak_augment(batch.x_u, generator=generator)
-            u_strong = strong_augment(u_weak, generator=generator)
-            with torch.no_grad():
-                t_logits = self.teacher(u_weak)
-            s_logits = self.student(u_strong)
-            w = self.consistency_weight(step)
-            losses["consistency"] = w * consistency_loss(s_logits, t_logits, self.mt.consistency_type)
+        if batch.x_u is None:
+            return x, y, None, None
+        u_weak, _ = weak_augment(batch.x_u, generator=generator)
+        return x, y, u_weak, strong_augment(u_weak, generator=generator)
+
+    def compute_losses(self, batch, *, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        x, y, u_weak, u_strong = self.student_views(batch, generator)
+        if u_weak is None:
+            return supervised_loss(self.student(x), y)
+        # one student pass over labelled and strong unlabelled crops (shared batch statistics)
+        logits = self.student(torch.cat([x, u_strong]))
+        l_logits, s_logits = logits[: x.shape[0]], logits[x.shape[0]:]
+        losses = supervised_loss(l_logits, y)
+        with torch.no_grad():
+            t_logits = self.teacher(u_weak)
+        w = self.consistency_weight(step)
+        losses["consistency"] = w * consistency_loss(s_logits, t_logits, self.mt.consistency_type)
         return losses
 
     def after_step(self, step: int) -> None:

@@ -1,0 +1,131 @@
+"""Label-efficiency benchmarks: ``bench within-volume`` and ``bench cohort``.
+
+Every network method gets the same seed and the same wall-clock budget; results are written
+after each (method, volume) so an interrupted run keeps what finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from ..data import AnnotatedPair
+from ..data.reveal import choose_reveal_slices, reveal_slices
+from ..engine import Finished, TrainConfig, Trainer, describe_device, pick_device
+from ..errors import DataError
+from ..methods import available_methods
+from .common import Case, ResultsFile, find_cases, score, thinnest_axis
+from .rf import rf_segment
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("rf", "full")
+
+
+def check_methods(methods) -> list[str]:
+    valid = [*available_methods(), *BASELINES]
+    bad = [m for m in methods if m not in valid]
+    if bad:
+        raise DataError(f"unknown method(s) {bad}; choose from {valid}")
+    return list(methods)
+
+
+def bench_config(method: str, budget_s: float | None, seed: int, axis: int, *, patch_size: int = 128,
+                 budget_steps: int | None = None) -> TrainConfig:
+    """The benchmark's config: a wall-clock budget (or a step budget, which is immune to a
+    noisy shared machine), fully painted slices, no previews."""
+    if budget_steps:
+        cfg = TrainConfig(method=method, budget="iterations", iterations=budget_steps, seed=seed, refresh_every=10**9)
+    elif budget_s:
+        cfg = TrainConfig(method=method, budget="minutes", minutes=budget_s / 60.0, seed=seed, refresh_every=10**9)
+    else:
+        raise DataError("give a budget: seconds or steps")
+    cfg.data.unpainted = "background"
+    cfg.data.axis = axis
+    cfg.data.patch_size = patch_size
+    return cfg
+
+
+def train_network(cfg: TrainConfig, pairs, device) -> tuple[Trainer, Finished]:
+    trainer = Trainer(cfg, pairs, device=device)
+    finished = None
+    for event in trainer.run():
+        if isinstance(event, Finished):
+            finished = event
+    if finished.reason == "error":
+        raise RuntimeError(f"{cfg.method} failed: {finished.error}")
+    return trainer, finished
+
+
+def _spacing(case: Case):
+    return case.image.scale if case.image.metadata.get("format") == "nifti" else None
+
+
+def within_volume(data_dir, *, k: int, methods, budget_s: float | None, seed: int = 0, out, limit=None,
+                  device=None, patch_size: int = 128, budget_steps: int | None = None) -> dict:
+    """Reveal ``k`` slices of each volume, train each method on them, score the rest."""
+    methods = check_methods(methods)
+    device = device or pick_device()
+    cases = find_cases(data_dir, limit=limit)
+    results = ResultsFile(out, {"protocol": "within-volume", "k": k, "budget_s": budget_s, "budget_steps": budget_steps, "seed": seed,
+                                "device": describe_device(device), "data": str(data_dir)})
+    for case in cases:
+        ref = case.reference.data
+        axis = thinnest_axis(ref.shape)
+        revealed = choose_reveal_slices(ref, k, axis)
+        painted = reveal_slices(ref, revealed, axis)
+        keep = np.setdiff1d(np.arange(ref.shape[axis]), revealed)
+        for method in methods:
+            t0 = time.perf_counter()
+            if method == "rf":
+                pred, info = rf_segment(case.image.data, painted, painted_slices=revealed, axis=axis, seed=seed)
+                row = {"train_s": info["total_s"], "steps": None}
+            else:
+                labels = ref if method == "full" else painted
+                cfg = bench_config("supervised" if method == "full" else method, budget_s, seed, axis, patch_size=patch_size,
+                                   budget_steps=budget_steps)
+                trainer, finished = train_network(cfg, [AnnotatedPair(case.image.data, labels, name=case.name)], device)
+                pred = trainer.predict(case.image.data).labels
+                row = {"train_s": finished.seconds, "steps": finished.step}
+            row.update(score(pred, ref, spacing=_spacing(case), keep_slices=keep, axis=axis))
+            row.update({"name": case.name, "revealed": revealed, "wall_s": time.perf_counter() - t0})
+            log.info("%s %s: dice %.4f (%s steps, %.0f s)", case.name, method, row["dice"] or float("nan"),
+                     row["steps"], row["train_s"])
+            results.add(method, row)
+    return results.data
+
+
+def cohort(train_dir, test_dir, *, labelled: int, methods, budget_s: float | None, seed: int = 0, out,
+           device=None, patch_size: int = 128, limit_test=None, budget_steps: int | None = None) -> dict:
+    """``labelled`` fully labelled training volumes, the others unlabelled; score every test volume."""
+    methods = check_methods(methods)
+    device = device or pick_device()
+    train = find_cases(train_dir)
+    test = find_cases(test_dir, limit=limit_test)
+    if labelled < 1 or labelled > len(train):
+        raise DataError(f"--labelled must be in 1..{len(train)}, got {labelled}")
+    axis = thinnest_axis(train[0].reference.data.shape)
+    results = ResultsFile(out, {"protocol": "cohort", "labelled": labelled, "budget_s": budget_s, "budget_steps": budget_steps, "seed": seed,
+                                "device": describe_device(device), "train": str(train_dir), "test": str(test_dir),
+                                "labelled_volumes": [c.name for c in train[:labelled]]})
+    for method in methods:
+        if method == "rf":
+            log.warning("rf is a within-volume baseline; skipped in the cohort protocol")
+            continue
+        pairs = []
+        for i, case in enumerate(train):
+            fully = method == "full" or i < labelled
+            pairs.append(AnnotatedPair(case.image.data, case.reference.data if fully else None, name=case.name))
+        cfg = bench_config("supervised" if method == "full" else method, budget_s, seed, axis, patch_size=patch_size,
+                                   budget_steps=budget_steps)
+        trainer, finished = train_network(cfg, pairs, device)
+        for case in test:
+            pred = trainer.predict(case.image.data).labels
+            row = {"name": case.name, "train_s": finished.seconds, "steps": finished.step}
+            row.update(score(pred, case.reference.data, spacing=_spacing(case)))
+            results.add(method, row)
+        log.info("%s: mean dice %.4f over %d test volumes (%d steps)", method,
+                 results.data["methods"][method]["dice"], len(test), finished.step)
+    return results.data
