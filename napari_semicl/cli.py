@@ -72,6 +72,8 @@ def _build_config(args) -> TrainConfig:
         cfg.data.axis = args.axis
     if args.patch_size is not None:
         cfg.data.patch_size = args.patch_size
+    if getattr(args, "sampler", None) is not None:
+        cfg.arco.sampler = args.sampler
     return cfg.validate()
 
 
@@ -235,6 +237,12 @@ def cmd_bench(args) -> int:
         data = label_efficiency.cohort(args.train, args.test, labelled=args.labelled, methods=methods,
                                        budget_s=args.budget_s, seed=args.seed, out=args.out, device=device,
                                        limit_test=args.limit_test, budget_steps=args.budget_steps)
+    elif args.bench == "ui":
+        import subprocess
+
+        cmd = [sys.executable, "-m", "napari_semicl.widgets.ui_probe", "--out", args.out,
+               "--seconds", str(args.seconds), "--method", args.method, "--refresh-every", str(args.refresh_every)]
+        return subprocess.call(cmd)  # a separate process: Qt and napari stay out of the CLI
     else:
         data = speed_mod.speed(methods=methods, steps=args.steps, device=device, threads=args.threads)
         Path(args.out).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -267,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unpainted pixels of labelled slices: ignore (scribbles, default) or background")
     t.add_argument("--axis", type=int, help="slicing axis (default 0, the napari slider axis)")
     t.add_argument("--patch-size", type=int, help="training crop size, a multiple of 16 (default 128)")
+    t.add_argument("--sampler", choices=["ns", "sg", "sag", "index"],
+                   help="ARCO pixel sampler (method arco; default sag, or the --config's)")
     t.add_argument("--config", help="a config.json to start from (flags override it)")
     t.add_argument("--resume", help="a checkpoint to continue training from")
     t.add_argument("--out", required=True, help="output folder")
@@ -314,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     s_.add_argument("--methods", help="comma-separated (default: every registered method)")
     s_.add_argument("--steps", type=int, default=10)
     s_.add_argument("--threads", type=int, help="torch CPU threads")
+    u = bsub.add_parser("ui", help="Qt event-loop latency in a real viewer, idle and training (needs a display)")
+    u.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
+    u.add_argument("--method", default="mean_teacher")
+    u.add_argument("--refresh-every", type=int, default=20)
+    u.add_argument("--out", required=True)
     for q in (w, c, s_):
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])

@@ -1,0 +1,132 @@
+"""``napari-semicl bench ui``: event-loop latency of a real napari viewer, idle and training.
+
+A QTimer fires every ``interval_ms``; its lateness (actual minus expected interval) is the
+time the Qt thread was blocked. Run under a display (Xvfb on a headless machine):
+
+    python -m napari_semicl.widgets.ui_probe --out ui.json --seconds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def _percentiles(lateness_ms: list[float]) -> dict:
+    arr = np.asarray(lateness_ms) if lateness_ms else np.zeros(1)
+    return {"p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99)),
+            "max_ms": float(arr.max()), "samples": len(lateness_ms)}
+
+
+class LatencyProbe:
+    """Records how late a repeating QTimer fires (ms) while the event loop runs."""
+
+    def __init__(self, interval_ms: int = 10) -> None:
+        from qtpy.QtCore import QTimer
+
+        self.interval_ms = interval_ms
+        self.lateness_ms: list[float] = []
+        self._last = None
+        self._timer = QTimer()
+        self._timer.setInterval(interval_ms)
+        self._timer.timeout.connect(self._on_timeout)
+
+    def _on_timeout(self) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.lateness_ms.append(max(0.0, (now - self._last) * 1000 - self.interval_ms))
+        self._last = now
+
+    def start(self) -> None:
+        self.lateness_ms, self._last = [], None
+        self._timer.start()
+
+    def stop(self) -> dict:
+        self._timer.stop()
+        return _percentiles(self.lateness_ms)
+
+
+def run_probe(*, seconds: float = 20.0, method: str = "mean_teacher", refresh_every: int = 20,
+              interval_ms: int = 10) -> dict:
+    """Open napari with the sample and the Train dock; probe idle, then while training."""
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from ..data.reveal import choose_reveal_slices, reveal_slices
+    from ..io._npe2 import sample_volume
+    from .train_widget import TrainWidget
+
+    viewer = napari.Viewer(show=True)
+    (img_data, img_kw, _), (ref_data, _, _) = sample_volume()[:2]
+    image = viewer.add_image(img_data, **{k: v for k, v in img_kw.items() if k != "rgb"})
+    revealed = choose_reveal_slices(ref_data, 3, 0)
+    labels = viewer.add_labels(reveal_slices(ref_data, revealed, 0), name="painted", scale=image.scale,
+                               metadata=dict(image.metadata))
+    dock = TrainWidget(viewer)
+    viewer.window.add_dock_widget(dock, name="Train")
+    dock.set_pair(0, image, labels)
+    dock.method_combo.setCurrentText(method)
+    dock.budget_combo.setCurrentText("iterations")
+    dock.iterations_spin.setValue(100000)
+    dock.refresh_spin.setValue(refresh_every)
+    dock.background_check.setChecked(True)
+    app = QApplication.instance()
+    probe = LatencyProbe(interval_ms)
+
+    def spin(duration: float) -> None:
+        end = time.perf_counter() + duration
+        while time.perf_counter() < end:
+            app.processEvents()
+            time.sleep(0.001)
+
+    spin(1.0)
+    probe.start()
+    spin(seconds)
+    idle = probe.stop()
+    if not dock.start_training():
+        raise RuntimeError("the Train dock refused to start (see the notification)")
+    spin(2.0)  # start-up (first refresh) is reported separately from the steady state
+    probe.start()
+    spin(seconds)
+    training = probe.stop()
+    steps = dock.trainer.step
+    t0 = time.perf_counter()
+    dock.stop_training()
+    while dock.is_training and time.perf_counter() - t0 < 60:
+        spin(0.05)
+    stop_s = time.perf_counter() - t0
+    result = {"idle": idle, "training": training, "method": method, "refresh_every": refresh_every,
+              "interval_ms": interval_ms, "seconds_per_phase": seconds, "steps_during_probe": steps,
+              "stop_s": stop_s, "threads": __import__("torch").get_num_threads()}
+    dock.shutdown()
+    viewer.close()
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="napari-semicl bench ui", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--method", default="mean_teacher")
+    parser.add_argument("--refresh-every", type=int, default=20)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    result = run_probe(seconds=args.seconds, method=args.method, refresh_every=args.refresh_every)
+    from ..bench.common import machine_info
+
+    result["machine"] = machine_info()
+    with open(args.out, "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=2)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
