@@ -227,8 +227,15 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import label_efficiency, speed as speed_mod
 
-    device = pick_device(args.device)
+    device = pick_device(getattr(args, "device", "auto"))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if getattr(args, "methods", None) else None
+    if args.bench == "report":
+        from .bench.report import dice_vs_k_plot, render
+
+        print(render(args.results))
+        if args.plot:
+            print(f"plot written to {dice_vs_k_plot(args.results, args.plot)}", file=sys.stderr)
+        return 0
     if args.bench == "within-volume":
         data = label_efficiency.within_volume(args.data, k=args.k, methods=methods, budget_s=args.budget_s,
                                               seed=args.seed, out=args.out, limit=args.limit, device=device,
@@ -324,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     s_.add_argument("--methods", help="comma-separated (default: every registered method)")
     s_.add_argument("--steps", type=int, default=10)
     s_.add_argument("--threads", type=int, help="torch CPU threads")
+    r = bsub.add_parser("report", help="markdown tables from results JSON files (and a Dice-vs-K plot)")
+    r.add_argument("results", nargs="+")
+    r.add_argument("--plot", help="PNG path for Dice against K (within-volume files)")
     u = bsub.add_parser("ui", help="Qt event-loop latency in a real viewer, idle and training (needs a display)")
     u.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     u.add_argument("--method", default="mean_teacher")

@@ -129,6 +129,7 @@ def speed(*, methods=None, image=None, reference=None, patch_size: int = 128, ba
     out["inference"] = {
         "seconds": seconds, "slices": int(image.shape[0]), "slices_per_s": image.shape[0] / seconds,
         "peak_rss_increase_mb": (rss.peak - rss.start) / 2**20,
+        "peak_rss_mb": rss.peak / 2**20,
         "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
     }
     return out

@@ -1,0 +1,90 @@
+"""``bench report``: markdown tables (and a Dice-vs-K plot) from results JSON files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _fmt(v, digits=3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def label_efficiency_table(data: dict) -> str:
+    """One markdown table of a within-volume or cohort results file."""
+    budget = f"{data['budget_steps']} steps" if data.get("budget_steps") else f"{data.get('budget_s')} s"
+    head = (f"**{data['protocol']}**, {'K = ' + str(data['k']) if 'k' in data else str(data.get('labelled')) + ' labelled volumes'}, "
+            f"budget {budget} per method, seed {data.get('seed')}, {data.get('device')}, "
+            f"{data.get('machine', {}).get('date', '')}\n\n")
+    rows = ["| method | Dice | HD95 | ASD | train s | steps | volumes |", "|---|---|---|---|---|---|---|"]
+    for name, m in data["methods"].items():
+        rows.append(f"| {name} | {_fmt(m.get('dice'))} | {_fmt(m.get('hd95'), 1)} | {_fmt(m.get('asd'), 2)} | "
+                    f"{_fmt(m.get('train_s'), 0)} | {_fmt(m.get('steps'), 0)} | {len(m.get('per_volume', []))} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def speed_table(data: dict) -> str:
+    head = (f"**speed**, patch {data['patch_size']}, batch {data['batch_labelled']}+{data['batch_unlabelled']}, "
+            f"{data['threads']} threads, {data['device']}, matmul peak {data['matmul_peak_flops'] / 1e9:.1f} GFLOP/s, "
+            f"{data.get('machine', {}).get('date', '')}\n\n")
+    rows = ["| method | step s (median) | x supervised | GFLOP/step | GFLOP/s | % of matmul peak |",
+            "|---|---|---|---|---|---|"]
+    for name, m in data["methods"].items():
+        rows.append(f"| {name} | {m['step_s_median']:.3f} | {_fmt(m.get('ratio_to_supervised'), 2)} | "
+                    f"{m['flops_per_step'] / 1e9:.1f} | {m['achieved_flops'] / 1e9:.1f} | "
+                    f"{100 * m['fraction_of_matmul_peak']:.0f}% |")
+    inf = data["inference"]
+    tail = (f"\nWhole-volume inference of a {tuple(data['volume_shape'])} volume: {inf['seconds']:.2f} s "
+            f"({inf['slices_per_s']:.1f} slices/s), process peak RSS {inf.get('peak_rss_mb', float('nan')):.0f} MB "
+            f"(+{inf['peak_rss_increase_mb']:.0f} MB over the warm process).\n")
+    return head + "\n".join(rows) + "\n" + tail
+
+
+def dice_vs_k_plot(files, out_png) -> Path:
+    """Plot mean Dice against K for every method, from within-volume files of several K."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for f in files:
+        data = json.loads(Path(f).read_text())
+        if data.get("protocol") != "within-volume":
+            continue
+        for name, m in data["methods"].items():
+            if m.get("dice") is not None:
+                series.setdefault(name, []).append((data["k"], m["dice"]))
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel("revealed slices K")
+    ax.set_ylabel("Dice on the other slices")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+def render(files) -> str:
+    """Markdown for every results file given (type detected from its content)."""
+    parts = []
+    for f in files:
+        data = json.loads(Path(f).read_text())
+        if "inference" in data:
+            parts.append(speed_table(data))
+        elif data.get("protocol") in ("within-volume", "cohort"):
+            parts.append(label_efficiency_table(data))
+        elif "idle" in data and "training" in data:
+            parts.append(
+                f"**ui**, {data['method']}, refresh every {data['refresh_every']} steps, "
+                f"{data['machine']['date'] if 'machine' in data else ''}\n\n"
+                "| phase | p50 ms | p99 ms | max ms | samples |\n|---|---|---|---|---|\n"
+                + "\n".join(f"| {ph} | {data[ph]['p50_ms']:.1f} | {data[ph]['p99_ms']:.1f} | {data[ph]['max_ms']:.1f} | "
+                            f"{data[ph]['samples']} |" for ph in ("idle", "training")) + "\n")
+    return "\n".join(parts)
