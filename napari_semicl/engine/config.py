@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from ..errors import ConfigError, check_choice as _check_choice, check_positive as _check_positive
+from ..methods.arco import ARCOConfig
 from ..methods.mean_teacher import MeanTeacherConfig
+from ..methods.plgcl import PLGCLConfig
 
 UNPAINTED_CHOICES = ("ignore", "background")
 NORMALISE_CHOICES = ("percentile", "zscore", "none")
@@ -121,6 +123,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
+    arco: ARCOConfig = field(default_factory=ARCOConfig)
+    plgcl: PLGCLConfig = field(default_factory=PLGCLConfig)
 
     def validate(self) -> "TrainConfig":
         """Check every value; return self. Raises :class:`ConfigError`."""

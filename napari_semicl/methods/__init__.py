@@ -6,8 +6,10 @@ Register a new one with :func:`register_method`; the train dock and the CLI list
 
 from __future__ import annotations
 
+from .arco import ARCO, ARCOConfig
 from .base import Method
 from .mean_teacher import MeanTeacher, MeanTeacherConfig, ema_update
+from .plgcl import PLGCL, PLGCLConfig
 from .supervised import Supervised
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -36,6 +38,8 @@ def get_method(name: str) -> type[Method]:
 
 register_method(Supervised)
 register_method(MeanTeacher)
+register_method(ARCO)
+register_method(PLGCL)
 
 __all__ = [
     "MeanTeacher",

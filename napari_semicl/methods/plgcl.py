@@ -1,0 +1,434 @@
+"""PLGCL: pseudo-label guided patch contrastive learning on a mean teacher (METHODS.md §1).
+
+Basak & Yin, "Pseudo-label guided contrastive learning for semi-supervised medical image
+segmentation", CVPR 2023 (shared/papers/000_07763fe99ab6758f.txt). Equation numbers are
+the paper's.
+
+Per step (B_L labelled, B_U unlabelled crops):
+
+* Eq. 7, supervised: CE (+ Dice, ``supervised_dice``) of the student on the weak view of
+  the labelled crops, unpainted pixels ignored.
+* Eq. 6, regularisation: ``CE(student logits on the strong view, argmax teacher on the weak
+  view)`` on the unlabelled crops, weight ``beta``.
+* After ``warmup_steps``: Eq. 5 on non-overlapping P x P patches of all B_L + B_U crops
+  (anchors: student embeddings; keys: teacher embeddings; positives chosen by entropy,
+  :mod:`~napari_semicl.methods.patch_sampling`), weight ``gamma``.
+* Eq. 8: the weighted sum. Eq. 9-10: EMA teacher (and EMA projection head) after each step,
+  with ``mean_teacher.ema_alpha`` (METHODS.md §0).
+
+Losses by name: ``'ce'``, ``'dice'`` (Eq. 7), ``'consistency'`` (beta x Eq. 6), ``'plgcl'``
+(gamma x Eq. 5, after warm-up).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.augment import strong_augment, weak_augment
+from ..errors import CheckpointError, ConfigError, check_choice, check_positive
+from ..models.heads import ProjectionHead
+from .losses import masked_cross_entropy, supervised_loss
+from .mean_teacher import MeanTeacher, ema_update
+from .patch_sampling import (
+    extract_patches,
+    flatten_patch_grid,
+    one_hot_confidence,
+    pool_patches,
+    select_patches,
+)
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_CHOICES = ("pooled", "image")
+REDUCTION_CHOICES = ("mean", "none")
+
+
+@dataclass
+class PLGCLConfig:
+    """PLGCL settings (defaults: the paper's, METHODS.md §1).
+
+    beta : weight of the regularisation CE (Eq. 6, 8). gamma : weight of L_PLGCL (Eq. 8).
+    tau : temperature of Eq. 5. lambda_cov : lambda of Eq. 5 (weight of the covariance
+    terms), ramped linearly from 0 over ``lambda_rampup_steps`` steps after the warm-up.
+    zeta : scale of the negative terms of Eq. 5; None or 0 = the number of keys of each
+    negative class. n_positives : n, entropy-nearest positives per anchor. patch_size : P,
+    side of the non-overlapping patches (pixels). warmup_steps : steps with L_sup + L_reg
+    only. queue_size : teacher keys kept per class (0 = current batch only). embed_dim :
+    projection dimension. eps : clamp margin of the entropy and the ridge ``eps * I`` of
+    the covariances. embedding : {'pooled', 'image'}; 'pooled' averages decoder features in
+    each patch, 'image' encodes each patch as a separate image through the encoder (the
+    authors' code; P must be a multiple of ``2**model.depth``). supervised_dice : add Dice
+    to the CE of Eq. 7 as the other methods do.
+    """
+
+    beta: float = 0.25
+    gamma: float = 0.2
+    tau: float = 0.2
+    lambda_cov: float = 4.0
+    lambda_rampup_steps: int = 200
+    zeta: float | None = None
+    n_positives: int = 20
+    patch_size: int = 16
+    warmup_steps: int = 100
+    queue_size: int = 256
+    embed_dim: int = 128
+    eps: float = 1e-6
+    embedding: str = "pooled"
+    supervised_dice: bool = True
+
+    def validate(self, path: str = "plgcl") -> None:
+        check_positive(f"{path}.beta", self.beta, allow_zero=True)
+        check_positive(f"{path}.gamma", self.gamma, allow_zero=True)
+        check_positive(f"{path}.tau", self.tau)
+        check_positive(f"{path}.lambda_cov", self.lambda_cov, allow_zero=True)
+        check_positive(f"{path}.lambda_rampup_steps", self.lambda_rampup_steps, allow_zero=True)
+        if self.zeta is not None:
+            check_positive(f"{path}.zeta", self.zeta, allow_zero=True)
+        if self.n_positives < 1:
+            raise ConfigError(f"{path}.n_positives must be >= 1, got {self.n_positives}")
+        if self.patch_size < 2:
+            raise ConfigError(f"{path}.patch_size must be >= 2, got {self.patch_size}")
+        check_positive(f"{path}.warmup_steps", self.warmup_steps, allow_zero=True)
+        check_positive(f"{path}.queue_size", self.queue_size, allow_zero=True)
+        if self.embed_dim < 1:
+            raise ConfigError(f"{path}.embed_dim must be >= 1, got {self.embed_dim}")
+        if not 0 < self.eps < 0.5:
+            raise ConfigError(f"{path}.eps must be in (0, 0.5), got {self.eps}")
+        check_choice(f"{path}.embedding", self.embedding, EMBEDDING_CHOICES)
+
+
+def regularisation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Eq. 6: CE of the student (strong view) against the teacher's argmax (weak view).
+
+    Both (B, K, H, W), pixel-aligned; the teacher side carries no gradient.
+    """
+    return F.cross_entropy(student_logits, teacher_logits.detach().argmax(dim=1))
+
+
+class PLGCLLoss(nn.Module):
+    """Pseudo-label guided contrastive loss, Eq. 5 of Basak & Yin (CVPR 2023).
+
+    For an anchor ``f`` (unit vector) of class k::
+
+        L = log[ exp(f.mu+ / tau + lam / (2 tau^2) f^T S+ f)
+                 + sum_{c != k} zeta_c exp(f.mu_c / tau + lam / (2 tau^2) f^T S_c f) ]
+            - f.mu+ / tau
+
+    ``mu+``, ``S+``: mean and biased covariance (``+ eps I``) of the anchor's positive keys;
+    ``mu_c``, ``S_c``: the same over the keys of class c. ``zeta_c`` is ``zeta`` or, when
+    ``zeta`` is None or 0, the number of keys of class c. The quadratic forms are computed
+    as ``f^T S f = mean_v (f.(k_v - mu))^2 + eps |f|^2`` (no D x D matrix is formed).
+
+    Parameters
+    ----------
+    tau : float
+        Temperature (> 0).
+    eps : float
+        Ridge added to every covariance (>= 0).
+    zeta : float or None
+        Scale of the negative terms (None or 0: the per-class key count).
+    reduction : {'mean', 'none'}
+        'mean' over the anchors that have a positive; 'none' returns (A,) with NaN for
+        anchors without a positive.
+
+    Notes
+    -----
+    Layouts: ``anchors`` (A, D), ``anchor_classes`` (A,) long, ``positive_keys`` (A, n, D),
+    ``positive_mask`` (A, n) bool, ``keys`` (M, D), ``key_classes`` (M,) long in 0..K-1.
+    Keys are detached (teacher side); the gradient flows into ``anchors`` only.
+    """
+
+    def __init__(self, tau: float = 0.2, *, eps: float = 1e-6, zeta: float | None = None, reduction: str = "mean") -> None:
+        super().__init__()
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if zeta is not None and zeta < 0:
+            raise ValueError(f"zeta must be None or >= 0, got {zeta}")
+        if reduction not in REDUCTION_CHOICES:
+            raise ValueError(f"reduction must be one of {set(REDUCTION_CHOICES)}, got {reduction!r}")
+        self.tau, self.eps, self.zeta, self.reduction = tau, eps, zeta, reduction
+
+    def forward(
+        self,
+        anchors: torch.Tensor,
+        anchor_classes: torch.Tensor,
+        positive_keys: torch.Tensor,
+        positive_mask: torch.Tensor,
+        keys: torch.Tensor,
+        key_classes: torch.Tensor,
+        *,
+        n_classes: int,
+        lam: float = 0.0,
+    ) -> torch.Tensor:
+        f = anchors
+        tau = self.tau
+        scale = lam / (2 * tau**2)
+        ridge = self.eps * (f * f).sum(dim=1)  # eps f^T I f, (A,)
+        positive_keys, keys = positive_keys.detach(), keys.detach()
+        # positive statistics, one set per anchor
+        w = positive_mask.to(f.dtype)
+        count = w.sum(dim=1)
+        has_pos = count > 0
+        mu_pos = (w.unsqueeze(-1) * positive_keys).sum(dim=1) / count.clamp_min(1).unsqueeze(1)
+        f_mu_pos = (f * mu_pos).sum(dim=1)
+        f_k = torch.einsum("ad,and->an", f, positive_keys)
+        q_pos = (w * (f_k - f_mu_pos.unsqueeze(1)) ** 2).sum(dim=1) / count.clamp_min(1) + ridge
+        a = f_mu_pos / tau
+        pos_term = a + scale * q_pos
+        # per-class statistics of the keys
+        onehot = F.one_hot(key_classes, n_classes).to(f.dtype)  # (M, K)
+        n_c = onehot.sum(dim=0)
+        mu_c = onehot.t() @ keys / n_c.clamp_min(1).unsqueeze(1)  # (K, D)
+        f_mu_c = f @ mu_c.t()  # (A, K)
+        centred = f @ keys.t() - f_mu_c[:, key_classes]  # (A, M)
+        q_c = (centred**2) @ onehot / n_c.clamp_min(1) + ridge.unsqueeze(1)  # (A, K)
+        zeta_c = n_c if not self.zeta else torch.full_like(n_c, float(self.zeta))
+        neg = torch.log(zeta_c.clamp_min(1e-30)) + f_mu_c / tau + scale * q_c
+        other = torch.arange(n_classes, device=f.device).unsqueeze(0) != anchor_classes.unsqueeze(1)
+        usable = other & (n_c > 0).unsqueeze(0) & (zeta_c > 0).unsqueeze(0)
+        neg = torch.where(usable, neg, torch.full_like(neg, -math.inf))
+        loss = torch.logsumexp(torch.cat([pos_term.unsqueeze(1), neg], dim=1), dim=1) - a
+        if self.reduction == "none":
+            return torch.where(has_pos, loss, torch.full_like(loss, math.nan))
+        if not bool(has_pos.any()):
+            return f.sum() * 0.0
+        return loss[has_pos].mean()
+
+
+def encode_patch_images(model: nn.Module, patches: torch.Tensor) -> torch.Tensor:
+    """Encoder features of patch images, global-average-pooled: (N, C, P, P) -> (N, C_b).
+
+    Runs the U-Net's encoder path (``encoders`` with ``pool`` between stages) only; P must
+    be a multiple of ``2**model.depth``.
+    """
+    if not all(hasattr(model, a) for a in ("encoders", "pool", "depth")):
+        raise ValueError("embedding='image' needs a U-Net with `encoders`, `pool` and `depth` (UNet2D)")
+    h = patches
+    for i, enc in enumerate(model.encoders):
+        h = enc(h)
+        if i < model.depth:
+            h = model.pool(h)
+    return h.mean(dim=(-2, -1))
+
+
+class PLGCL(MeanTeacher):
+    """Mean teacher + CE regularisation + pseudo-label guided patch contrast (PLGCL).
+
+    Trainable extras: a projection head (``modules['projection']``) and its EMA copy on the
+    teacher side (``modules['teacher_projection']``, not optimised). Buffers: a per-class
+    FIFO queue of teacher embeddings, (K, queue_size, embed_dim).
+
+    In each contrastive step every patch with a (pseudo-)label is an anchor (student
+    embedding: strong view for unlabelled crops, weak view for labelled ones). Its positive
+    keys are the teacher embeddings (weak view) of the ``n_positives`` entropy-nearest
+    patches of its class in the batch; the keys of a negative class c are the teacher
+    embeddings of the batch's class-c patches plus the class-c queue. The queue is filled
+    with the batch's teacher keys after the loss is computed.
+    """
+
+    name = "plgcl"
+
+    def __init__(self, config, student: nn.Module) -> None:
+        super().__init__(config, student)
+        cfg = self.cfg
+        self.n_classes = int(config.model.n_classes)
+        if config.data.patch_size < cfg.patch_size:
+            raise ConfigError(
+                f"plgcl.patch_size ({cfg.patch_size}) must not exceed data.patch_size ({config.data.patch_size})"
+            )
+        if cfg.embedding == "image":
+            multiple = 2 ** config.model.depth
+            if cfg.patch_size % multiple:
+                raise ConfigError(
+                    f"plgcl.patch_size ({cfg.patch_size}) must be a multiple of 2**model.depth ({multiple}) "
+                    "with embedding='image'"
+                )
+            in_channels = config.model.base_channels * 2 ** config.model.depth
+        else:
+            in_channels = getattr(student, "feature_channels", config.model.base_channels)
+        head = self.add_module("projection", ProjectionHead(in_channels, cfg.embed_dim))
+        self.add_module("teacher_projection", self.make_ema_copy(head))
+        self.loss_fn = PLGCLLoss(cfg.tau, eps=cfg.eps, zeta=cfg.zeta)
+        q = cfg.queue_size
+        self._queue = torch.zeros(self.n_classes, q, cfg.embed_dim, device=self.device)
+        self._queue_len = torch.zeros(self.n_classes, dtype=torch.long)
+        self._queue_ptr = torch.zeros(self.n_classes, dtype=torch.long)
+        self._last: dict[str, torch.Tensor] = {}
+
+    @property
+    def cfg(self) -> PLGCLConfig:
+        return self.config.plgcl
+
+    def lambda_at(self, step: int) -> float:
+        """lambda of Eq. 5: 0 at the end of the warm-up, linear up to ``lambda_cov``."""
+        cfg = self.cfg
+        if cfg.lambda_rampup_steps <= 0:
+            return float(cfg.lambda_cov)
+        t = min(max(step - cfg.warmup_steps, 0), cfg.lambda_rampup_steps) / cfg.lambda_rampup_steps
+        return float(cfg.lambda_cov) * t
+
+    def contrast_active(self, step: int) -> bool:
+        return self.cfg.gamma > 0 and step >= self.cfg.warmup_steps
+
+    # --- the step -------------------------------------------------------------------------
+    def compute_losses(self, batch, *, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        x, y = weak_augment(batch.x_l, batch.y_l, generator=generator)
+        s_logits_l, s_feat_l = self.student(x, return_features=True)
+        if cfg.supervised_dice:
+            losses = supervised_loss(s_logits_l, y)
+        else:
+            losses = {"ce": masked_cross_entropy(s_logits_l, y)}
+        unl = None
+        if batch.x_u is not None:
+            u_weak, _ = weak_augment(batch.x_u, generator=generator)
+            u_strong = strong_augment(u_weak, generator=generator)
+            with torch.no_grad():
+                t_logits_u, t_feat_u = self.teacher(u_weak, return_features=True)
+            s_logits_u, s_feat_u = self.student(u_strong, return_features=True)
+            losses["consistency"] = cfg.beta * regularisation_loss(s_logits_u, t_logits_u)
+            unl = (u_weak, u_strong, t_logits_u, t_feat_u, s_feat_u)
+        if self.contrast_active(step):
+            losses["plgcl"] = cfg.gamma * self._contrastive_loss(x, y, s_feat_l, unl, step, generator)
+        return losses
+
+    def _embed(self, side: str, views: torch.Tensor, features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(N, D) unit embeddings of the valid patches, through the student or teacher side."""
+        p = self.cfg.patch_size
+        net = self.student if side == "student" else self.teacher
+        head = self.modules["projection" if side == "student" else "teacher_projection"]
+        if self.cfg.embedding == "image":
+            vectors = encode_patch_images(net, extract_patches(views, p)[valid])
+        else:
+            vectors = flatten_patch_grid(pool_patches(features, p))[valid]
+        return head.project_vectors(vectors)
+
+    def _contrastive_loss(self, x, y, s_feat_l, unl, step: int, generator: torch.Generator) -> torch.Tensor:
+        cfg = self.cfg
+        k = self.n_classes
+        b_l = x.shape[0]
+        with torch.no_grad():
+            t_logits_l, t_feat_l = self.teacher(x, return_features=True)
+            # ground truth where painted, the teacher's belief on unpainted/padded pixels
+            conf = [one_hot_confidence(y, k, fallback=t_logits_l.softmax(dim=1))]
+            labels, t_views, s_views, t_feats, s_feats = [y], [x], [x], [t_feat_l], [s_feat_l]
+            if unl is not None:
+                u_weak, u_strong, t_logits_u, t_feat_u, s_feat_u = unl
+                conf.append(t_logits_u.softmax(dim=1))
+                labels.append(t_logits_u.argmax(dim=1))
+                t_views.append(u_weak)
+                s_views.append(u_strong)
+                t_feats.append(t_feat_u)
+                s_feats.append(s_feat_u)
+            t_view = torch.cat(t_views)
+            sel = select_patches(
+                t_view, torch.cat(conf), torch.cat(labels),
+                patch_size=cfg.patch_size, n_positives=cfg.n_positives, eps=cfg.eps,
+            )
+            if sel.classes.numel() < 2:  # nothing to contrast (and BatchNorm needs 2 rows)
+                log.debug("step %d: fewer than 2 labelled patches, no PLGCL term", step)
+                self._last = {}
+                return s_feat_l.sum() * 0.0
+            t_emb = self._embed("teacher", t_view, torch.cat(t_feats), sel.valid)
+        s_emb = self._embed("student", torch.cat(s_views), torch.cat(s_feats), sel.valid)
+        q_keys, q_classes = self._queue_contents()
+        keys = torch.cat([t_emb, q_keys])
+        key_classes = torch.cat([sel.classes, q_classes])
+        loss = self.loss_fn(
+            s_emb, sel.classes, t_emb[sel.positives], sel.positive_mask, keys, key_classes,
+            n_classes=k, lam=self.lambda_at(step),
+        )
+        self._enqueue(t_emb, sel.classes, generator)
+        self._last = {
+            "patch_entropy": sel.entropy,
+            "embeddings": s_emb.detach(),
+            "embedding_labels": sel.classes,
+            "embedding_is_labelled": sel.image_index < b_l,
+            "patch_centres": sel.centres,
+            "patch_image_index": sel.image_index,
+        }
+        return loss
+
+    def after_step(self, step: int) -> None:
+        super().after_step(step)  # teacher network (Eq. 9-10)
+        ema_update(self.modules["teacher_projection"], self.modules["projection"], step, self.mt.ema_alpha)
+
+    # --- the memory queue -------------------------------------------------------------------
+    def _queue_contents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All stored keys (M, D) and their classes (M,)."""
+        keys, classes = [], []
+        for c in range(self.n_classes):
+            n = int(self._queue_len[c])
+            if n:
+                keys.append(self._queue[c, :n])
+                classes.append(torch.full((n,), c, dtype=torch.long, device=self.device))
+        if not keys:
+            return self._queue.new_zeros(0, self._queue.shape[-1]), torch.zeros(0, dtype=torch.long, device=self.device)
+        return torch.cat(keys), torch.cat(classes)
+
+    @torch.no_grad()
+    def _enqueue(self, keys: torch.Tensor, classes: torch.Tensor, generator: torch.Generator) -> None:
+        """FIFO per class; when a class brings more keys than fit, a random subset is kept."""
+        size = self._queue.shape[1]
+        if size == 0:
+            return
+        for c in range(self.n_classes):
+            new = keys[classes == c]
+            m = new.shape[0]
+            if m == 0:
+                continue
+            if m > size:
+                new = new[torch.randperm(m, generator=generator)[:size].to(new.device)]
+                m = size
+            pos = (int(self._queue_ptr[c]) + torch.arange(m)) % size
+            self._queue[c, pos.to(self.device)] = new.detach()
+            self._queue_ptr[c] = (int(self._queue_ptr[c]) + m) % size
+            self._queue_len[c] = min(int(self._queue_len[c]) + m, size)
+
+    def buffers_state(self) -> dict:
+        return {
+            "queue": self._queue.detach().cpu().clone(),
+            "queue_len": self._queue_len.clone(),
+            "queue_ptr": self._queue_ptr.clone(),
+        }
+
+    def load_buffers_state(self, state: dict) -> None:
+        queue = state.get("queue")
+        if queue is None or tuple(queue.shape) != tuple(self._queue.shape):
+            got = None if queue is None else tuple(queue.shape)
+            raise CheckpointError(
+                f"the PLGCL queue in the checkpoint has shape {got}, this run needs "
+                f"{tuple(self._queue.shape)} (classes, plgcl.queue_size, plgcl.embed_dim)"
+            )
+        self._queue = queue.to(self.device).clone()
+        self._queue_len = state["queue_len"].clone().long()
+        self._queue_ptr = state["queue_ptr"].clone().long()
+
+    # --- review ------------------------------------------------------------------------------
+    def review(self) -> dict[str, np.ndarray]:
+        """Arrays of the last contrastive step (empty during the warm-up).
+
+        'patch_entropy' (B, K, H', W') float32 per-image Ent^k maps (Eq. 2);
+        'embeddings' (N, D) float32 student embeddings of the valid patches;
+        'embedding_labels' (N,) int64 patch classes; 'embedding_is_labelled' (N,) bool;
+        'patch_centres' (N, 2) float32 (row, col) in crop pixels; 'patch_image_index' (N,)
+        int64, the crop of each patch (labelled crops first).
+        """
+        out = {}
+        for key, value in self._last.items():
+            arr = value.detach().cpu().numpy()
+            if arr.dtype.kind == "f":
+                arr = arr.astype(np.float32, copy=False)
+            elif arr.dtype.kind in "iu":
+                arr = arr.astype(np.int64, copy=False)
+            out[key] = arr
+        return out
