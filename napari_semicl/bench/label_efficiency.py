@@ -24,9 +24,30 @@ log = logging.getLogger(__name__)
 BASELINES = ("rf", "full")
 
 
+def split_spec(spec: str) -> tuple[str, dict]:
+    """'arco:sampler=sg;grid=8' -> ('arco', {'sampler': 'sg', 'grid': '8'}): a method with
+    settings of its own config section (so variants share one results file)."""
+    name, _, rest = spec.partition(":")
+    overrides = dict(item.split("=", 1) for item in rest.split(";") if "=" in item) if rest else {}
+    return name, overrides
+
+
+def apply_overrides(cfg: TrainConfig, method: str, overrides: dict) -> None:
+    section = getattr(cfg, method, None)
+    for key, raw in overrides.items():
+        if section is None or not hasattr(section, key):
+            raise DataError(f"{method} has no setting {key!r}")
+        current = getattr(section, key)
+        value = type(current)(raw) if current is not None and not isinstance(current, bool) else raw
+        if isinstance(current, bool):
+            value = raw.lower() in ("1", "true", "yes")
+        setattr(section, key, value)
+    cfg.validate()
+
+
 def check_methods(methods) -> list[str]:
     valid = [*available_methods(), *BASELINES]
-    bad = [m for m in methods if m not in valid]
+    bad = [m for m in methods if split_spec(m)[0] not in valid]
     if bad:
         raise DataError(f"unknown method(s) {bad}; choose from {valid}")
     return list(methods)
@@ -84,8 +105,10 @@ def within_volume(data_dir, *, k: int, methods, budget_s: float | None, seed: in
                 row = {"train_s": info["total_s"], "steps": None}
             else:
                 labels = ref if method == "full" else painted
-                cfg = bench_config("supervised" if method == "full" else method, budget_s, seed, axis, patch_size=patch_size,
+                name, overrides = split_spec(method)
+                cfg = bench_config("supervised" if name == "full" else name, budget_s, seed, axis, patch_size=patch_size,
                                    budget_steps=budget_steps)
+                apply_overrides(cfg, cfg.method, overrides)
                 trainer, finished = train_network(cfg, [AnnotatedPair(case.image.data, labels, name=case.name)], device)
                 pred = trainer.predict(case.image.data).labels
                 row = {"train_s": finished.seconds, "steps": finished.step}
@@ -118,8 +141,10 @@ def cohort(train_dir, test_dir, *, labelled: int, methods, budget_s: float | Non
         for i, case in enumerate(train):
             fully = method == "full" or i < labelled
             pairs.append(AnnotatedPair(case.image.data, case.reference.data if fully else None, name=case.name))
-        cfg = bench_config("supervised" if method == "full" else method, budget_s, seed, axis, patch_size=patch_size,
-                                   budget_steps=budget_steps)
+        name, overrides = split_spec(method)
+        cfg = bench_config("supervised" if name == "full" else name, budget_s, seed, axis, patch_size=patch_size,
+                           budget_steps=budget_steps)
+        apply_overrides(cfg, cfg.method, overrides)
         trainer, finished = train_network(cfg, pairs, device)
         for case in test:
             pred = trainer.predict(case.image.data).labels
