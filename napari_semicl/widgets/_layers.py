@@ -1,0 +1,201 @@
+"""Layer helpers for the docks: snapshots of layers, and the layers training writes.
+
+The engine never sees a napari layer: :func:`snapshot_pair` copies an Image/Labels pair
+into an :class:`~napari_semicl.data.AnnotatedPair`; :func:`show_prediction` and
+:func:`show_entropy` turn preview arrays back into layers that keep the image's geometry
+(scale, translate and metadata, so that exporting a prediction keeps the source affine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+from napari.layers import Image, Labels, Layer
+
+from ..data import AnnotatedPair
+from ..errors import DataError
+
+log = logging.getLogger(__name__)
+
+#: ``layer.metadata`` key marking the layers that training creates (not inputs).
+ROLE_KEY = "napari_semicl_role"
+PREDICTION_SUFFIX = " prediction"
+ENTROPY_SUFFIX = " entropy"
+#: Metadata keys that carry a NIfTI geometry (see :mod:`napari_semicl.io.readers`).
+GEOMETRY_KEYS = ("affine", "nifti_header")
+
+
+def role(layer: Layer) -> str | None:
+    """'prediction' / 'entropy' for layers created by training, else None."""
+    return layer.metadata.get(ROLE_KEY) if isinstance(layer.metadata, dict) else None
+
+
+def spatial_shape(layer: Layer) -> tuple[int, ...]:
+    """Spatial shape of an Image (without the RGB channel axis) or Labels layer."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    shape = tuple(int(s) for s in data.shape)
+    return shape[:-1] if getattr(layer, "rgb", False) else shape
+
+
+def has_geometry(metadata: dict | None) -> bool:
+    """Whether ``metadata`` holds a NIfTI affine or header to write masks with."""
+    return bool(metadata) and any(metadata.get(k) is not None for k in GEOMETRY_KEYS)
+
+
+def input_images(layers: Iterable[Layer]) -> list[Image]:
+    """Image layers the user can train on (not the entropy maps training writes)."""
+    return [layer for layer in layers if isinstance(layer, Image) and role(layer) is None]
+
+
+def input_labels(layers: Iterable[Layer]) -> list[Labels]:
+    """Labels layers the user can paint (not the predictions training writes)."""
+    return [layer for layer in layers if isinstance(layer, Labels) and role(layer) is None]
+
+
+def _geometry_kwargs(image: Layer) -> dict:
+    ndim = len(spatial_shape(image))
+    return {
+        "scale": tuple(image.scale)[-ndim:],
+        "translate": tuple(image.translate)[-ndim:],
+        "metadata": dict(image.metadata),
+    }
+
+
+def new_labels_layer(viewer, image: Layer, *, name: str | None = None, dtype=np.uint16) -> Labels:
+    """Add an empty Labels layer of the image's spatial shape, scale and metadata."""
+    if getattr(image, "multiscale", False):
+        raise DataError(f"{image.name}: multiscale images cannot be painted for training yet")
+    kwargs = _geometry_kwargs(image)
+    return viewer.add_labels(
+        np.zeros(spatial_shape(image), dtype=dtype), name=name or f"{image.name} labels", **kwargs
+    )
+
+
+def snapshot_pair(
+    image: Image, labels: Labels | None, *, validation_slices: Iterable[int] = ()
+) -> AnnotatedPair:
+    """Copy an Image/Labels layer pair into an :class:`AnnotatedPair` (never views).
+
+    Raises
+    ------
+    DataError
+        Multiscale images, or labels whose shape differs from the image's spatial shape.
+    """
+    if getattr(image, "multiscale", False):
+        raise DataError(f"{image.name}: multiscale images are not supported for training yet")
+    shape = spatial_shape(image)
+    lab = None
+    if labels is not None:
+        lab = np.array(labels.data, copy=True)
+        if lab.shape != shape:
+            raise DataError(
+                f"labels layer '{labels.name}' has shape {lab.shape} but image '{image.name}' has "
+                f"spatial shape {shape}: use 'New labels layer for image' to create a matching one"
+            )
+    return AnnotatedPair(
+        image=np.array(image.data, copy=True),
+        labels=lab,
+        rgb=bool(image.rgb),
+        name=image.name,
+        validation_slices=tuple(sorted(int(s) for s in validation_slices)),
+        spacing=tuple(float(s) for s in tuple(image.scale)[-len(shape):]),
+        metadata=dict(image.metadata),
+    )
+
+
+def refresh_pair(pair: AnnotatedPair, labels: Labels | None, validation_slices: Iterable[int]) -> AnnotatedPair | None:
+    """A new snapshot of ``pair`` with the current labels and validation slices.
+
+    The image copy is shared with ``pair`` (it does not change during training). Returns
+    None when nothing changed, so that the trainer does not rebuild its data for nothing.
+    """
+    val = tuple(sorted(int(s) for s in validation_slices))
+    if labels is None or tuple(labels.data.shape) != pair.spatial_shape:
+        return None if val == tuple(pair.validation_slices) else dataclasses.replace(pair, validation_slices=val)
+    current = np.asarray(labels.data)
+    same = pair.labels is not None and np.array_equal(current, pair.labels)
+    if same and val == tuple(pair.validation_slices):
+        return None
+    return dataclasses.replace(
+        pair, labels=pair.labels if same else np.array(current, copy=True), validation_slices=val
+    )
+
+
+def current_slice(viewer, layer: Layer, axis: int) -> int:
+    """Index along data axis ``axis`` of ``layer`` at the viewer's current position."""
+    shape = spatial_shape(layer)
+    if len(shape) == 2:
+        return 0
+    if not 0 <= axis < len(shape):
+        raise DataError(f"slicing axis {axis} is out of range for '{layer.name}' (shape {shape})")
+    coords = layer.world_to_data(viewer.dims.point)
+    coords = np.asarray(coords)[-len(shape):]
+    return int(np.clip(np.round(coords[axis]), 0, shape[axis] - 1))
+
+
+def _find(viewer, name: str, kind: type) -> Layer | None:
+    if name in viewer.layers:
+        layer = viewer.layers[name]
+        if isinstance(layer, kind):
+            return layer
+    return None
+
+
+def show_prediction(viewer, image: Layer, array: np.ndarray) -> Labels:
+    """Create or refresh the '<image> prediction' Labels layer (in place when shapes match)."""
+    name = f"{image.name}{PREDICTION_SUFFIX}"
+    layer = _find(viewer, name, Labels)
+    if layer is not None and layer.data.shape == array.shape and np.can_cast(array.dtype, layer.data.dtype):
+        layer.data[...] = array
+        layer.refresh()
+        return layer
+    if layer is not None:
+        layer.data = np.array(array, copy=True)
+        return layer
+    kwargs = _geometry_kwargs(image)
+    kwargs["metadata"][ROLE_KEY] = "prediction"
+    return viewer.add_labels(np.array(array, copy=True), name=name, opacity=0.5, **kwargs)
+
+
+def show_entropy(viewer, image: Layer, array: np.ndarray) -> Image:
+    """Create or refresh the '<image> entropy' Image layer (magma, 0..1, hidden at first)."""
+    name = f"{image.name}{ENTROPY_SUFFIX}"
+    layer = _find(viewer, name, Image)
+    if layer is not None and layer.data.shape == array.shape and layer.data.dtype == array.dtype:
+        layer.data[...] = array
+        layer.refresh()
+        return layer
+    if layer is not None:
+        layer.data = np.array(array, copy=True)
+        return layer
+    kwargs = _geometry_kwargs(image)
+    kwargs["metadata"][ROLE_KEY] = "entropy"
+    return viewer.add_image(
+        np.array(array, copy=True), name=name, colormap="magma", contrast_limits=(0.0, 1.0),
+        blending="additive", visible=False, **kwargs,
+    )
+
+
+def apply_class_names(layer: Labels, names: dict[int, str]) -> bool:
+    """Put ``names`` (label value -> name) in the layer's features as 'class_name'.
+
+    napari then shows the name under the cursor. Returns False (and leaves the layer as
+    it was) when the layer already has features of its own that do not fit.
+    """
+    import pandas as pd
+
+    values = sorted(int(v) for v in names)
+    existing = layer.features
+    if len(existing.columns) and set(existing.columns) - {"index", "class_name"}:
+        return False
+    try:
+        layer.features = pd.DataFrame(
+            {"index": values, "class_name": [str(names[v]) for v in values]}
+        )
+    except (ValueError, TypeError, KeyError) as exc:  # napari refused the table
+        log.debug("class names not applied to %s: %s", layer.name, exc)
+        return False
+    return True

@@ -1,0 +1,91 @@
+"""The bridge between the trainer's event generator and napari's ``thread_worker``.
+
+:func:`iterate_training` is a plain generator (no Qt): it forwards the trainer's events
+and, when :class:`RunControl` says the dock is going away, closes the trainer's generator
+at the next event. Closing raises ``GeneratorExit`` inside ``Trainer.run``, which
+checkpoints and returns, so the worker thread ends within one training step and the
+model is kept. :func:`start_training_worker` runs it in napari's worker thread pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Generator
+
+log = logging.getLogger(__name__)
+
+
+class RunControl:
+    """Thread-safe flags shared by the Qt thread and one training worker."""
+
+    def __init__(self) -> None:
+        self.abandon = threading.Event()   # set by the dock when it closes
+        self.done = threading.Event()      # set in the worker thread once it left the generator
+        self._gen: Generator | None = None
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the worker to finish; True if it did."""
+        return self.done.wait(timeout)
+
+    def close_generator(self) -> None:
+        """Close the trainer generator if a worker abandoned it (e.g. a napari cancel).
+
+        Only call this once the worker thread has left the generator (after ``finished``).
+        """
+        gen, self._gen = self._gen, None
+        if gen is not None:
+            try:
+                gen.close()  # the trainer checkpoints on GeneratorExit
+            except ValueError:  # still executing in the worker thread: leave it to GC
+                log.debug("trainer generator still running; not closed here")
+                return
+        self.done.set()
+
+
+def iterate_training(trainer, control: RunControl) -> Generator:
+    """Yield ``trainer.run()``'s events until it finishes or ``control.abandon`` is set."""
+    gen = trainer.run()
+    control._gen = gen
+    try:
+        for event in gen:
+            yield event
+            if control.abandon.is_set():
+                log.info("training abandoned at step %d; checkpointing", trainer.step)
+                control._gen = None
+                gen.close()
+                return
+        control._gen = None
+    finally:
+        control.done.set()
+
+
+def start_training_worker(
+    trainer,
+    *,
+    on_event: Callable,
+    on_error: Callable,
+    on_finished: Callable,
+):
+    """Start :func:`iterate_training` in napari's thread pool; returns (worker, control).
+
+    ``on_event`` gets every event on the Qt thread (``yielded``); ``on_error`` the
+    exception of a crash (the worker's own traceback dialog is switched off);
+    ``on_finished`` is called once the thread is done (normally, on error or aborted).
+    """
+    from napari.qt.threading import create_worker
+    from qtpy.QtCore import Qt
+
+    control = RunControl()
+    worker = create_worker(
+        iterate_training, trainer, control, _start_thread=False, _ignore_errors=True
+    )
+    # Set `done` from the worker thread itself, also when the worker was quit (napari's
+    # cancel, or closing the viewer) and left the generator suspended: a Qt thread that
+    # waits on `done` must not depend on its own (blocked) event queue.
+    worker.finished.connect(control.done.set, Qt.DirectConnection)
+    worker.yielded.connect(on_event)
+    worker.errored.connect(on_error)
+    worker.finished.connect(on_finished)
+    worker.start()
+    return worker, control
