@@ -104,7 +104,7 @@ def run_probe(*, seconds: float = 20.0, method: str = "mean_teacher", refresh_ev
     stop_s = time.perf_counter() - t0
     result = {"idle": idle, "training": training, "method": method, "refresh_every": refresh_every,
               "interval_ms": interval_ms, "seconds_per_phase": seconds, "steps_during_probe": steps,
-              "stop_s": stop_s, "threads": __import__("torch").get_num_threads()}
+              "stop_s": stop_s, "training_threads": dock.num_threads}
     dock.shutdown()
     viewer.close()
     return result
