@@ -27,10 +27,12 @@ def speed_table(data: dict) -> str:
     head = (f"**speed**, patch {data['patch_size']}, batch {data['batch_labelled']}+{data['batch_unlabelled']}, "
             f"{data['threads']} threads, {data['device']}, matmul peak {data['matmul_peak_flops'] / 1e9:.1f} GFLOP/s, "
             f"{data.get('machine', {}).get('date', '')}\n\n")
-    rows = ["| method | step s (median) | x supervised | GFLOP/step | GFLOP/s | % of matmul peak |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| method | labelled + unlabelled | step s (median) | x supervised | x supervised, equal batch | GFLOP/step | GFLOP/s | % of matmul peak |",
+            "|---|---|---|---|---|---|---|---|"]
     for name, m in data["methods"].items():
-        rows.append(f"| {name} | {m['step_s_median']:.3f} | {_fmt(m.get('ratio_to_supervised'), 2)} | "
+        n_u = 0 if name.startswith("supervised") else data["batch_unlabelled"]
+        rows.append(f"| {name} | {m.get('batch_labelled', data['batch_labelled'])} + {n_u} | {m['step_s_median']:.3f} | "
+                    f"{_fmt(m.get('ratio_to_supervised'), 2)} | {_fmt(m.get('ratio_to_supervised_equal_batch'), 2)} | "
                     f"{m['flops_per_step'] / 1e9:.1f} | {m['achieved_flops'] / 1e9:.1f} | "
                     f"{100 * m['fraction_of_matmul_peak']:.0f}% |")
     inf = data["inference"]

@@ -90,10 +90,17 @@ def speed(*, methods=None, image=None, reference=None, patch_size: int = 128, ba
            "batch_labelled": batch, "batch_unlabelled": batch, "threads": torch.get_num_threads(),
            "volume_shape": list(image.shape), "methods": {}}
     out["matmul_peak_flops"] = matmul_peak(device)
-    for name in methods:
+    runs = [(name, name, batch) for name in methods]
+    if "supervised" in methods:
+        # "equal batch": supervised on as many images per step as the semi-supervised methods
+        runs.insert(methods.index("supervised") + 1, ("supervised_equal_batch", "supervised", 2 * batch))
+    for label, name, n_labelled in runs:
         cfg = TrainConfig(method=name, iterations=10**6, refresh_every=10**9, seed=0)
-        cfg.data.patch_size, cfg.data.batch_labelled, cfg.data.batch_unlabelled = patch_size, batch, batch
+        cfg.data.patch_size, cfg.data.batch_labelled, cfg.data.batch_unlabelled = patch_size, n_labelled, batch
         cfg.data.unpainted = "background"
+        section = getattr(cfg, name, None)
+        if section is not None and hasattr(section, "warmup_steps"):
+            section.warmup_steps = 0  # time the full loss, contrastive terms included
         trainer = Trainer(cfg, [AnnotatedPair(image, painted)], device=device)
         for _ in range(warmup):
             trainer.train_step()
@@ -108,13 +115,15 @@ def speed(*, methods=None, image=None, reference=None, patch_size: int = 128, ba
             _sync(device)
             times.append(time.perf_counter() - t0)
         median = statistics.median(times)
-        out["methods"][name] = {"step_s_median": median, "step_s_all": times, "flops_per_step": flops,
+        out["methods"][label] = {"batch_labelled": n_labelled, "step_s_median": median, "step_s_all": times, "flops_per_step": flops,
                                 "achieved_flops": flops / median,
                                 "fraction_of_matmul_peak": flops / median / out["matmul_peak_flops"]}
-        log.info("%s: %.3f s/step, %.2f GFLOP/s", name, median, flops / median / 1e9)
+        log.info("%s: %.3f s/step, %.2f GFLOP/s", label, median, flops / median / 1e9)
     base = out["methods"].get("supervised", {}).get("step_s_median")
+    equal = out["methods"].get("supervised_equal_batch", {}).get("step_s_median")
     for row in out["methods"].values():
         row["ratio_to_supervised"] = row["step_s_median"] / base if base else None
+        row["ratio_to_supervised_equal_batch"] = row["step_s_median"] / equal if equal else None
     # whole-volume inference with the last trained network
     model = trainer.method.inference_model()
     predict_volume(model, image[:4], class_values=trainer.dataset.class_values, device=device)  # warm-up
