@@ -105,7 +105,7 @@ def _train(trainer: Trainer, *, progress_every: int = 25) -> Finished:
     try:
         callback = _progress_printer(progress_every)
         finished = None
-        for event in trainer.run():
+        for event in trainer.run(previews=False):
             callback(event)
             if isinstance(event, Finished):
                 finished = event

@@ -72,7 +72,7 @@ def bench_config(method: str, budget_s: float | None, seed: int, axis: int, *, p
 def train_network(cfg: TrainConfig, pairs, device) -> tuple[Trainer, Finished]:
     trainer = Trainer(cfg, pairs, device=device)
     finished = None
-    for event in trainer.run():
+    for event in trainer.run(previews=False):
         if isinstance(event, Finished):
             finished = event
     if finished.reason == "error":

@@ -4,7 +4,10 @@
 refresh (whole-volume predictions, validation Dice). Between steps it honours, in this
 order: a :class:`~napari_semicl.engine.events.Stop` sent into the generator or
 :meth:`Trainer.request_stop` (thread-safe), and new annotation snapshots sent as
-:class:`~napari_semicl.engine.events.UpdateData` or passed to :meth:`Trainer.submit_data`.
+:class:`~napari_semicl.engine.events.UpdateData` or passed to :meth:`Trainer.submit_data`,
+and a slice to review (:class:`~napari_semicl.engine.events.ReviewSlice` or
+:meth:`Trainer.request_review`), answered with a
+:class:`~napari_semicl.engine.events.Reviewed` event before the next step.
 Closing the generator (a worker's quit) also stops cleanly and checkpoints.
 :func:`run_sync` drives the generator for the CLI and tests.
 
@@ -40,6 +43,8 @@ from .events import (
     Finished,
     Notice,
     Preview,
+    Reviewed,
+    ReviewSlice,
     Started,
     StepDone,
     Stop,
@@ -102,6 +107,7 @@ class Trainer:
         self._stop = threading.Event()
         self._pending_lock = threading.Lock()
         self._pending_pairs: list | None = None
+        self._pending_review: tuple[int, int] | None = None
         self._notices: list[Notice] = []
         if self.method.uses_unlabelled and not self.dataset.unlabelled:
             self._notices.append(Notice("warning", "no unlabelled slice: the consistency term uses labelled slices"))
@@ -141,6 +147,16 @@ class Trainer:
         with self._pending_lock:
             self._pending_pairs = list(pairs)
 
+    def request_review(self, pair_index: int, slice_index: int) -> None:
+        """Ask for a :class:`Reviewed` event of one slice before the next step.
+
+        Safe from any thread; a newer request replaces one not yet served. ``slice_index``
+        indexes the pair's slices along ``config.data.axis`` (0 for a 2D image). Methods
+        without a review (the baselines) answer nothing.
+        """
+        with self._pending_lock:
+            self._pending_review = (int(pair_index), int(slice_index))
+
     # --- the loop ----------------------------------------------------------------------------
     def _lr(self, fraction: float) -> float:
         o = self.config.optim
@@ -177,22 +193,57 @@ class Trainer:
         self.pairs, self.dataset = pairs, dataset
         return DataUpdated(self.step, dataset.summary())
 
+    def _apply_review(self) -> Reviewed | Notice | None:
+        """Serve the pending review request, if any (None when there is nothing to show).
+
+        A review that fails says so in a :class:`Notice` and leaves training going.
+        """
+        with self._pending_lock:
+            request, self._pending_review = self._pending_review, None
+        if request is None:
+            return None
+        p_idx, s_idx = request
+        if not (0 <= p_idx < len(self.dataset.images) and 0 <= s_idx < self.dataset.images[p_idx].shape[0]):
+            log.debug("review of pair %d slice %d ignored: out of range", p_idx, s_idx)
+            return None
+        try:
+            arrays = self.review_slice(p_idx, s_idx)
+        except (RuntimeError, ValueError) as exc:
+            log.warning("review of pair %d slice %d failed", p_idx, s_idx, exc_info=True)
+            return Notice("warning", f"could not review slice {s_idx}: {str(exc).splitlines()[0]}")
+        return Reviewed(self.step, p_idx, s_idx, arrays) if arrays else None
+
+    @torch.no_grad()
+    def review_slice(self, pair_index: int, slice_index: int) -> dict:
+        """:meth:`Method.review_slice` of one normalised slice, padded to the network's
+        size multiple (zeros at the bottom and right; the method limits its output to the
+        slice)."""
+        img = self.dataset.images[pair_index][slice_index]  # (C, H, W)
+        h, w = img.shape[-2:]
+        multiple = int(getattr(self.model, "multiple", 1))
+        x = torch.from_numpy(np.ascontiguousarray(img))[None].to(self.device)
+        x = torch.nn.functional.pad(x, (0, -w % multiple, 0, -h % multiple))
+        return self.method.review_slice(x, valid_shape=(h, w))
+
     def _handle(self, message) -> None:
         if isinstance(message, Stop):
             self._stop.set()
         elif isinstance(message, UpdateData):
             self.submit_data(message.pairs)
+        elif isinstance(message, ReviewSlice):
+            self.request_review(message.pair_index, message.slice_index)
 
     def _emit(self, event) -> Generator:
         message = yield event
         self._handle(message)
 
-    def run(self) -> Generator:
+    def run(self, *, previews: bool = True) -> Generator:
         """Train until the budget is spent or a stop is asked; yields events.
 
         With ``budget='iterations'`` a fresh run goes to ``iterations`` steps and a resumed
         one that already reached them adds ``iterations`` more; with ``'minutes'`` each call
-        trains for ``minutes`` of wall-clock time. Returns (and yields last) a
+        trains for ``minutes`` of wall-clock time. ``previews=False`` skips the whole-volume
+        predictions of the refreshes (the CLI predicts once at the end itself). Returns (and yields last) a
         :class:`Finished` event.
         """
         cfg = self.config
@@ -224,6 +275,11 @@ class Trainer:
                 update = self._apply_pending()
                 if update is not None:
                     yield from self._emit(update)
+                reviewed = self._apply_review()
+                if reviewed is not None:
+                    yield from self._emit(reviewed)
+                if self._stop.is_set():  # asked while those events were handled
+                    break
                 losses = self.train_step(fraction if target is None else self.step / max(target, 1))
                 self.last_losses = losses
                 self.history.append({"step": self.step, **losses})
@@ -236,7 +292,7 @@ class Trainer:
                     fraction = min(elapsed / budget_s, 1.0)
                     eta = max(budget_s - elapsed, 0.0)
                 yield from self._emit(StepDone(self.step, losses, self.optimizer.param_groups[0]["lr"], elapsed, fraction, eta))
-                if self.step % cfg.refresh_every == 0 and not self._stop.is_set():
+                if previews and self.step % cfg.refresh_every == 0 and not self._stop.is_set():
                     for event in self.refresh_events():
                         yield from self._emit(event)
                 if self.out_dir is not None and time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
@@ -257,7 +313,7 @@ class Trainer:
             ckpt = str(self.save())
         elif self.out_dir is not None and (self.out_dir / CHECKPOINT_NAME).exists():
             ckpt = str(self.out_dir / CHECKPOINT_NAME)  # the last good one is kept as it was
-        if reason != "error":
+        if reason != "error" and previews:
             for event in self.refresh_events():
                 yield from self._emit(event)
         finished = Finished(self.step, reason, time.monotonic() - t0, dict(self.last_losses), ckpt, error)
