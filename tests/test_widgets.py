@@ -270,6 +270,47 @@ def test_train_live_labels_stop_resume(crop_viewer, qtbot, tmp_path, monkeypatch
     assert probe.max_ms < MAX_LATENCY_MS
 
 
+@pytest.mark.parametrize("method", ["arco", "plgcl"])
+def test_review_layers_show_the_sampler_on_the_current_slice(crop_viewer, qtbot, tmp_path, monkeypatch, method):
+    viewer, image, reference, painted = crop_viewer
+    paint(painted, reference, CROP_PAINTED)
+    widget = make_train_widget(viewer, tmp_path, monkeypatch, iterations=12, method=method)
+    widget.refresh_spin.setValue(5)
+    widget.method_settings.control("warmup_steps").setValue(1)
+    if method == "arco":
+        widget.method_settings.control("confidence").setValue(0.3)  # a young teacher is unsure
+    viewer.layers.selection.active = image
+    viewer.dims.set_current_step(0, CROP_LATE)
+    assert widget.start_training()
+    events = record_events(widget)
+    qtbot.waitUntil(lambda: not widget.is_training, timeout=120_000)
+    assert [e.reason for e in events if isinstance(e, Finished)] == ["budget"]
+    reviewed = [e for e in events if type(e).__name__ == "Reviewed"]
+    assert [(e.pair_index, e.slice_index) for e in reviewed] == [(0, CROP_LATE)] * 2  # refreshes at 5, 10
+    assert f"slice {CROP_LATE}" in widget.review_label.text()
+    k = widget.trainer.config.model.n_classes
+    if method == "arco":
+        points = viewer.layers[f"{image.name} sampled pixels"]
+        assert len(points.data) > 0 and points.ndim == 3
+        world = points.data * np.asarray(points.scale) + np.asarray(points.translate)
+        np.testing.assert_allclose(world[:, 0], viewer.dims.point[0])  # on the slice in view
+        assert points.metadata["slice_index"] == CROP_LATE
+        classes = points.features["class"].to_numpy()
+        assert len(classes) == len(points.data) and set(classes) <= set(range(k))
+        _, h, w = image.data.shape
+        assert (points.data[:, 1:] >= 0).all() and (points.data[:, 1] < h).all() and (points.data[:, 2] < w).all()
+        same = classes[:, None] == classes[None, :]
+        colours_match = np.all(np.isclose(points.face_color[:, None], points.face_color[None, :]), axis=-1)
+        np.testing.assert_array_equal(colours_match, same)  # one colour per class
+    else:
+        maps = viewer.layers[f"{image.name} patch entropy"]
+        assert maps.data.shape == (k, *image.data.shape[1:])  # (K, H, W)
+        assert maps.visible is False and maps.metadata["slice_index"] == CROP_LATE
+        assert 0.0 <= maps.data.min() and maps.data.max() <= np.log(2) + 1e-6
+        assert maps.data.max() > 0
+    assert [layer.name for layer in viewer.layers][:3] == [image.name, reference.name, painted.name]
+
+
 def test_closing_the_dock_stops_training(sample_viewer, qtbot, tmp_path, monkeypatch):
     viewer, image, reference, painted = sample_viewer
     paint(painted, reference, PAINTED)

@@ -13,6 +13,8 @@ from .events import (
     Finished,
     Notice,
     Preview,
+    Reviewed,
+    ReviewSlice,
     Started,
     StepDone,
     Stop,
@@ -24,7 +26,7 @@ from .trainer import Trainer, load_predictor, run_sync
 
 __all__ = [
     "Checkpointed", "DataConfig", "DataUpdated", "Evaluated", "Finished", "MeanTeacherConfig",
-    "ModelConfig", "Notice", "OptimConfig", "Prediction", "Preview", "Started", "StepDone",
+    "ModelConfig", "Notice", "OptimConfig", "Prediction", "Preview", "ReviewSlice", "Reviewed", "Started", "StepDone",
     "Stop", "TrainConfig", "Trainer", "UpdateData", "describe_device", "evaluate_segmentation",
     "load_checkpoint", "load_predictor", "pick_device", "predict_volume", "run_sync",
     "save_checkpoint",

@@ -41,6 +41,22 @@ class Preview:
 
 
 @dataclass(frozen=True)
+class Reviewed:
+    """What the method's sampler does on one slice (:meth:`Method.review_slice`).
+
+    Answers :meth:`Trainer.request_review` / :class:`ReviewSlice`. ``slice_index`` indexes
+    the pair's slices along ``config.data.axis`` (0 for a 2D image); ``arrays`` are in that
+    slice's pixel coordinates, e.g. PLGCL's 'patch_entropy' (K, H, W) or ARCO's
+    'sampled_pixels' (N, 2) (y, x) with 'sampled_classes' (N,).
+    """
+
+    step: int
+    pair_index: int
+    slice_index: int
+    arrays: dict = field(repr=False)
+
+
+@dataclass(frozen=True)
 class Evaluated:
     step: int
     metrics: dict
@@ -80,6 +96,14 @@ class UpdateData:
     """New annotation snapshots; they replace the training data before the next step."""
 
     pairs: list
+
+
+@dataclass(frozen=True)
+class ReviewSlice:
+    """Review one slice before the next step (the latest request wins); see :class:`Reviewed`."""
+
+    pair_index: int
+    slice_index: int
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, check_choice, check_positive
 from ..models.heads import ProjectionHead
 from .losses import consistency_loss, sigmoid_rampup, supervised_loss
+from .base import eval_mode
 from .mean_teacher import MeanTeacher, ema_update
 from .stratified_sampling import SAMPLERS, sample_class_pixels
 
@@ -203,6 +204,8 @@ class ARCO(MeanTeacher):
         self.queue_len = torch.zeros(k, dtype=torch.long)
         self.queue_ptr = torch.zeros(k, dtype=torch.long)
         self._review: dict[str, np.ndarray] = {}
+        #: the review sampler's own stream, so that reviewing never shifts training's
+        self._review_rng = np.random.default_rng(int(getattr(config, "seed", 0)))
 
     @property
     def arco(self) -> ARCOConfig:
@@ -345,6 +348,38 @@ class ARCO(MeanTeacher):
         Empty before the warm-up ends.
         """
         return dict(self._review)
+
+    @torch.no_grad()
+    def review_slice(self, x: torch.Tensor, *, valid_shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+        """The configured pixel sampler on one whole slice, as on an unlabelled crop.
+
+        The teacher (eval mode) predicts the slice; the candidates of class c are the
+        pixels whose teacher arg-max is c with a softmax of at least ``arco.confidence``
+        (inside ``valid_shape``); :func:`~.stratified_sampling.sample_class_pixels` draws
+        ``anchors_per_class`` of them per class with ``arco.sampler``, ``grid`` and
+        ``strata``, from a generator of its own (training's streams are untouched).
+
+        Returns
+        -------
+        dict
+            'sampled_pixels' (N, 2) int64 (y, x) in slice pixels; 'sampled_classes' (N,)
+            int64 class indices; 'sampled_weights' (N,) float32 the sampler's estimator
+            weights. N is 0 (the arrays empty) when the teacher is confident nowhere.
+        """
+        cfg = self.arco
+        h, w = valid_shape if valid_shape is not None else tuple(x.shape[-2:])
+        with eval_mode(self.teacher):
+            probs = self.teacher(x).float().softmax(dim=1)[:, :, :h, :w]
+        conf, pseudo = probs.max(dim=1)
+        coords, classes, weights = sample_class_pixels(
+            pseudo, cfg.anchors_per_class, self._review_rng, confident=conf >= cfg.confidence,
+            sampler=cfg.sampler, grid=cfg.grid, strata=cfg.strata or None, n_classes=self.n_classes,
+        )
+        return {
+            "sampled_pixels": coords[:, 1:].cpu().numpy().astype(np.int64),
+            "sampled_classes": classes.cpu().numpy().astype(np.int64),
+            "sampled_weights": weights.cpu().numpy().astype(np.float32),
+        }
 
     def buffers_state(self) -> dict:
         return {"queue": self.queue.detach().cpu().clone(), "queue_len": self.queue_len.clone(),

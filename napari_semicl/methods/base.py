@@ -3,17 +3,35 @@
 A method gets the student network and the whole config, may own a teacher and buffers,
 and for each step returns its *weighted* losses by name; the trainer sums them, steps the
 optimiser and calls :meth:`Method.after_step`. What a method exposes for review (maps,
-embeddings) comes from :meth:`Method.review`.
+embeddings) comes from :meth:`Method.review`; what its sampler does on one whole slice the
+user is looking at comes from :meth:`Method.review_slice`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+    """Put ``modules`` (None entries skipped) in eval mode; restore each one's mode after."""
+    present = [m for m in modules if m is not None]
+    states = [[(sub, sub.training) for sub in m.modules()] for m in present]
+    try:
+        for m in present:
+            m.eval()
+        yield
+    finally:
+        for pairs in states:
+            for sub, training in pairs:
+                sub.train(training)
 
 
 class Method:
@@ -74,6 +92,31 @@ class Method:
 
     def review(self) -> dict[str, np.ndarray]:
         """Arrays the method exposes for the review docks (empty for the baselines)."""
+        return {}
+
+    def review_slice(self, x: torch.Tensor, *, valid_shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+        """What the method's sampler does on one whole slice, for the review layers.
+
+        Called by the trainer between steps (in the training thread), under
+        ``torch.no_grad()``. Implementations use the teacher (or the student, for methods
+        without one) in eval mode and restore every module's train/eval mode afterwards
+        (:func:`eval_mode`); they must not touch the training RNG streams or any buffer.
+
+        Parameters
+        ----------
+        x : Tensor
+            (1, C, H, W) normalised slice on the training device; the caller pads H and W
+            (zeros at the bottom and right) to the network's size multiple.
+        valid_shape : (int, int), optional
+            The slice's size before that padding; pixel maps and coordinates returned are
+            limited to it (default: all of ``x``).
+
+        Returns
+        -------
+        dict of str to ndarray
+            Named arrays in slice coordinates (see the subclasses); empty for the
+            baselines, which sample nothing.
+        """
         return {}
 
     # --- state ----------------------------------------------------------------------------

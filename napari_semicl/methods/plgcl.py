@@ -35,8 +35,10 @@ from ..data.augment import strong_augment, weak_augment
 from ..errors import CheckpointError, ConfigError, check_choice, check_positive
 from ..models.heads import ProjectionHead
 from .losses import masked_cross_entropy, supervised_loss
+from .base import eval_mode
 from .mean_teacher import MeanTeacher, ema_update
 from .patch_sampling import (
+    IGNORE_INDEX,
     extract_patches,
     flatten_patch_grid,
     one_hot_confidence,
@@ -432,3 +434,47 @@ class PLGCL(MeanTeacher):
                 arr = arr.astype(np.int64, copy=False)
             out[key] = arr
         return out
+
+    @torch.no_grad()
+    def review_slice(self, x: torch.Tensor, *, valid_shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+        """The patch sampler on one whole slice, as on an unlabelled crop.
+
+        The teacher (eval mode) predicts the slice; its softmax is the class confidence
+        and its arg-max the patch classes (:func:`~.patch_sampling.select_patches`, as in
+        the unlabelled path of a step). When H or W is not a multiple of P the slice is
+        padded further with zeros (bottom and right) so that every pixel lies in a patch.
+
+        Returns
+        -------
+        dict
+            'patch_entropy' (K, h, w) float32: ``Ent^k`` (Eq. 2) of every class k of the
+            class table, each patch's value repeated over its P x P pixels;
+            'embeddings' (N, D) float32 teacher-side embeddings of the patches that hold
+            slice pixels; 'embedding_labels' (N,) int64 their classes (majority of the
+            teacher's arg-max); 'patch_centres' (N, 2) float32 (row, col) in slice pixels.
+            ``(h, w)`` is ``valid_shape`` (default: the size of ``x``).
+        """
+        cfg = self.cfg
+        p = cfg.patch_size
+        h, w = valid_shape if valid_shape is not None else tuple(x.shape[-2:])
+        multiple = math.lcm(p, int(getattr(self.teacher, "multiple", 1)))
+        pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        heads = (self.modules["teacher_projection"],)
+        with eval_mode(self.teacher, *heads):
+            logits, feat = self.teacher(x, return_features=True)
+            conf = logits.float().softmax(dim=1)
+            labels = conf.argmax(dim=1)
+            labels[:, h:, :] = IGNORE_INDEX  # padding never gives a patch its class
+            labels[:, :, w:] = IGNORE_INDEX
+            sel = select_patches(x, conf, labels, patch_size=p, n_positives=cfg.n_positives, eps=cfg.eps)
+            emb = self._embed("teacher", x, feat, sel.valid) if sel.classes.numel() else None
+        entropy = sel.entropy[0].repeat_interleave(p, dim=1).repeat_interleave(p, dim=2)[:, :h, :w]
+        d = cfg.embed_dim
+        return {
+            "patch_entropy": entropy.float().cpu().numpy(),
+            "embeddings": (np.zeros((0, d), np.float32) if emb is None else emb.float().cpu().numpy()),
+            "embedding_labels": sel.classes.cpu().numpy().astype(np.int64),
+            "patch_centres": sel.centres.float().cpu().numpy(),
+        }

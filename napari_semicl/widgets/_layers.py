@@ -3,7 +3,9 @@
 The engine never sees a napari layer: :func:`snapshot_pair` copies an Image/Labels pair
 into an :class:`~napari_semicl.data.AnnotatedPair`; :func:`show_prediction` and
 :func:`show_entropy` turn preview arrays back into layers that keep the image's geometry
-(scale, translate and metadata, so that exporting a prediction keeps the source affine).
+(scale, translate and metadata, so that exporting a prediction keeps the source affine);
+:func:`show_patch_entropy` and :func:`show_sampled_pixels` draw a method's review of one
+slice (:class:`~napari_semicl.engine.events.Reviewed`) on that slice.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import dataclasses
 import logging
 from collections.abc import Iterable
 
+import math
+
 import numpy as np
-from napari.layers import Image, Labels, Layer
+from napari.layers import Image, Labels, Layer, Points
 
 from ..data import AnnotatedPair
 from ..errors import DataError
@@ -24,12 +28,20 @@ log = logging.getLogger(__name__)
 ROLE_KEY = "napari_semicl_role"
 PREDICTION_SUFFIX = " prediction"
 ENTROPY_SUFFIX = " entropy"
+PATCH_ENTROPY_SUFFIX = " patch entropy"
+SAMPLED_PIXELS_SUFFIX = " sampled pixels"
+#: colours of the sampled pixels, by class index (cycled beyond ten classes)
+CLASS_COLOURS = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+)
 #: Metadata keys that carry a NIfTI geometry (see :mod:`napari_semicl.io.readers`).
 GEOMETRY_KEYS = ("affine", "nifti_header")
 
 
 def role(layer: Layer) -> str | None:
-    """'prediction' / 'entropy' for layers created by training, else None."""
+    """'prediction', 'entropy', 'patch_entropy' or 'sampled_pixels' for layers created by
+    training, else None."""
     return layer.metadata.get(ROLE_KEY) if isinstance(layer.metadata, dict) else None
 
 
@@ -199,3 +211,89 @@ def apply_class_names(layer: Labels, names: dict[int, str]) -> bool:
         log.debug("class names not applied to %s: %s", layer.name, exc)
         return False
     return True
+
+
+def _slice_geometry(image: Layer, slice_index: int, axis: int) -> tuple[tuple, tuple, int | None]:
+    """(scale, translate, axis or None for 2D) of ``image`` with the slicing axis moved
+    onto ``slice_index``: data index 0 along ``axis`` lies on that slice."""
+    ndim = len(spatial_shape(image))
+    scale = [float(v) for v in tuple(image.scale)[-ndim:]]
+    translate = [float(v) for v in tuple(image.translate)[-ndim:]]
+    if ndim == 2:
+        return tuple(scale), tuple(translate), None
+    translate[axis] += slice_index * scale[axis]
+    return tuple(scale), tuple(translate), axis
+
+
+def show_patch_entropy(viewer, image: Layer, maps: np.ndarray, slice_index: int, axis: int) -> Image:
+    """Create or refresh the '<image> patch entropy' Image layer of one reviewed slice.
+
+    ``maps`` is (K, H, W), one PLGCL ``Ent^k`` map per class of that slice. The stack lies
+    on the slicing axis starting at the reviewed slice (class k on slice
+    ``slice_index + k``; for a 2D image it is a new leading axis), so class 0's map covers
+    the slice it was computed on. Hidden at first; magma, contrast (0, log 2); metadata
+    'slice_index' and 'axis'. Refreshed in place when the shape matches.
+    """
+    name = f"{image.name}{PATCH_ENTROPY_SUFFIX}"
+    maps = np.asarray(maps, dtype=np.float32)
+    scale, translate, ax = _slice_geometry(image, slice_index, axis)
+    if ax is None:  # 2D image: the class is a leading axis of its own
+        data, scale, translate = maps, (1.0, *scale), (0.0, *translate)
+    else:
+        data = np.moveaxis(maps, 0, ax)
+    layer = _find(viewer, name, Image)
+    if layer is not None and layer.data.shape == data.shape and layer.data.dtype == data.dtype:
+        layer.data[...] = data
+        layer.translate = translate
+        layer.refresh()
+    elif layer is not None:
+        layer.data = np.array(data, copy=True)
+        layer.scale, layer.translate = scale, translate
+    else:
+        meta = {ROLE_KEY: "patch_entropy"}
+        layer = viewer.add_image(
+            np.array(data, copy=True), name=name, colormap="magma", contrast_limits=(0.0, math.log(2)),
+            blending="additive", visible=False, scale=scale, translate=translate, metadata=meta,
+        )
+    layer.metadata.update({"slice_index": int(slice_index), "axis": None if ax is None else int(ax)})
+    return layer
+
+
+def show_sampled_pixels(
+    viewer, image: Layer, pixels: np.ndarray, classes: np.ndarray, slice_index: int, axis: int
+) -> Points:
+    """Create or refresh the '<image> sampled pixels' Points layer of one reviewed slice.
+
+    ``pixels`` (N, 2) are (y, x) in the slice; the points are placed on that slice (the
+    slice index inserted on the slicing axis) with the image's scale and translate, sized
+    about 3 pixels, with a 'class' feature and face colours from the categorical palette
+    :data:`CLASS_COLOURS` by class index (the same colour for a class at every refresh).
+    """
+    import pandas as pd
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    name = f"{image.name}{SAMPLED_PIXELS_SUFFIX}"
+    scale, translate, ax = _slice_geometry(image, 0, axis)
+    pixels = np.asarray(pixels, dtype=np.float64).reshape(-1, 2)
+    if ax is not None:
+        pixels = np.insert(pixels, ax, float(slice_index), axis=1)
+    classes = np.asarray(classes, dtype=np.int64).reshape(-1)
+    features = pd.DataFrame({"class": classes})
+    palette = transform_color(list(CLASS_COLOURS))  # (10, 4) RGBA
+    colours = palette[classes % len(CLASS_COLOURS)] if len(classes) else np.zeros((0, 4), np.float32)
+    layer = _find(viewer, name, Points)
+    if layer is not None and layer.ndim == pixels.shape[1]:
+        layer.data = pixels
+        layer.features = features
+        if len(pixels):
+            layer.face_color = colours
+        layer.refresh()
+    else:
+        if layer is not None:
+            viewer.layers.remove(layer)
+        layer = viewer.add_points(
+            pixels, name=name, features=features, face_color=colours if len(pixels) else "white",
+            border_width=0, size=3, scale=scale, translate=translate, metadata={ROLE_KEY: "sampled_pixels"},
+        )
+    layer.metadata.update({"slice_index": int(slice_index), "axis": None if ax is None else int(ax)})
+    return layer

@@ -58,6 +58,7 @@ from ..engine.events import (
     Finished,
     Notice,
     Preview,
+    Reviewed,
     Started,
     StepDone,
 )
@@ -503,7 +504,9 @@ class TrainWidget(QWidget):
         self.dice_label.setWordWrap(True)
         self.status_label = QLabel("Paint a few slices (two classes at least), then press Train.")
         self.status_label.setWordWrap(True)
-        for label in (self.eta_label, self.loss_label, self.dice_label, self.status_label):
+        self.review_label = QLabel("")  # which slice the review layers show
+        self.review_label.setWordWrap(True)
+        for label in (self.eta_label, self.loss_label, self.dice_label, self.status_label, self.review_label):
             label.setTextInteractionFlags(Qt.TextSelectableByMouse)
             layout.addWidget(label)
         layout.addStretch(1)
@@ -708,6 +711,8 @@ class TrainWidget(QWidget):
             self.loss_label.setText("loss: " + " · ".join(f"{k} {v:.4f}" for k, v in event.losses.items()))
         elif isinstance(event, Preview):
             self._on_preview(event)
+        elif isinstance(event, Reviewed):
+            self._on_reviewed(event)
         elif isinstance(event, Evaluated):
             self._on_evaluated(event)
         elif isinstance(event, Started):
@@ -735,8 +740,49 @@ class TrainWidget(QWidget):
                 _layers.apply_class_names(layer, names)
             if event.pair_index == len(self._run_layers) - 1 and self._running and not self._stopping:
                 self._submit_snapshot()  # labels painted meanwhile join now
+                self._request_review()  # the slice in view, reviewed before the next step
         elif event.kind == "entropy":
             _layers.show_entropy(self.viewer, image, event.array)
+
+    def _request_review(self) -> None:
+        """Ask the trainer to review the slice in view of the active image (cheap here:
+        the trainer does the work in its thread before its next step)."""
+        trainer = self._trainer
+        active = self._active_pair()
+        if trainer is None or active is None:
+            return
+        image = active[0]
+        index = next((i for i, (im, _) in enumerate(self._run_layers) if im is image), None)
+        if index is None or image not in self.viewer.layers:
+            return
+        try:
+            s_idx = _layers.current_slice(self.viewer, image, trainer.config.data.axis)
+        except SemiclError as exc:
+            log.debug("no review: %s", exc)
+            return
+        trainer.request_review(index, s_idx)
+
+    def _on_reviewed(self, event: Reviewed) -> None:
+        if not 0 <= event.pair_index < len(self._run_layers) or self._trainer is None:
+            return
+        image = self._run_layers[event.pair_index][0]
+        if image not in self.viewer.layers:
+            return
+        axis = self._trainer.config.data.axis
+        shown = []
+        maps = event.arrays.get("patch_entropy")
+        if maps is not None:
+            _layers.show_patch_entropy(self.viewer, image, maps, event.slice_index, axis)
+            shown.append(f"patch entropy of {maps.shape[0]} classes")
+        pixels = event.arrays.get("sampled_pixels")
+        if pixels is not None:
+            classes = event.arrays.get("sampled_classes")
+            _layers.show_sampled_pixels(self.viewer, image, pixels, classes, event.slice_index, axis)
+            shown.append(f"{len(pixels)} sampled pixels")
+        if shown:
+            self.review_label.setText(
+                f"Review of '{image.name}' slice {event.slice_index} at step {event.step}: {', '.join(shown)}"
+            )
 
     def _on_evaluated(self, event: Evaluated) -> None:
         m = event.metrics
