@@ -183,6 +183,14 @@ def _write_tiff(tmp: pathlib.Path, array: np.ndarray) -> None:
     tifffile.imwrite(tmp, array, photometric="minisblack", compression="zlib", metadata=metadata)
 
 
+def _refuse_overwrite(path: pathlib.Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{path} already exists and was left untouched. Pass overwrite=True to "
+            "replace it, or choose another file name."
+        )
+
+
 def write_labels(
     path: str | os.PathLike,
     data,
@@ -233,11 +241,7 @@ def write_labels(
     """
     path = pathlib.Path(path)
     fmt = _format_of(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"{path} already exists and was left untouched. Pass overwrite=True to "
-            "replace it, or choose another file name."
-        )
+    _refuse_overwrite(path, overwrite)
     if path.is_dir():
         raise WriteError(f"Cannot write labels to {path}: it is a folder. Choose a file name.")
     array = np.asarray(data)
@@ -274,11 +278,7 @@ def write_image(
     """
     path = pathlib.Path(path)
     fmt = _format_of(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"{path} already exists and was left untouched. Pass overwrite=True to "
-            "replace it, or choose another file name."
-        )
+    _refuse_overwrite(path, overwrite)
     array = np.asarray(data, dtype=np.float32)
     if array.ndim not in (2, 3):
         raise WriteError(f"Cannot write a map of shape {array.shape} to {path.name}: 2D or 3D is needed.")

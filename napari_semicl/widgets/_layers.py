@@ -156,17 +156,23 @@ def _find(viewer, name: str, kind: type) -> Layer | None:
     return None
 
 
+def _replace_data(layer: Layer, array: np.ndarray) -> Layer:
+    """New data for an output layer: in place when shape and dtype allow (no new buffers,
+    no reset of the layer's display), else a copy."""
+    if layer.data.shape == array.shape and np.can_cast(array.dtype, layer.data.dtype):
+        layer.data[...] = array
+        layer.refresh()
+    else:
+        layer.data = np.array(array, copy=True)
+    return layer
+
+
 def show_prediction(viewer, image: Layer, array: np.ndarray) -> Labels:
     """Create or refresh the '<image> prediction' Labels layer (in place when shapes match)."""
     name = f"{image.name}{PREDICTION_SUFFIX}"
     layer = _find(viewer, name, Labels)
-    if layer is not None and layer.data.shape == array.shape and np.can_cast(array.dtype, layer.data.dtype):
-        layer.data[...] = array
-        layer.refresh()
-        return layer
     if layer is not None:
-        layer.data = np.array(array, copy=True)
-        return layer
+        return _replace_data(layer, array)
     kwargs = _geometry_kwargs(image)
     kwargs["metadata"][ROLE_KEY] = "prediction"
     return viewer.add_labels(np.array(array, copy=True), name=name, opacity=0.5, **kwargs)
@@ -176,13 +182,8 @@ def show_entropy(viewer, image: Layer, array: np.ndarray) -> Image:
     """Create or refresh the '<image> entropy' Image layer (magma, 0..1, hidden at first)."""
     name = f"{image.name}{ENTROPY_SUFFIX}"
     layer = _find(viewer, name, Image)
-    if layer is not None and layer.data.shape == array.shape and layer.data.dtype == array.dtype:
-        layer.data[...] = array
-        layer.refresh()
-        return layer
     if layer is not None:
-        layer.data = np.array(array, copy=True)
-        return layer
+        return _replace_data(layer, array)
     kwargs = _geometry_kwargs(image)
     kwargs["metadata"][ROLE_KEY] = "entropy"
     return viewer.add_image(
