@@ -92,4 +92,5 @@ class ResultsFile:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(self.data, fh, indent=2)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for sharing
         os.replace(tmp, self.path)
