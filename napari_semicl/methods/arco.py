@@ -223,9 +223,11 @@ class ARCO(MeanTeacher):
         x, y, u_weak, u_strong = self.student_views(batch, generator)
         n_l = x.shape[0]
         contrast = step >= self.arco.warmup_steps
-        # one student pass over labelled and strong unlabelled crops (as Mean Teacher)
-        s_in = x if u_strong is None else torch.cat([x, u_strong])
-        s_logits, s_feat = self.student(s_in, return_features=True)
+        if u_strong is None:
+            s_logits, s_feat = self.student(x, return_features=True)
+        else:  # two passes: see MeanTeacher.student_forward
+            (l_logits, l_feat), (u_logits, u_feat) = self.student_forward(x, u_strong, return_features=True)
+            s_logits, s_feat = torch.cat([l_logits, u_logits]), torch.cat([l_feat, u_feat])
         losses = supervised_loss(s_logits[:n_l], y)
         # one teacher pass: weak unlabelled crops, plus the labelled ones once contrasting
         t_parts = ([x] if contrast else []) + ([] if u_weak is None else [u_weak])

@@ -79,13 +79,23 @@ class MeanTeacher(Method):
         u_weak, _ = weak_augment(batch.x_u, generator=generator)
         return x, y, u_weak, strong_augment(u_weak, generator=generator)
 
+    def student_forward(self, x: torch.Tensor, u_strong: torch.Tensor, *, return_features: bool = False):
+        """Student outputs for the labelled and the strong unlabelled crops, in two passes.
+
+        Two passes, not one over the concatenated batch: with one pass the batch-norm
+        statistics mix clean labelled crops with strongly perturbed ones, and on a left-atrium
+        volume (K = 5, 400 steps) Mean Teacher then scored Dice 0.39 (0.33 with the
+        consistency weight at 0) against supervised's 0.61. Returns ``(labelled, unlabelled)``
+        logits, or ``((logits, features), (logits, features))`` with ``return_features``.
+        """
+        return (self.student(x, return_features=return_features),
+                self.student(u_strong, return_features=return_features))
+
     def compute_losses(self, batch, *, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         x, y, u_weak, u_strong = self.student_views(batch, generator)
         if u_weak is None:
             return supervised_loss(self.student(x), y)
-        # one student pass over labelled and strong unlabelled crops (shared batch statistics)
-        logits = self.student(torch.cat([x, u_strong]))
-        l_logits, s_logits = logits[: x.shape[0]], logits[x.shape[0]:]
+        l_logits, s_logits = self.student_forward(x, u_strong)
         losses = supervised_loss(l_logits, y)
         with torch.no_grad():
             t_logits = self.teacher(u_weak)
