@@ -264,14 +264,15 @@ class Trainer:
         try:
             while not self._stop.is_set():
                 elapsed = time.monotonic() - t0
+                # the learning-rate schedule runs over the whole iteration budget, or this run's time
                 if target is not None:
-                    fraction = (self.step - start_step) / max(target - start_step, 1)
                     if self.step >= target:
                         break
+                    lr_fraction = self.step / max(target, 1)
                 else:
-                    fraction = elapsed / budget_s
                     if elapsed >= budget_s:
                         break
+                    lr_fraction = elapsed / budget_s
                 update = self._apply_pending()
                 if update is not None:
                     yield from self._emit(update)
@@ -280,7 +281,7 @@ class Trainer:
                     yield from self._emit(reviewed)
                 if self._stop.is_set():  # asked while those events were handled
                     break
-                losses = self.train_step(fraction if target is None else self.step / max(target, 1))
+                losses = self.train_step(lr_fraction)
                 self.last_losses = losses
                 self.history.append({"step": self.step, **losses})
                 elapsed = time.monotonic() - t0
