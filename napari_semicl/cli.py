@@ -52,10 +52,6 @@ def _mask_suffix(image: ImageData) -> str:
     return ".nii.gz" if image.metadata.get("format") == "nifti" else ".tif"
 
 
-def _write_mask(path: Path, data: np.ndarray, image: ImageData, overwrite: bool) -> Path:
-    return write_labels(path, data, metadata=image.metadata, overwrite=overwrite)
-
-
 def _build_config(args) -> TrainConfig:
     cfg = TrainConfig.from_json(args.config) if args.config else TrainConfig()
     if args.method is not None:
@@ -152,7 +148,7 @@ def cmd_train(args) -> int:
     for i, img in enumerate(images):
         pred = trainer.predict(img.data, rgb=img.rgb)
         name = "prediction" if len(images) == 1 else f"prediction_{i}_{img.name}"
-        path = _write_mask(out / f"{name}{_mask_suffix(img)}", pred.labels, img, overwrite=True)
+        path = write_labels(out / f"{name}{_mask_suffix(img)}", pred.labels, metadata=img.metadata, overwrite=True)
         log.info("prediction written to %s", path)
     metrics = _final_metrics(trainer, finished)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
@@ -168,7 +164,7 @@ def cmd_predict(args) -> int:
         model, img.data, class_values=cfg.data.class_values, axis=cfg.data.axis, rgb=img.rgb,
         normalise=cfg.data.normalise, device=device, with_entropy=args.entropy is not None,
     )
-    path = _write_mask(Path(args.out), pred.labels, img, overwrite=args.overwrite)
+    path = write_labels(Path(args.out), pred.labels, metadata=img.metadata, overwrite=args.overwrite)
     print(f"mask written to {path}")
     if args.entropy is not None:
         epath = write_image(Path(args.entropy), pred.entropy, metadata=img.metadata, overwrite=args.overwrite)

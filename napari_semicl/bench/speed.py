@@ -8,7 +8,6 @@ import statistics
 import threading
 import time
 
-import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 

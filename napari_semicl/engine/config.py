@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 from ..errors import ConfigError, check_choice as _check_choice, check_positive as _check_positive
 from ..methods.arco import ARCOConfig

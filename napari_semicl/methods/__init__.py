@@ -42,9 +42,13 @@ register_method(ARCO)
 register_method(PLGCL)
 
 __all__ = [
+    "ARCO",
+    "ARCOConfig",
     "MeanTeacher",
     "MeanTeacherConfig",
     "Method",
+    "PLGCL",
+    "PLGCLConfig",
     "Supervised",
     "available_methods",
     "ema_update",
