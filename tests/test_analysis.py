@@ -260,3 +260,23 @@ def test_aleatoric_samples_through_the_contract(brain):
     assert set(np.unique(out["aleatoric_samples"])) <= set(range(4))
     with pytest.raises(ConfigError):
         aleatoric_samples(method, trainer.dataset, device=CPU, pair_index=0, slice_index=5, n_samples=0)
+
+
+def test_embeddings_go_through_the_teacher_projection_head(brain):
+    from napari_semicl.engine.review import projection_head
+
+    trainer = _trainer(brain, method="arco")
+    head = projection_head(trainer.method)
+    assert head is trainer.method.modules["teacher_projection"]
+    out = sample_embeddings(trainer.method, trainer.dataset, device=CPU, max_points=50, max_slices=2)
+    assert out["embeddings"].shape[1] == trainer.config.arco.embedding_dim
+    # the head's own projection of the teacher's features at one sampled pixel
+    p, s, r, c = out["positions"][0]
+    x = torch.from_numpy(trainer.dataset.images[p][s])[None]
+    pad = (0, -x.shape[-1] % 4, 0, -x.shape[-2] % 4)
+    teacher = trainer.method.teacher.eval()
+    head.eval()
+    with torch.no_grad():
+        _, feat = teacher(torch.nn.functional.pad(x, pad), return_features=True)
+        expected = head.project_vectors(feat[0, :, r, c][None])[0].numpy()
+    np.testing.assert_allclose(out["embeddings"][0], expected, atol=1e-5)

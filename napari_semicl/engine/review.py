@@ -105,13 +105,14 @@ def sample_embeddings(
             if not len(rows):
                 continue
             vec = feat[0, :, torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)].T  # (n, C)
-            emb = head.project_vectors(vec) if head is not None else F.normalize(vec, dim=1)
+            fits = head is not None and head.net[0].in_channels == vec.shape[1]  # PLGCL 'image' heads do not
+            emb = head.project_vectors(vec) if fits else F.normalize(vec, dim=1)
             feats.append(emb.float().cpu().numpy())
             classes.append(np.asarray(cls_all, dtype=np.int64))
             labelled.append(np.full(len(rows), is_lab))
             positions.append(np.stack([np.full(len(rows), p_idx), np.full(len(rows), s_idx), rows, cols], axis=1))
     if not feats:
-        d = head.net[-1].out_channels if head is not None else int(getattr(model, "feature_channels", 0))
+        d = int(getattr(model, "feature_channels", 0))
         return {"embeddings": np.zeros((0, d), np.float32), "embedding_labels": np.zeros(0, np.int64),
                 "embedding_is_labelled": np.zeros(0, bool), "positions": np.zeros((0, 4), np.int64),
                 "class_values": np.asarray(dataset.class_values, np.int64)}
