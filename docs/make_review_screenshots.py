@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--reveal", type=int, default=3)
     parser.add_argument("--method", default="mean_teacher")
+    parser.add_argument("--points", type=int, default=1500, help="t-SNE points")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     train.set_pair(0, image, painted)
     train.method_combo.setCurrentText(args.method)
     train.iterations_spin.setValue(args.iterations)
-    train.refresh_spin.setValue(50)
+    train.refresh_spin.setValue(max(args.iterations // 3, 1))
     train.patch_spin.setValue(96)
     train.background_check.setChecked(True)
     train.run_folder_edit.setText(tempfile.mkdtemp(prefix="semicl-review-shot-"))
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     # 3. annotate next
     shoot("suggest", suggest)
     # 4. t-SNE (computed by the idle trainer in a worker)
-    feature.points_spin.setValue(1500)
+    feature.points_spin.setValue(args.points)
     feature.compute()
     t1 = time.monotonic()
     while feature.busy and time.monotonic() - t1 < 600:
