@@ -162,13 +162,20 @@ def cmd_predict(args) -> int:
     device = next(model.parameters()).device
     pred = predict_volume(
         model, img.data, class_values=cfg.data.class_values, axis=cfg.data.axis, rgb=img.rgb,
-        normalise=cfg.data.normalise, device=device, with_entropy=args.entropy is not None,
+        normalise=cfg.data.normalise, device=device,
+        with_entropy=args.entropy is not None or bool(args.suggest),
     )
     path = write_labels(Path(args.out), pred.labels, metadata=img.metadata, overwrite=args.overwrite)
     print(f"mask written to {path}")
     if args.entropy is not None:
         epath = write_image(Path(args.entropy), pred.entropy, metadata=img.metadata, overwrite=args.overwrite)
         print(f"entropy map written to {epath}")
+    if args.suggest:
+        from .analysis import rank_slices, slice_means
+
+        ranked = rank_slices(slice_means(pred.entropy, cfg.data.axis), top=args.suggest)
+        print(json.dumps({"axis": cfg.data.axis, "annotate_next": [
+            {"slice": s.slice_index, "mean_entropy": round(s.entropy, 6)} for s in ranked]}, indent=2))
     return 0
 
 
@@ -246,6 +253,8 @@ def cmd_bench(args) -> int:
 
         cmd = [sys.executable, "-m", "napari_semicl.widgets.ui_probe", "--out", args.out,
                "--seconds", str(args.seconds), "--method", args.method, "--refresh-every", str(args.refresh_every)]
+        if args.review_docks:
+            cmd.append("--review-docks")
         return subprocess.call(cmd)  # a separate process: Qt and napari stay out of the CLI
     else:
         data = speed_mod.speed(methods=methods, steps=args.steps, device=device, threads=args.threads)
@@ -291,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True)
     p.add_argument("--out", required=True, help="mask file (.nii.gz, .nii, .tif)")
     p.add_argument("--entropy", help="also write the normalised entropy map here")
+    p.add_argument("--suggest", type=int, default=0, metavar="N",
+                   help="also print (JSON) the N slices with the highest mean entropy: where to annotate next")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.set_defaults(func=cmd_predict)
@@ -337,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     u.add_argument("--method", default="mean_teacher")
     u.add_argument("--refresh-every", type=int, default=20)
+    u.add_argument("--review-docks", action="store_true", help="also open the review docks, refreshing")
     u.add_argument("--out", required=True)
     for q in (w, c, s_):
         q.add_argument("--seed", type=int, default=0)

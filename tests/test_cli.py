@@ -70,6 +70,25 @@ def test_predict_and_entropy_keep_geometry(trained, sample_files, tmp_path):
     assert np.array_equal(np.asanyarray(nib.load(mask).dataobj), np.asanyarray(nib.load(trained / "prediction.nii.gz").dataobj))
 
 
+def test_predict_suggest_ranks_slices_by_mean_entropy(trained, sample_files, tmp_path, capsys):
+    from napari_semicl.analysis import slice_means
+    from napari_semicl.io import read_image
+
+    ent = tmp_path / "entropy.nii.gz"
+    capsys.readouterr()
+    code = main(["-q", "predict", "--checkpoint", str(trained / "checkpoint.pt"), "--image",
+                 str(sample_files["image"]), "--out", str(tmp_path / "mask.nii.gz"), "--entropy", str(ent),
+                 "--suggest", "5"])
+    assert code == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    ranked = result["annotate_next"]
+    assert len(ranked) == 5
+    means = slice_means(read_image(ent).data, result["axis"])
+    assert [r["slice"] for r in ranked] == list(np.argsort(-means, kind="stable")[:5])
+    assert ranked[0]["mean_entropy"] == pytest.approx(means.max(), abs=1e-5)
+
+
 def test_evaluate_prints_monai_metrics(trained, sample_files, capsys):
     capsys.readouterr()
     assert main(["evaluate", "--pred", str(trained / "prediction.nii.gz"), "--reference", str(sample_files["reference"])]) == 0

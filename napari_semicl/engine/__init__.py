@@ -7,6 +7,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DataConfig, MeanTeacherConfig, ModelConfig, OptimConfig, TrainConfig
 from .device import describe_device, pick_device
 from .events import (
+    Analysed,
     Checkpointed,
     DataUpdated,
     Evaluated,
@@ -25,7 +26,7 @@ from .metrics import evaluate_segmentation
 from .trainer import Trainer, load_predictor, run_sync
 
 __all__ = [
-    "Checkpointed", "DataConfig", "DataUpdated", "Evaluated", "Finished", "MeanTeacherConfig",
+    "Analysed", "Checkpointed", "DataConfig", "DataUpdated", "Evaluated", "Finished", "MeanTeacherConfig",
     "ModelConfig", "Notice", "OptimConfig", "Prediction", "Preview", "ReviewSlice", "Reviewed", "Started", "StepDone",
     "Stop", "TrainConfig", "Trainer", "UpdateData", "describe_device", "evaluate_segmentation",
     "load_checkpoint", "load_predictor", "pick_device", "predict_volume", "run_sync",

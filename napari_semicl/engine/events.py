@@ -57,6 +57,21 @@ class Reviewed:
 
 
 @dataclass(frozen=True)
+class Analysed:
+    """The result of one :meth:`Trainer.request_analysis` (see :mod:`~napari_semicl.engine.review`).
+
+    ``kind`` names the analysis ('embeddings', 'disagreement', 'aleatoric',
+    'method_review'), ``params`` are those it was asked with, ``arrays`` what it returned
+    (empty when the method has nothing of that kind).
+    """
+
+    step: int
+    kind: str
+    params: dict
+    arrays: dict = field(repr=False)
+
+
+@dataclass(frozen=True)
 class Evaluated:
     step: int
     metrics: dict

@@ -37,6 +37,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .device import describe_device, pick_device, set_threads
 from .events import (
+    Analysed,
     Checkpointed,
     DataUpdated,
     Evaluated,
@@ -52,6 +53,7 @@ from .events import (
 )
 from .inference import Prediction, predict_slices, predict_volume
 from .metrics import dice_per_class
+from .review import run_analysis
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,7 @@ class Trainer:
         self._pending_lock = threading.Lock()
         self._pending_pairs: list | None = None
         self._pending_review: tuple[int, int] | None = None
+        self._pending_analyses: dict[str, dict] = {}
         self._notices: list[Notice] = []
         if self.method.uses_unlabelled and not self.dataset.unlabelled:
             self._notices.append(Notice("warning", "no unlabelled slice: the consistency term uses labelled slices"))
@@ -156,6 +159,34 @@ class Trainer:
         """
         with self._pending_lock:
             self._pending_review = (int(pair_index), int(slice_index))
+
+    def request_analysis(self, kind: str, **params) -> None:
+        """Ask for an :class:`Analysed` event of ``kind`` before the next step.
+
+        Safe from any thread; a newer request of the same kind replaces one not yet served.
+        ``kind`` and ``params`` as in :func:`~napari_semicl.engine.review.run_analysis`.
+        """
+        with self._pending_lock:
+            self._pending_analyses[str(kind)] = dict(params)
+
+    def analyse(self, kind: str, **params) -> Analysed:
+        """Run one review analysis now, in the calling thread (for an idle trainer)."""
+        with torch.no_grad():
+            arrays = run_analysis(self.method, self.dataset, kind, device=self.device, **params)
+        return Analysed(self.step, kind, dict(params), arrays)
+
+    def _apply_analyses(self) -> list:
+        """Serve the pending analyses; a failing one becomes a :class:`Notice`."""
+        with self._pending_lock:
+            pending, self._pending_analyses = self._pending_analyses, {}
+        events: list = []
+        for kind, params in pending.items():
+            try:
+                events.append(self.analyse(kind, **params))
+            except (SemiclError, RuntimeError, ValueError, IndexError, TypeError) as exc:
+                log.warning("analysis %s failed", kind, exc_info=True)
+                events.append(Notice("warning", f"could not compute {kind}: {str(exc).splitlines()[0]}"))
+        return events
 
     # --- the loop ----------------------------------------------------------------------------
     def _lr(self, fraction: float) -> float:
@@ -279,6 +310,8 @@ class Trainer:
                 reviewed = self._apply_review()
                 if reviewed is not None:
                     yield from self._emit(reviewed)
+                for analysed in self._apply_analyses():
+                    yield from self._emit(analysed)
                 if self._stop.is_set():  # asked while those events were handled
                     break
                 losses = self.train_step(lr_fraction)

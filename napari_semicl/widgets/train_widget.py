@@ -24,7 +24,7 @@ from pathlib import Path
 
 from napari.layers import Image, Labels
 from napari.utils import notifications
-from qtpy.QtCore import QEvent, Qt
+from qtpy.QtCore import QEvent, Qt, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -114,6 +114,9 @@ class TrainWidget(QWidget):
         The viewer whose layers are trained on and receive the predictions.
     """
 
+    #: every trainer event, re-emitted on the Qt thread (the review docks listen to it)
+    event_received = Signal(object)
+
     def __init__(self, napari_viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
@@ -151,6 +154,11 @@ class TrainWidget(QWidget):
     @property
     def is_training(self) -> bool:
         return self._running
+
+    @property
+    def run_layers(self) -> list:
+        """(image layer, labels layer or None) of each pair of the current trainer."""
+        return list(self._run_layers)
 
     def add_pair(self) -> _PairRow:
         """Add a pair row, defaulting to the first image (and labels) not yet chosen."""
@@ -703,7 +711,11 @@ class TrainWidget(QWidget):
 
     # ------------------------------------------------------------------ event handlers
     def _on_event(self, event) -> None:
-        """One trainer event, on the Qt thread."""
+        """One trainer event, on the Qt thread: handled here, then passed on to the docks."""
+        self._handle_event(event)
+        self.event_received.emit(event)
+
+    def _handle_event(self, event) -> None:
         if isinstance(event, StepDone):
             self.progress_bar.setValue(int(round(1000 * min(max(event.fraction, 0.0), 1.0))))
             eta = "" if event.eta_s is None else f" · ETA {_format_seconds(event.eta_s)}"

@@ -54,8 +54,14 @@ class LatencyProbe:
 
 
 def run_probe(*, seconds: float = 20.0, method: str = "mean_teacher", refresh_every: int = 20,
-              interval_ms: int = 10) -> dict:
-    """Open napari with the sample and the Train dock; probe idle, then while training."""
+              interval_ms: int = 10, review_docks: bool = False, image_path=None, reference_path=None) -> dict:
+    """Open napari with the sample and the Train dock; probe idle, then while training.
+
+    ``review_docks`` also opens the review docks (pseudo-labels, annotate next with the
+    teacher/student disagreement at each refresh, t-SNE every ``2 * refresh_every`` steps,
+    curves) so that they all refresh while the probe runs. ``image_path`` and
+    ``reference_path`` replace the sample (3 slices of the reference revealed).
+    """
     import napari
     from qtpy.QtWidgets import QApplication
 
@@ -64,7 +70,15 @@ def run_probe(*, seconds: float = 20.0, method: str = "mean_teacher", refresh_ev
     from .train_widget import TrainWidget
 
     viewer = napari.Viewer(show=True)
-    (img_data, img_kw, _), (ref_data, _, _) = sample_volume()[:2]
+    if image_path is not None:
+        from ..io import read_image, read_labels
+
+        img = read_image(image_path)
+        ref_data = read_labels(reference_path).data
+        img_kw = {"name": img.name, "scale": img.scale, "metadata": img.metadata}
+        img_data = img.data
+    else:
+        (img_data, img_kw, _), (ref_data, _, _) = sample_volume()[:2]
     image = viewer.add_image(img_data, **{k: v for k, v in img_kw.items() if k != "rgb"})
     revealed = choose_reveal_slices(ref_data, 3, 0)
     labels = viewer.add_labels(reveal_slices(ref_data, revealed, 0), name="painted", scale=image.scale,
@@ -77,6 +91,34 @@ def run_probe(*, seconds: float = 20.0, method: str = "mean_teacher", refresh_ev
     dock.iterations_spin.setValue(100000)
     dock.refresh_spin.setValue(refresh_every)
     dock.background_check.setChecked(True)
+    counts = {"previews": 0, "analysed": 0, "tsne_done": 0}
+    review = {}
+    if review_docks:
+        from ..engine.events import Analysed, Preview
+        from .curves_widget import CurvesWidget
+        from .feature_plot import FeaturePlotWidget
+        from .review_widget import ReviewWidget
+        from .suggest_widget import SuggestWidget
+
+        for cls in (ReviewWidget, SuggestWidget, FeaturePlotWidget, CurvesWidget):
+            review[cls.__name__] = cls(viewer, dock)
+            viewer.window.add_dock_widget(review[cls.__name__], name=cls.__name__, tabify=True)
+        review["SuggestWidget"].disagreement_check.setChecked(True)
+        review["FeaturePlotWidget"].every_spin.setValue(2 * refresh_every)
+        review["FeaturePlotWidget"].points_spin.setValue(1000)
+
+        def count(event) -> None:
+            counts["previews"] += isinstance(event, Preview)
+            counts["analysed"] += isinstance(event, Analysed)
+
+        dock.event_received.connect(count)
+        done = review["FeaturePlotWidget"]._on_tsne_done
+
+        def counted_done(*args) -> None:
+            counts["tsne_done"] += 1
+            done(*args)
+
+        review["FeaturePlotWidget"]._on_tsne_done = counted_done
     app = QApplication.instance()
     probe = LatencyProbe(interval_ms)
 
@@ -97,6 +139,7 @@ def run_probe(*, seconds: float = 20.0, method: str = "mean_teacher", refresh_ev
     spin(seconds)
     training = probe.stop()
     steps = dock.trainer.step
+    during = dict(counts)
     t0 = time.perf_counter()
     dock.stop_training()
     while dock.is_training and time.perf_counter() - t0 < 60:
@@ -104,7 +147,10 @@ def run_probe(*, seconds: float = 20.0, method: str = "mean_teacher", refresh_ev
     stop_s = time.perf_counter() - t0
     result = {"idle": idle, "training": training, "method": method, "refresh_every": refresh_every,
               "interval_ms": interval_ms, "seconds_per_phase": seconds, "steps_during_probe": steps,
-              "stop_s": stop_s, "training_threads": dock.num_threads}
+              "stop_s": stop_s, "training_threads": dock.num_threads,
+              "image_shape": list(image.data.shape), "review_docks": review_docks}
+    if review_docks:
+        result["review_events_during_probe"] = during
     dock.shutdown()
     viewer.close()
     return result
@@ -116,9 +162,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--method", default="mean_teacher")
     parser.add_argument("--refresh-every", type=int, default=20)
+    parser.add_argument("--review-docks", action="store_true", help="also open the review docks, refreshing")
+    parser.add_argument("--image", help="an image file instead of the sample")
+    parser.add_argument("--reference", help="its reference labels (3 slices are revealed)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    result = run_probe(seconds=args.seconds, method=args.method, refresh_every=args.refresh_every)
+    result = run_probe(seconds=args.seconds, method=args.method, refresh_every=args.refresh_every,
+                       review_docks=args.review_docks, image_path=args.image, reference_path=args.reference)
     from ..bench.common import machine_info
 
     result["machine"] = machine_info()

@@ -1,0 +1,214 @@
+"""What the review docks share: finding the Train dock, listening to its events, asking
+its trainer for analyses, and moving the viewer to a slice or pixel.
+
+A review dock never owns a trainer: it listens to
+:attr:`~napari_semicl.widgets.train_widget.TrainWidget.event_received` and asks the Train
+dock's trainer for :class:`~napari_semicl.engine.events.Analysed` results, served between
+training steps while training runs (:meth:`Trainer.request_analysis`) or computed in a
+worker thread when idle (:meth:`Trainer.analyse`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from napari.utils import notifications
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QWidget
+
+from ..errors import SemiclError
+from . import _layers
+
+log = logging.getLogger(__name__)
+
+#: How often a dock without a Train dock looks for one (ms).
+FIND_INTERVAL_MS = 1000
+
+
+def find_train_widget(viewer):
+    """The first Train dock docked in ``viewer``'s window, or None."""
+    from .train_widget import TrainWidget
+
+    window = getattr(viewer, "window", None)
+    docks = getattr(window, "dock_widgets", {}) if window is not None else {}
+    for widget in list(docks.values()):
+        widget = getattr(widget, "native", widget)
+        if isinstance(widget, TrainWidget):
+            return widget
+    return None
+
+
+def slice_index_tuple(ndim: int, axis: int, index: int) -> tuple:
+    """Index of slice ``index`` along ``axis`` of an ``ndim``-D array (all of a 2D one)."""
+    if ndim == 2:
+        return (slice(None), slice(None))
+    key = [slice(None)] * ndim
+    key[axis] = int(index)
+    return tuple(key)
+
+
+def go_to(viewer, layer, slice_index: int, axis: int, pixel=None) -> None:
+    """Move the viewer to slice ``slice_index`` of ``layer`` along data axis ``axis`` and,
+    given ``pixel`` = (row, col) in that slice, centre the camera on it."""
+    shape = _layers.spatial_shape(layer)
+    ndim = len(shape)
+    data = np.asarray([s / 2.0 for s in shape], dtype=float)
+    if ndim == 3:
+        data[axis] = slice_index
+    in_plane = [a for a in range(ndim) if ndim == 2 or a != axis]
+    if pixel is not None:
+        data[in_plane[0]], data[in_plane[1]] = float(pixel[0]), float(pixel[1])
+    world = np.asarray(layer.data_to_world(data), dtype=float)
+    offset = viewer.dims.ndim - len(world)
+    if ndim == 3:
+        viewer.dims.set_point(offset + axis, world[axis])
+    if pixel is not None:
+        displayed = [d for d in viewer.dims.displayed if d >= offset]
+        scene = getattr(viewer, "scene", None)  # napari >= 0.9; viewer.camera before
+        camera = scene.camera if scene is not None else viewer.camera
+        camera.center = tuple(world[d - offset] for d in displayed)
+
+
+class ReviewDock(QWidget):
+    """Base of the review docks: the link to the Train dock and its trainer.
+
+    Subclasses implement :meth:`on_train_event` (every trainer event, on the Qt thread,
+    and the :class:`Analysed` results of :meth:`request`).
+
+    Parameters
+    ----------
+    napari_viewer : napari.viewer.Viewer
+    train_widget : TrainWidget, optional
+        Found among the viewer's docks when not given (and looked for again every second
+        until there is one).
+    """
+
+    def __init__(self, napari_viewer, train_widget=None) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.train_widget = None
+        self._idle_workers: list = []
+        self._find_timer = QTimer(self)
+        self._find_timer.setInterval(FIND_INTERVAL_MS)
+        self._find_timer.timeout.connect(self._on_find_timeout)
+        if train_widget is not None:
+            self.connect_train_widget(train_widget)
+        elif not self._find():
+            self._find_timer.start()
+
+    # --- the link ---------------------------------------------------------------------------
+    def connect_train_widget(self, train_widget) -> None:
+        """Listen to ``train_widget``'s events (replacing any previous link)."""
+        self._find_timer.stop()
+        if self.train_widget is train_widget:
+            return
+        self.disconnect_train_widget()
+        self.train_widget = train_widget
+        train_widget.event_received.connect(self._on_train_event)
+
+    def disconnect_train_widget(self) -> None:
+        if self.train_widget is not None:
+            try:
+                self.train_widget.event_received.disconnect(self._on_train_event)
+            except (TypeError, RuntimeError):
+                pass
+        self.train_widget = None
+
+    def _find(self) -> bool:
+        widget = find_train_widget(self.viewer)
+        if widget is not None:
+            self.connect_train_widget(widget)
+            return True
+        return False
+
+    def _on_find_timeout(self) -> None:
+        self._find()
+
+    @property
+    def trainer(self):
+        return None if self.train_widget is None else self.train_widget.trainer
+
+    @property
+    def axis(self) -> int:
+        trainer = self.trainer
+        return 0 if trainer is None else int(trainer.config.data.axis)
+
+    def run_image(self, pair_index: int):
+        """The image layer of pair ``pair_index`` of the current run (None if gone)."""
+        if self.train_widget is None:
+            return None
+        layers = self.train_widget.run_layers
+        if not 0 <= pair_index < len(layers):
+            return None
+        image = layers[pair_index][0]
+        return image if image in self.viewer.layers else None
+
+    def run_labels(self, pair_index: int):
+        if self.train_widget is None:
+            return None
+        layers = self.train_widget.run_layers
+        if not 0 <= pair_index < len(layers):
+            return None
+        labels = layers[pair_index][1]
+        return labels if labels is not None and labels in self.viewer.layers else None
+
+    def active_pair_index(self) -> int:
+        """The run pair whose image or labels is the active layer (0 otherwise)."""
+        if self.train_widget is None:
+            return 0
+        active = self.viewer.layers.selection.active
+        for i, (image, labels) in enumerate(self.train_widget.run_layers):
+            if active is not None and (active is image or active is labels):
+                return i
+        return 0
+
+    def current_slice(self, pair_index: int) -> int | None:
+        image = self.run_image(pair_index)
+        if image is None:
+            return None
+        try:
+            return _layers.current_slice(self.viewer, image, self.axis)
+        except SemiclError as exc:
+            notifications.show_warning(str(exc))
+            return None
+
+    # --- analyses ---------------------------------------------------------------------------
+    def request(self, kind: str, **params) -> bool:
+        """Ask the trainer for an analysis; the :class:`Analysed` event comes to
+        :meth:`on_train_event`. Returns False (with a notification) without a trainer."""
+        trainer = self.trainer
+        if trainer is None:
+            notifications.show_info("Train first (Train dock): the review needs a network.")
+            return False
+        if self.train_widget.is_training:
+            trainer.request_analysis(kind, **params)
+            return True
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(trainer.analyse, kind, _start_thread=False, _ignore_errors=True, **params)
+        worker.returned.connect(self._on_train_event)
+        worker.errored.connect(self._on_idle_error)
+        worker.finished.connect(lambda w=worker: self._idle_workers.remove(w) if w in self._idle_workers else None)
+        self._idle_workers.append(worker)
+        worker.start()
+        return True
+
+    def _on_idle_error(self, exc: Exception) -> None:
+        log.warning("review analysis failed", exc_info=(type(exc), exc, exc.__traceback__))
+        notifications.show_warning(f"Review failed: {exc}")
+
+    def _on_train_event(self, event) -> None:
+        try:
+            self.on_train_event(event)
+        except (SemiclError, ValueError, RuntimeError, KeyError, IndexError) as exc:
+            log.warning("%s could not show %s", type(self).__name__, type(event).__name__, exc_info=True)
+            notifications.show_warning(f"{type(self).__name__}: {exc}")
+
+    def on_train_event(self, event) -> None:
+        """Override: one trainer event (or an Analysed result), on the Qt thread."""
+
+    def closeEvent(self, event) -> None:
+        self._find_timer.stop()
+        self.disconnect_train_widget()
+        super().closeEvent(event)

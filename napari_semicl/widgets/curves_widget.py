@@ -1,0 +1,110 @@
+"""The "Training curves" dock: every loss by name and the validation Dice against steps.
+
+Events only append to a :class:`~napari_semicl.analysis.TrainingHistory`; a timer redraws
+the matplotlib canvas at most once per ``REDRAW_MS`` when something changed, so a fast
+training loop never makes the Qt thread draw at every step.
+"""
+
+from __future__ import annotations
+
+import math
+
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QCheckBox, QLabel, QVBoxLayout
+
+from ..analysis import TrainingHistory
+from ..engine.events import Evaluated, StepDone
+from ._link import ReviewDock
+
+#: Redraw interval (ms) while new values come in.
+REDRAW_MS = 1000
+DICE = "validation Dice"
+
+
+class CurvesWidget(ReviewDock):
+    """Dock plotting the losses (log scale) and validation Dice of the current run.
+
+    Parameters
+    ----------
+    napari_viewer : napari.viewer.Viewer
+    train_widget : TrainWidget, optional
+    """
+
+    def __init__(self, napari_viewer, train_widget=None) -> None:
+        self.history = TrainingHistory()
+        self._dirty = False
+        super().__init__(napari_viewer, train_widget)
+        self._build_ui()
+        self._timer = QTimer(self)
+        self._timer.setInterval(REDRAW_MS)
+        self._timer.timeout.connect(self._on_timer)
+        self._timer.start()
+
+    def redraw(self) -> None:
+        """Draw the history now."""
+        self._dirty = False
+        ax, ax2 = self._ax, self._ax_dice
+        ax.clear()
+        ax2.clear()
+        for name in self.history.names():
+            if name == DICE:
+                continue
+            steps, values = self.history.series(name)
+            ax.plot(steps, values, label=name, linewidth=1.2 if name == "total" else 0.9)
+        if self.log_check.isChecked() and any(
+            (self.history.series(n)[1] > 0).all() for n in self.history.names() if n != DICE
+        ):
+            ax.set_yscale("log")
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("loss", fontsize=8)
+        steps, dice = self.history.series(DICE)
+        if len(steps):
+            ax2.plot(steps, dice, "k.-", label=DICE)
+            ax2.set_ylim(0, 1)
+            ax2.set_ylabel("Dice", fontsize=8)
+        ax2.yaxis.set_label_position("right")
+        ax2.yaxis.tick_right()
+        lines = ax.get_legend_handles_labels()
+        more = ax2.get_legend_handles_labels()
+        if lines[0] or more[0]:
+            ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper right", framealpha=0.6)
+        for a in (ax, ax2):
+            a.tick_params(labelsize=7)
+        self.canvas.draw_idle()
+
+    def _build_ui(self) -> None:
+        layout = QVBoxLayout(self)
+        self.log_check = QCheckBox("log scale for the losses")
+        self.log_check.setChecked(True)
+        self.log_check.toggled.connect(self.redraw)
+        layout.addWidget(self.log_check)
+        self.figure = Figure(figsize=(4, 3), tight_layout=True)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(220)
+        self._ax = self.figure.add_subplot(1, 1, 1)
+        self._ax_dice = self._ax.twinx()
+        layout.addWidget(self.canvas, 1)
+        self.status_label = QLabel("Curves appear when training starts.")
+        self.status_label.setWordWrap(True)
+        layout.addWidget(self.status_label)
+
+    def on_train_event(self, event) -> None:
+        if isinstance(event, StepDone):
+            self.history.add(event.step, event.losses)
+            self._dirty = True
+            self.status_label.setText(f"step {event.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in event.losses.items()))
+        elif isinstance(event, Evaluated):
+            dice = event.metrics.get("dice")
+            if dice is not None and not (isinstance(dice, float) and math.isnan(dice)):
+                self.history.add(event.step, {DICE: dice})
+                self._dirty = True
+
+    def _on_timer(self) -> None:
+        if self._dirty and self.isVisible():
+            self.redraw()
+
+    def closeEvent(self, event) -> None:
+        self._timer.stop()
+        super().closeEvent(event)

@@ -1,0 +1,231 @@
+"""The review docks (pseudo-labels, suggestions, t-SNE, curves) driven in a real viewer
+after a short real training run of the Train dock (under Xvfb)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.gui
+
+napari = pytest.importorskip("napari")
+
+from matplotlib.backend_bases import MouseEvent  # noqa: E402
+
+from napari_semicl.analysis import sample_disagreement, slice_means  # noqa: E402
+from napari_semicl.engine.events import Finished, Reviewed  # noqa: E402
+from napari_semicl.methods import MeanTeacher  # noqa: E402
+from napari_semicl.widgets._link import find_train_widget  # noqa: E402
+from napari_semicl.widgets.curves_widget import DICE, CurvesWidget  # noqa: E402
+from napari_semicl.widgets.feature_plot import FeaturePlotWidget  # noqa: E402
+from napari_semicl.widgets.review_widget import ReviewWidget  # noqa: E402
+from napari_semicl.widgets.suggest_widget import SuggestWidget  # noqa: E402
+from napari_semicl.widgets.train_widget import TrainWidget  # noqa: E402
+
+CROP = slice(28, 52)
+PAINTED = (2, 20)
+VALIDATION = 14
+ACCEPT = 6  # an unlabelled slice whose pseudo-labels are accepted
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class _FakeAleatoric(MeanTeacher):
+    """Mean teacher plus the AUA/AGCL review contract: aleatoric samples (the teacher's
+    arg-max with 30% of the pixels flipped at random), their disagreement per slice, and
+    an affinity matrix in review()."""
+
+    name = "fake_aleatoric"
+
+    def sample_aleatoric(self, x, n_samples, valid_shape=None):
+        h, w = valid_shape
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            idx = self.inference_model().eval()(x).argmax(dim=1)[0]
+        k = self.student.head.out_channels
+        flips = torch.randint(0, k, (n_samples, *idx.shape), generator=g)
+        keep = torch.rand((n_samples, *idx.shape), generator=g) < 0.7
+        return torch.where(keep, idx.expand(n_samples, -1, -1), flips)[:, :h, :w]
+
+    def review_slice(self, x, *, valid_shape=None):
+        samples = self.sample_aleatoric(x, 4, valid_shape).numpy()
+        k = self.student.head.out_channels
+        return {"aleatoric_samples": samples, "aleatoric_disagreement": sample_disagreement(samples, k)}
+
+    def review(self):
+        a = np.linspace(0, 1, 36, dtype=np.float32).reshape(6, 6)
+        return {"affinity": a}
+
+
+@pytest.fixture
+def trained(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """Viewer + Train dock + the four review docks after 20 mean-teacher steps on a
+    24-slice crop of the sample with two painted slices and one validation slice."""
+    from napari_semicl.io.sample import load_sample_volume
+
+    viewer = make_napari_viewer()
+    image, reference = load_sample_volume()
+    img = viewer.add_image(image.data[CROP].copy(), name="t1 crop", scale=image.scale)
+    ref = reference.data[CROP].copy()
+    painted = viewer.add_labels(np.zeros(img.data.shape, np.uint16), name="painted", scale=image.scale)
+    for s in (*PAINTED, VALIDATION):
+        painted.data[s] = ref[s]
+    train = TrainWidget(viewer)
+    viewer.window.add_dock_widget(train, name="Train (semi-supervised)")
+    build = train.build_config
+
+    def build_small():
+        cfg = build()
+        cfg.model.base_channels, cfg.model.depth = 8, 3
+        cfg.data.batch_labelled = cfg.data.batch_unlabelled = 2
+        return cfg
+
+    monkeypatch.setattr(train, "build_config", build_small)
+    train.set_pair(0, img, painted)
+    train.method_combo.setCurrentText("mean_teacher")
+    train.iterations_spin.setValue(20)
+    train.patch_spin.setValue(64)
+    train.refresh_spin.setValue(10)
+    train.background_check.setChecked(True)
+    train.run_folder_edit.setText(str(tmp_path / "run"))
+    viewer.dims.set_current_step(0, VALIDATION)
+    train.mark_validation()
+    docks = {}
+    for cls in (ReviewWidget, SuggestWidget, FeaturePlotWidget, CurvesWidget):
+        dock = cls(viewer)  # finds the Train dock itself
+        viewer.window.add_dock_widget(dock, name=cls.__name__)
+        docks[cls.__name__] = dock
+    finished = []
+    train.event_received.connect(lambda e: finished.append(e) if isinstance(e, Finished) else None)
+    assert train.start_training()
+    qtbot.waitUntil(lambda: bool(finished) and not train.is_training, timeout=240_000)
+    assert finished[0].reason == "budget"
+    qtbot.wait(200)  # the pseudo-label / score workers deliver
+    return viewer, img, painted, ref, train, docks
+
+
+def test_review_docks_after_training(trained, qtbot):
+    viewer, img, painted, ref, train, docks = trained
+    review, suggest = docks["ReviewWidget"], docks["SuggestWidget"]
+    feature, curves = docks["FeaturePlotWidget"], docks["CurvesWidget"]
+    assert find_train_widget(viewer) is train
+    assert all(d.train_widget is train for d in docks.values())
+    values = set(train.trainer.dataset.class_values)
+
+    # --- pseudo-labels: image shape, values in the class table; threshold 0 = prediction
+    qtbot.waitUntil(lambda: review.pseudo_layer(0) is not None, timeout=10_000)
+    pred = viewer.layers["t1 crop prediction"].data
+    ent = viewer.layers["t1 crop entropy"].data
+    assert ent.shape == img.data.shape and 0.0 <= ent.min() and ent.max() <= 1.0 and ent.max() > 0
+    review.set_threshold(0.0)
+    review.refresh_pseudo_labels(0, wait=True)
+    pseudo = review.pseudo_layer(0).data
+    assert pseudo.shape == img.data.shape
+    assert set(np.unique(pseudo)) <= values
+    np.testing.assert_array_equal(pseudo, pred)
+    review.set_threshold(0.9)
+    review.refresh_pseudo_labels(0, wait=True)
+    pseudo = review.pseudo_layer(0).data
+    np.testing.assert_array_equal(pseudo[(1 - ent) < 0.9], 0)
+    np.testing.assert_array_equal(pseudo[(1 - ent) >= 0.9], pred[(1 - ent) >= 0.9])
+
+    # --- accept / undo / accept; the next round trains on the accepted slice
+    review.set_threshold(0.0)
+    review.refresh_pseudo_labels(0, wait=True)
+    assert not painted.data[ACCEPT].any()
+    viewer.dims.set_current_step(0, ACCEPT)
+    assert review.accept_slice()
+    np.testing.assert_array_equal(painted.data[ACCEPT], review.pseudo_layer(0).data[ACCEPT])
+    assert review.accepted_slices() == [ACCEPT] and review.accepted_list.count() == 1
+    assert review.undo_accept()
+    assert not painted.data[ACCEPT].any() and review.accepted_list.count() == 0
+    assert review.accept_slice(ACCEPT)
+    assert (0, ACCEPT) not in train.trainer.dataset.labelled
+    train.iterations_spin.setValue(2)
+    finished = []
+    train.event_received.connect(lambda e: finished.append(e) if isinstance(e, Finished) else None)
+    assert train.resume_training()
+    qtbot.waitUntil(lambda: bool(finished) and not train.is_training, timeout=120_000)
+    assert (0, ACCEPT) in train.trainer.dataset.labelled
+
+    # --- suggestions ordered by mean entropy, labelled/validation slices left out
+    qtbot.waitUntil(lambda: bool(suggest.suggestions), timeout=10_000)
+    suggest.update_scores(0, viewer.layers["t1 crop entropy"].data, wait=True)
+    sugs = suggest.suggestions
+    scores = [s.entropy for s in sugs]
+    assert scores == sorted(scores, reverse=True)
+    listed = {s.slice_index for s in sugs}
+    assert listed.isdisjoint({*PAINTED, VALIDATION, ACCEPT})
+    means = slice_means(viewer.layers["t1 crop entropy"].data, 0)
+    assert sugs[0].entropy == pytest.approx(means[sugs[0].slice_index], rel=1e-6)
+    assert suggest.table.rowCount() == len(sugs) and suggest.table.item(0, 0).text() == str(sugs[0].slice_index)
+    assert "log K" in suggest.table.horizontalHeaderItem(1).toolTip()
+    target = sugs[-1].slice_index
+    viewer.dims.set_current_step(0, sugs[0].slice_index if target != sugs[0].slice_index else 0)
+    suggest.table.cellClicked.emit(len(sugs) - 1, 0)
+    assert viewer.dims.current_step[0] == target
+    # the second score, computed by the idle trainer in a worker
+    suggest.request("disagreement", pair_index=0)
+    qtbot.waitUntil(lambda: suggest.suggestions[0].disagreement is not None, timeout=60_000)
+    suggest.order_combo.setCurrentText("disagreement")
+    dis = [s.disagreement for s in suggest.suggestions]
+    assert dis == sorted(dis, reverse=True)
+
+    # --- t-SNE: bounded sample, clicking a point moves the viewer to its slice
+    feature.points_spin.setValue(200)
+    feature.slices_spin.setValue(4)
+    assert feature.compute()
+    qtbot.waitUntil(lambda: not feature.busy, timeout=120_000)
+    n = len(feature.points)
+    assert 0 < n <= 200 and feature.points.shape == (n, 2)
+    pos = feature.data["positions"]
+    feature.canvas.draw()
+    i = int(np.argmax(pos[:, 1] != viewer.dims.current_step[0]))
+    x, y = feature._ax.transData.transform(feature.points[i].astype(float))
+    MouseEvent("button_press_event", feature.canvas, x, y, button=1)._process()
+    j = feature.point_at(x, y)
+    assert pos[j, 1] == pos[i, 1] or np.allclose(feature.points[j], feature.points[i])
+    assert viewer.dims.current_step[0] == pos[j, 1]
+
+    # --- curves: every loss by name and the validation Dice against steps
+    curves.redraw()
+    steps, total = curves.history.series("total")
+    assert len(steps) == 22 and steps[-1] == 22
+    assert {"ce", "dice", "consistency", "total"} <= set(curves.history.names())
+    assert len(curves.history.series(DICE)[0]) >= 2
+    assert len(curves._ax.get_lines()) >= 4 and len(curves._ax_dice.get_lines()) == 1
+
+
+def test_aleatoric_and_affinity_through_the_contract(trained, qtbot):
+    viewer, img, painted, ref, train, docks = trained
+    review, feature = docks["ReviewWidget"], docks["FeaturePlotWidget"]
+    trainer = train.trainer
+    trainer.method = _FakeAleatoric(trainer.config, trainer.model)
+    # on-demand samples of the current slice: a stack with its own slider
+    viewer.dims.set_current_step(0, 9)
+    review.samples_spin.setValue(5)
+    assert review.draw_samples()
+    qtbot.waitUntil(lambda: "t1 crop aleatoric samples" in viewer.layers, timeout=30_000)
+    stack = viewer.layers["t1 crop aleatoric samples"]
+    assert stack.data.shape == (5, 1, *img.data.shape[1:])
+    assert set(np.unique(stack.data)) <= set(trainer.dataset.class_values)
+    dis = viewer.layers["t1 crop aleatoric disagreement"]
+    assert dis.data.shape == (1, *img.data.shape[1:]) and 0 <= dis.data.min() and dis.data.max() <= 1
+    assert dis.data.max() > 0
+    # the Reviewed event's disagreement map replaces it on the reviewed slice
+    arrays = trainer.review_slice(0, 11)
+    train.event_received.emit(Reviewed(trainer.step, 0, 11, arrays))
+    np.testing.assert_allclose(dis.data[0], arrays["aleatoric_disagreement"])
+    assert dis.metadata["slice_index"] == 11
+    # the affinity heat map of review() beside the t-SNE
+    feature.points_spin.setValue(100)
+    assert feature.compute()
+    qtbot.waitUntil(lambda: not feature.busy and feature._affinity_ax is not None, timeout=120_000)
+    assert feature._affinity_ax.get_images()[0].get_array().shape == (6, 6)
