@@ -54,7 +54,10 @@ def choose_review_slices(dataset, max_slices: int, rng: np.random.Generator) -> 
     n_unl = min(len(unl), max_slices // 2 if lab else max_slices)
     n_lab = min(len(lab), max_slices - n_unl)
     n_unl = min(len(unl), max_slices - n_lab)
-    pick = lambda items, n: [items[i] for i in sorted(rng.choice(len(items), size=n, replace=False))] if n else []
+
+    def pick(items, n):
+        return [items[i] for i in sorted(rng.choice(len(items), size=n, replace=False))] if n else []
+
     return pick(lab, n_lab) + pick(unl, n_unl)
 
 
