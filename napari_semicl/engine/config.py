@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from ..errors import ConfigError, check_choice as _check_choice, check_positive as _check_positive
+from ..methods.agcl import AGCLConfig
 from ..methods.arco import ARCOConfig
 from ..methods.mean_teacher import MeanTeacherConfig
 from ..methods.plgcl import PLGCLConfig
@@ -125,6 +126,7 @@ class TrainConfig:
     mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
     arco: ARCOConfig = field(default_factory=ARCOConfig)
     plgcl: PLGCLConfig = field(default_factory=PLGCLConfig)
+    agcl: AGCLConfig = field(default_factory=AGCLConfig)
 
     def validate(self) -> "TrainConfig":
         """Check every value; return self. Raises :class:`ConfigError`."""

@@ -6,6 +6,7 @@ Register a new one with :func:`register_method`; the train dock and the CLI list
 
 from __future__ import annotations
 
+from .agcl import AGCL, AGCLConfig
 from .arco import ARCO, ARCOConfig
 from .base import Method
 from .mean_teacher import MeanTeacher, MeanTeacherConfig, ema_update
@@ -40,8 +41,11 @@ register_method(Supervised)
 register_method(MeanTeacher)
 register_method(ARCO)
 register_method(PLGCL)
+register_method(AGCL)
 
 __all__ = [
+    "AGCL",
+    "AGCLConfig",
     "ARCO",
     "ARCOConfig",
     "MeanTeacher",

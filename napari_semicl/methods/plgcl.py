@@ -32,11 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.augment import strong_augment, weak_augment
-from ..errors import CheckpointError, ConfigError, check_choice, check_positive
+from ..errors import ConfigError, check_choice, check_positive
 from ..models.heads import ProjectionHead
 from .losses import masked_cross_entropy, supervised_loss
 from .base import eval_mode
 from .mean_teacher import MeanTeacher, ema_update
+from .memory_bank import ClassMemoryBank
 from .patch_sampling import (
     IGNORE_INDEX,
     extract_patches,
@@ -260,10 +261,7 @@ class PLGCL(MeanTeacher):
         head = self.add_module("projection", ProjectionHead(in_channels, cfg.embed_dim))
         self.add_module("teacher_projection", self.make_ema_copy(head))
         self.loss_fn = PLGCLLoss(cfg.tau, eps=cfg.eps, zeta=cfg.zeta)
-        q = cfg.queue_size
-        self._queue = torch.zeros(self.n_classes, q, cfg.embed_dim, device=self.device)
-        self._queue_len = torch.zeros(self.n_classes, dtype=torch.long)
-        self._queue_ptr = torch.zeros(self.n_classes, dtype=torch.long)
+        self.bank = ClassMemoryBank(self.n_classes, cfg.queue_size, cfg.embed_dim, self.device, name="PLGCL queue")
         self._last: dict[str, torch.Tensor] = {}
 
     @property
@@ -342,14 +340,14 @@ class PLGCL(MeanTeacher):
                 return s_feat_l.sum() * 0.0
             t_emb = self._embed("teacher", t_view, torch.cat(t_feats), sel.valid)
         s_emb = self._embed("student", torch.cat(s_views), torch.cat(s_feats), sel.valid)
-        q_keys, q_classes = self._queue_contents()
+        q_keys, q_classes = self.bank.contents()
         keys = torch.cat([t_emb, q_keys])
         key_classes = torch.cat([sel.classes, q_classes])
         loss = self.loss_fn(
             s_emb, sel.classes, t_emb[sel.positives], sel.positive_mask, keys, key_classes,
             n_classes=k, lam=self.lambda_at(step),
         )
-        self._enqueue(t_emb, sel.classes, generator)
+        self.bank.push(t_emb, sel.classes, generator)  # FIFO per class
         self._last = {
             "patch_entropy": sel.entropy,
             "embeddings": s_emb.detach(),
@@ -364,56 +362,12 @@ class PLGCL(MeanTeacher):
         super().after_step(step)  # teacher network (Eq. 9-10)
         ema_update(self.modules["teacher_projection"], self.modules["projection"], step, self.mt.ema_alpha)
 
-    # --- the memory queue -------------------------------------------------------------------
-    def _queue_contents(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All stored keys (M, D) and their classes (M,)."""
-        keys, classes = [], []
-        for c in range(self.n_classes):
-            n = int(self._queue_len[c])
-            if n:
-                keys.append(self._queue[c, :n])
-                classes.append(torch.full((n,), c, dtype=torch.long, device=self.device))
-        if not keys:
-            return self._queue.new_zeros(0, self._queue.shape[-1]), torch.zeros(0, dtype=torch.long, device=self.device)
-        return torch.cat(keys), torch.cat(classes)
-
-    @torch.no_grad()
-    def _enqueue(self, keys: torch.Tensor, classes: torch.Tensor, generator: torch.Generator) -> None:
-        """FIFO per class; when a class brings more keys than fit, a random subset is kept."""
-        size = self._queue.shape[1]
-        if size == 0:
-            return
-        for c in range(self.n_classes):
-            new = keys[classes == c]
-            m = new.shape[0]
-            if m == 0:
-                continue
-            if m > size:
-                new = new[torch.randperm(m, generator=generator)[:size].to(new.device)]
-                m = size
-            pos = (int(self._queue_ptr[c]) + torch.arange(m)) % size
-            self._queue[c, pos.to(self.device)] = new.detach()
-            self._queue_ptr[c] = (int(self._queue_ptr[c]) + m) % size
-            self._queue_len[c] = min(int(self._queue_len[c]) + m, size)
-
+    # --- the memory queue (memory_bank.ClassMemoryBank, shared with AGCL) --------------------
     def buffers_state(self) -> dict:
-        return {
-            "queue": self._queue.detach().cpu().clone(),
-            "queue_len": self._queue_len.clone(),
-            "queue_ptr": self._queue_ptr.clone(),
-        }
+        return self.bank.state_dict()
 
     def load_buffers_state(self, state: dict) -> None:
-        queue = state.get("queue")
-        if queue is None or tuple(queue.shape) != tuple(self._queue.shape):
-            got = None if queue is None else tuple(queue.shape)
-            raise CheckpointError(
-                f"the PLGCL queue in the checkpoint has shape {got}, this run needs "
-                f"{tuple(self._queue.shape)} (classes, plgcl.queue_size, plgcl.embed_dim)"
-            )
-        self._queue = queue.to(self.device).clone()
-        self._queue_len = state["queue_len"].clone().long()
-        self._queue_ptr = state["queue_ptr"].clone().long()
+        self.bank.load_state_dict(state, hint="classes, plgcl.queue_size, plgcl.embed_dim")
 
     # --- review ------------------------------------------------------------------------------
     def review(self) -> dict[str, np.ndarray]:
