@@ -7,6 +7,7 @@ Register a new one with :func:`register_method`; the train dock and the CLI list
 from __future__ import annotations
 
 from .arco import ARCO, ARCOConfig
+from .aua import AUA, AUAConfig
 from .base import Method
 from .mean_teacher import MeanTeacher, MeanTeacherConfig, ema_update
 from .plgcl import PLGCL, PLGCLConfig
@@ -40,10 +41,13 @@ register_method(Supervised)
 register_method(MeanTeacher)
 register_method(ARCO)
 register_method(PLGCL)
+register_method(AUA)
 
 __all__ = [
     "ARCO",
     "ARCOConfig",
+    "AUA",
+    "AUAConfig",
     "MeanTeacher",
     "MeanTeacherConfig",
     "Method",
