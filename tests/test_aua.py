@@ -306,7 +306,9 @@ def test_both_stages_run_on_a_real_slice_and_lower_the_loss(brain):
     stage1, stage2 = h[:24], h[24:]
     assert all({"ce", "dice", "bcl", "ged"} <= set(r) for r in stage1)
     assert all({"ce", "dice", "pcl"} <= set(r) and "ged" not in r for r in stage2)
-    sup = lambda rows: [r["ce"] + r["dice"] for r in rows]  # noqa: E731
+    def sup(rows):
+        return [r["ce"] + r["dice"] for r in rows]
+
     assert np.mean(sup(stage1[-6:])) < 0.8 * np.mean(sup(stage1[:6]))
     # stage 2 restarts from fresh weights: its loss starts high again and falls
     assert np.mean(sup(stage2[:3])) > np.mean(sup(stage1[-6:]))
