@@ -239,7 +239,8 @@ def cmd_bench(args) -> int:
     elif args.bench == "cohort":
         data = label_efficiency.cohort(args.train, args.test, labelled=args.labelled, methods=methods,
                                        budget_s=args.budget_s, seed=args.seed, out=args.out, device=device,
-                                       limit_test=args.limit_test, budget_steps=args.budget_steps)
+                                       limit_test=args.limit_test, budget_steps=args.budget_steps,
+                                       labelled_names=args.labelled_names.split(",") if args.labelled_names else None)
     elif args.bench == "ui":
         import subprocess
 
@@ -316,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = bsub.add_parser("cohort", help="N fully labelled training volumes, the rest unlabelled")
     c.add_argument("--train", required=True)
     c.add_argument("--test", required=True)
-    c.add_argument("--labelled", type=int, required=True)
+    c.add_argument("--labelled", type=int, required=True,
+                   help="how many training volumes are fully labelled (evenly spaced through the sorted list)")
+    c.add_argument("--labelled-names", help="comma-separated names of the labelled volumes (instead of evenly spaced)")
     c.add_argument("--limit-test", type=int, help="only the first N test volumes")
     for q in (w, c):
         q.add_argument("--methods", required=True, help="comma-separated: registered methods, rf, full")

@@ -15,7 +15,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
-import yaml
 
 from napari_semicl.io import (
     ImageData,

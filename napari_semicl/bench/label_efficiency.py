@@ -120,26 +120,45 @@ def within_volume(data_dir, *, k: int, methods, budget_s: float | None, seed: in
     return results.data
 
 
+def choose_labelled(names: list[str], labelled: int, chosen: list[str] | None = None) -> list[int]:
+    """Indices (into the sorted ``names``) of the fully labelled training volumes.
+
+    ``chosen`` names them explicitly; otherwise ``labelled`` volumes evenly spaced through the
+    sorted list (index ``round(i * n / labelled)``), so that consecutive volumes of one subject
+    (e.g. ACDC's two frames of a patient) are not all the labelled set.
+    """
+    n = len(names)
+    if chosen:
+        missing = [c for c in chosen if c not in names]
+        if missing:
+            raise DataError(f"--labelled-names: no training volume named {missing}; the volumes are {names}")
+        return sorted(names.index(c) for c in dict.fromkeys(chosen))
+    if labelled < 1 or labelled > n:
+        raise DataError(f"--labelled must be in 1..{n}, got {labelled}")
+    return sorted({min(n - 1, round(i * n / labelled)) for i in range(labelled)})
+
+
 def cohort(train_dir, test_dir, *, labelled: int, methods, budget_s: float | None, seed: int = 0, out,
-           device=None, patch_size: int = 128, limit_test=None, budget_steps: int | None = None) -> dict:
-    """``labelled`` fully labelled training volumes, the others unlabelled; score every test volume."""
+           device=None, patch_size: int = 128, limit_test=None, budget_steps: int | None = None,
+           labelled_names: list[str] | None = None) -> dict:
+    """``labelled`` fully labelled training volumes (:func:`choose_labelled`), the others
+    unlabelled; score every test volume."""
     methods = check_methods(methods)
     device = device or pick_device()
     train = find_cases(train_dir)
     test = find_cases(test_dir, limit=limit_test)
-    if labelled < 1 or labelled > len(train):
-        raise DataError(f"--labelled must be in 1..{len(train)}, got {labelled}")
+    chosen = set(choose_labelled([c.name for c in train], labelled, labelled_names))
     axis = thinnest_axis(train[0].reference.data.shape)
-    results = ResultsFile(out, {"protocol": "cohort", "labelled": labelled, "budget_s": budget_s, "budget_steps": budget_steps, "seed": seed,
+    results = ResultsFile(out, {"protocol": "cohort", "labelled": len(chosen), "budget_s": budget_s, "budget_steps": budget_steps, "seed": seed,
                                 "device": describe_device(device), "train": str(train_dir), "test": str(test_dir),
-                                "labelled_volumes": [c.name for c in train[:labelled]]})
+                                "labelled_volumes": [train[i].name for i in sorted(chosen)]})
     for method in methods:
         if method == "rf":
             log.warning("rf is a within-volume baseline; skipped in the cohort protocol")
             continue
         pairs = []
         for i, case in enumerate(train):
-            fully = method == "full" or i < labelled
+            fully = method == "full" or i in chosen
             pairs.append(AnnotatedPair(case.image.data, case.reference.data if fully else None, name=case.name))
         name, overrides = split_spec(method)
         cfg = bench_config("supervised" if name == "full" else name, budget_s, seed, axis, patch_size=patch_size,
