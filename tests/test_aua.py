@@ -404,8 +404,15 @@ def test_review_slice_samples_in_windows_and_leaves_training_state_alone(stage2)
     coords = out["pixel_coords"]
     assert n > 0 and coords[:, 0].max() < 45 and coords[:, 1].max() < 61
     np.testing.assert_allclose(np.linalg.norm(out["embeddings"], axis=1), 1, rtol=1e-5)
-    # on-demand sampling: same shapes, reproducible
-    again = method.sample_aleatoric(x, 4, valid_shape=(45, 61))
+    # on-demand sampling: same shapes, reproducible, and the network only ever sees windows
+    net = method.pseudo_labeller if stage2 else method.teacher
+    seen = []
+    hook = net.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape[-2:])))
+    try:
+        again = method.sample_aleatoric(x, 4, valid_shape=(45, 61))
+    finally:
+        hook.remove()
+    assert seen and max(max(s) for s in seen) <= 16 and len(seen) == 3 * 4  # 48 x 64 in 16 x 16 windows
     assert again.shape == (4, 45, 61)
     np.testing.assert_array_equal(again, method.sample_aleatoric(x, 4, valid_shape=(45, 61)))
 
