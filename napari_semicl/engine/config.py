@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 from ..errors import ConfigError, check_choice as _check_choice, check_positive as _check_positive
 from ..methods.agcl import AGCLConfig
 from ..methods.arco import ARCOConfig
+from ..methods.aua import AUAConfig
 from ..methods.mean_teacher import MeanTeacherConfig
 from ..methods.plgcl import PLGCLConfig
 
@@ -127,6 +128,7 @@ class TrainConfig:
     arco: ARCOConfig = field(default_factory=ARCOConfig)
     plgcl: PLGCLConfig = field(default_factory=PLGCLConfig)
     agcl: AGCLConfig = field(default_factory=AGCLConfig)
+    aua: AUAConfig = field(default_factory=AUAConfig)
 
     def validate(self) -> "TrainConfig":
         """Check every value; return self. Raises :class:`ConfigError`."""

@@ -195,6 +195,12 @@ class Trainer:
 
     def train_step(self, fraction: float = 0.0) -> dict[str, float]:
         """One optimisation step; returns the losses by name (and 'total')."""
+        change = self.method.before_step(self.step)
+        if change is not None:
+            if change.reset_optimizer:
+                self.optimizer.state.clear()
+            log.info("step %d: %s", self.step, change.message)
+            self._notices.append(Notice("info", change.message))
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(fraction)
         self.model.train()
@@ -315,6 +321,8 @@ class Trainer:
                 if self._stop.is_set():  # asked while those events were handled
                     break
                 losses = self.train_step(lr_fraction)
+                while self._notices:  # e.g. a method's stage change in that step
+                    yield from self._emit(self._notices.pop(0))
                 self.last_losses = losses
                 self.history.append({"step": self.step, **losses})
                 elapsed = time.monotonic() - t0

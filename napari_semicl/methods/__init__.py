@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .agcl import AGCL, AGCLConfig
 from .arco import ARCO, ARCOConfig
+from .aua import AUA, AUAConfig
 from .base import Method
 from .mean_teacher import MeanTeacher, MeanTeacherConfig, ema_update
 from .plgcl import PLGCL, PLGCLConfig
@@ -42,12 +43,15 @@ register_method(MeanTeacher)
 register_method(ARCO)
 register_method(PLGCL)
 register_method(AGCL)
+register_method(AUA)
 
 __all__ = [
     "AGCL",
     "AGCLConfig",
     "ARCO",
     "ARCOConfig",
+    "AUA",
+    "AUAConfig",
     "MeanTeacher",
     "MeanTeacherConfig",
     "Method",

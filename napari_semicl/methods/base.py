@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -32,6 +33,19 @@ def eval_mode(*modules: nn.Module | None) -> Iterator[None]:
         for pairs in states:
             for sub, training in pairs:
                 sub.train(training)
+
+
+@dataclass(frozen=True)
+class StageChange:
+    """What a method asks of the training loop before a step (:meth:`Method.before_step`).
+
+    message : said to the user (a :class:`~napari_semicl.engine.events.Notice`).
+    reset_optimizer : drop the optimiser's state (moments), e.g. after the method
+    re-initialised the network's weights.
+    """
+
+    message: str
+    reset_optimizer: bool = False
 
 
 class Method:
@@ -82,6 +96,15 @@ class Method:
         """Weighted losses by name for one step (their sum is optimised)."""
         raise NotImplementedError
 
+    def before_step(self, step: int) -> StageChange | None:
+        """Called by the loop before each step; a method with stages switches here.
+
+        The method may change its own modules and the student's weights in place (the
+        optimiser keeps the same parameters); it returns a :class:`StageChange` when the
+        loop must tell the user or reset the optimiser, else None.
+        """
+        return None
+
     def after_step(self, step: int) -> None:
         """Called after the optimiser step (e.g. the EMA update of a teacher)."""
 
@@ -118,6 +141,15 @@ class Method:
             baselines, which sample nothing.
         """
         return {}
+
+    def sample_aleatoric(
+        self, x: torch.Tensor, n_samples: int, valid_shape: tuple[int, int] | None = None
+    ) -> np.ndarray | None:
+        """(S, h, w) int64 class indices sampled from an aleatoric head, or None (no head).
+
+        Same calling convention as :meth:`review_slice`; only AUA has such a head.
+        """
+        return None
 
     # --- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:

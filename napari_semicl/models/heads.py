@@ -11,18 +11,26 @@ class ProjectionHead(nn.Module):
     """Per-pixel MLP (1x1 convolutions) to ``out_dim`` channels, L2-normalised over channels.
 
     Input (B, C, H, W) features; output (B, out_dim, H, W) unit vectors (``normalise=True``).
-    Use :meth:`project_vectors` for already pooled (N, C) features.
+    Use :meth:`project_vectors` for already pooled (N, C) features. ``n_layers`` counts the
+    convolutions (each but the last followed by batch norm and ReLU); 2 by default, 3 for
+    the BCL/PCL head of AUA.
     """
 
-    def __init__(self, in_channels: int, out_dim: int = 128, hidden: int | None = None, *, normalise: bool = True) -> None:
+    def __init__(
+        self, in_channels: int, out_dim: int = 128, hidden: int | None = None, *, normalise: bool = True,
+        n_layers: int = 2,
+    ) -> None:
         super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
         hidden = hidden or max(in_channels, out_dim)
-        self.net = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 1),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, out_dim, 1),
-        )
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for _ in range(n_layers - 1):
+            layers += [nn.Conv2d(c_in, hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)]
+            c_in = hidden
+        layers.append(nn.Conv2d(c_in, out_dim, 1))
+        self.net = nn.Sequential(*layers)
         self.normalise = normalise
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -33,3 +41,36 @@ class ProjectionHead(nn.Module):
         """(N, C) -> (N, out_dim), through the same layers (as 1x1 'images')."""
         z = self.net(vectors[:, :, None, None])[:, :, 0, 0]
         return F.normalize(z, dim=1) if self.normalise else z
+
+
+class AleatoricHead(nn.Module):
+    """The covariance branches of a low-rank Gaussian over logits (AUA, Eq. 5).
+
+    Two 1x1 convolutions on the last decoder features (B, C, H, W): the log of the diagonal
+    ``log_d`` (B, K, H, W) and the low-rank factor ``factor`` (B, K, rank, H, W). The mean
+    of the Gaussian is the segmentation network's own 1x1 output convolution, so the plain
+    network keeps predicting ``mu`` (:mod:`napari_semicl.methods.aua` builds the
+    distribution).
+
+    Parameters
+    ----------
+    in_channels : int
+        Channels of the decoder features.
+    n_classes : int
+        K, logits per pixel.
+    rank : int
+        r, columns of the factor.
+    """
+
+    def __init__(self, in_channels: int, n_classes: int, rank: int = 8) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self.n_classes, self.rank = int(n_classes), int(rank)
+        self.log_diagonal = nn.Conv2d(in_channels, n_classes, 1)
+        self.factor = nn.Conv2d(in_channels, n_classes * rank, 1)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, _, h, w = features.shape
+        factor = self.factor(features).view(b, self.n_classes, self.rank, h, w)
+        return self.log_diagonal(features), factor
