@@ -280,3 +280,23 @@ def test_embeddings_go_through_the_teacher_projection_head(brain):
         _, feat = teacher(torch.nn.functional.pad(x, pad), return_features=True)
         expected = head.project_vectors(feat[0, :, r, c][None])[0].numpy()
     np.testing.assert_allclose(out["embeddings"][0], expected, atol=1e-5)
+
+
+def test_real_methods_feed_the_review_analyses(brain):
+    """The contract between the method issues and the review docks, with the real methods:
+    AUA's aleatoric head answers the 'aleatoric' analysis, AGCL's last step gives the
+    affinity heat map through 'method_review'."""
+    aua = _trainer(brain, method="aua", iterations=2)
+    run_sync(aua.run(previews=False), lambda e: None)
+    out = aua.analyse("aleatoric", pair_index=0, slice_index=3, n_samples=4).arrays
+    h, w = brain[0].shape[1:]
+    assert out["aleatoric_samples"].shape == (4, h, w)
+    assert out["aleatoric_samples"].min() >= 0 and out["aleatoric_samples"].max() < len(out["class_values"])
+
+    agcl = _trainer(brain, method="agcl", iterations=3)
+    agcl.config.agcl.warmup_steps = 0
+    run_sync(agcl.run(previews=False), lambda e: None)
+    review = agcl.analyse("method_review").arrays
+    n = len(review["embeddings"])
+    assert n >= 2 and review["affinity"].shape == (n, n)
+    assert np.all(review["affinity"] >= 0) and np.all(review["affinity"] <= 1 + 1e-6)
