@@ -36,6 +36,7 @@ from .engine import (
     predict_volume,
 )
 from .engine.config import UNPAINTED_CHOICES
+from .engine.trainer import CHECKPOINT_NAME
 from .errors import SemiclError
 from .io import ImageData, read_image, read_labels, write_image, write_labels
 from .methods import available_methods
@@ -138,7 +139,13 @@ def cmd_train(args) -> int:
     cfg = _build_config(args)
     out.mkdir(parents=True, exist_ok=True)
     if args.resume:
-        trainer = Trainer.from_checkpoint(args.resume, pairs, device=pick_device(args.device), out_dir=out)
+        resume = Path(args.resume)
+        if resume.is_dir():  # a run folder: its last (autosaved) checkpoint
+            resume = resume / CHECKPOINT_NAME
+        trainer = Trainer.from_checkpoint(resume, pairs, device=pick_device(args.device), out_dir=out)
+        if args.iterations is not None or args.minutes is not None:  # the budget flags still apply
+            trainer.config.iterations, trainer.config.minutes = cfg.iterations, cfg.minutes
+            trainer.config.budget = cfg.budget
     else:
         trainer = Trainer(cfg, pairs, device=pick_device(args.device), out_dir=out)
     log.info("training %s on %s: %s", trainer.config.method, trainer.device, trainer.dataset.summary())
@@ -281,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sampler", choices=["ns", "sg", "sag", "index"],
                    help="ARCO pixel sampler (method arco; default sag, or the --config's)")
     t.add_argument("--config", help="a config.json to start from (flags override it)")
-    t.add_argument("--resume", help="a checkpoint to continue training from")
+    t.add_argument("--resume", help="a checkpoint, or a run folder (its last checkpoint), to continue training from")
     t.add_argument("--out", required=True, help="output folder")
     t.set_defaults(func=cmd_train)
 
