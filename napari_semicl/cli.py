@@ -38,7 +38,14 @@ from .engine import (
 from .engine.config import UNPAINTED_CHOICES
 from .engine.trainer import CHECKPOINT_NAME
 from .errors import SemiclError
-from .io import ImageData, read_image, read_labels, write_image, write_labels
+from .io import (
+    ImageData,
+    atomic_path,
+    read_image,
+    read_labels,
+    write_image,
+    write_labels,
+)
 from .methods import available_methods
 
 log = logging.getLogger("napari_semicl")
@@ -125,6 +132,11 @@ def _final_metrics(trainer: Trainer, finished: Finished) -> dict:
     }
 
 
+def _write_json_atomic(path: Path, data: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
 # --- subcommands -----------------------------------------------------------------------------
 def cmd_train(args) -> int:
     out = Path(args.out)
@@ -158,7 +170,7 @@ def cmd_train(args) -> int:
         path = write_labels(out / f"{name}{_mask_suffix(img)}", pred.labels, metadata=img.metadata, overwrite=True)
         log.info("prediction written to %s", path)
     metrics = _final_metrics(trainer, finished)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    _write_json_atomic(out / "metrics.json", metrics)
     print(json.dumps({"out": str(out), "checkpoint": finished.checkpoint, **metrics}, indent=2))
     return 0 if finished.reason in ("budget", "stopped") else 1
 
@@ -219,7 +231,7 @@ def cmd_demo(args) -> int:
     keep[slices] = False
     scores = evaluate_segmentation(np.compress(keep, pred.labels, axis), np.compress(keep, reference.data, axis))
     metrics = {**_final_metrics(trainer, finished), "revealed_slices": slices, "unrevealed_scores": scores}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    _write_json_atomic(out / "metrics.json", metrics)
     print(f"Dice on the {int(keep.sum())} unrevealed slices: {scores['mean'].get('dice', float('nan')):.3f}")
     print(f"painted slices: {paths['painted']}")
     print(f"checkpoint: {finished.checkpoint}")

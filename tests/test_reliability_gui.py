@@ -15,14 +15,18 @@ pytestmark = pytest.mark.gui
 
 napari = pytest.importorskip("napari")
 
-import torch  # noqa: E402
+import torch
+from test_reliability import (
+    blobs_volume,
+    malicious_checkpoint,
+    small_config,
+    write_nifti,
+)
 
-from napari_semicl.data import AnnotatedPair  # noqa: E402
-from napari_semicl.engine import Trainer, load_checkpoint, run_sync, save_checkpoint  # noqa: E402
-from napari_semicl.engine.autosave import load_annotations  # noqa: E402
-from napari_semicl.widgets.train_widget import TrainWidget  # noqa: E402
-
-from test_reliability import blobs_volume, malicious_checkpoint, small_config, write_nifti  # noqa: E402
+from napari_semicl.data import AnnotatedPair
+from napari_semicl.engine import Trainer, load_checkpoint, run_sync, save_checkpoint
+from napari_semicl.engine.autosave import load_annotations
+from napari_semicl.widgets.train_widget import TrainWidget
 
 CPU = torch.device("cpu")
 

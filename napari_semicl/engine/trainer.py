@@ -31,6 +31,7 @@ import torch
 from ..data.annotation import decode_classes
 from ..data.dataset import SliceDataset
 from ..errors import CheckpointError, DataError, SemiclError
+from ..io import atomic_path
 from ..methods import get_method
 from ..models import build_model
 from .autosave import save_annotations
@@ -453,7 +454,8 @@ class Trainer:
                 raise ValueError("no out_dir given: pass a path")
             path = self.out_dir / CHECKPOINT_NAME
         path = save_checkpoint(path, self.state())
-        self.config.to_json(path.parent / "config.json")
+        with atomic_path(path.parent / "config.json") as tmp:  # never a half-written config beside it
+            self.config.to_json(tmp)
         return path
 
 
