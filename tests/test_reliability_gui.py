@@ -123,6 +123,11 @@ def case_labels_shape(viewer):
     return [pair], reshape
 
 
+def case_only_labels_of_another_shape(viewer):
+    image, labels = blobs_volume()
+    return [add_pair(viewer, image, labels[:, :20])]
+
+
 def case_extra_values(viewer):
     image, labels = blobs_volume()
     return [add_pair(viewer, image, _extra_value(labels))]
@@ -155,6 +160,7 @@ GUI_CASES = {
     "RGB on a grey checkpoint": (case_rgb_on_grey_checkpoint, "good", "trained on grey (1 channel) images"),
     "all NaN intensities": (case_all_nan, "train", "no finite value"),
     "labels of another shape": (case_labels_shape, "train", "shape"),
+    "only labels of another shape": (case_only_labels_of_another_shape, "train", "has shape (6, 20, 40)"),
     "label values beyond the class table": (case_extra_values, "good", "[7]"),
     "no labelled slice": (case_no_labelled_slice, "train", "no labelled slice"),
     "only one class painted": (case_one_class, "train", "only one class"),

@@ -78,7 +78,10 @@ class Trainer:
     device : torch.device, optional
         Defaults to :func:`~napari_semicl.engine.device.pick_device`.
     out_dir : path, optional
-        Where ``checkpoint.pt`` and ``config.json`` go (on stop, finish and autosave).
+        Where ``checkpoint.pt`` and ``config.json`` go (on stop, finish and every
+        ``checkpoint_minutes``), and the annotations the run uses (``annotations/``, see
+        :mod:`~napari_semicl.engine.autosave`; at the start, with each autosave when they
+        changed, and at the end).
     num_threads : int, optional
         CPU threads for torch while :meth:`run` trains (process-wide); ``None`` keeps
         torch's setting. Behind a GUI use :func:`~napari_semicl.engine.device.gui_thread_count`.

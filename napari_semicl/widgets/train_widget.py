@@ -223,6 +223,16 @@ class TrainWidget(QWidget):
         pairs = self.pairs()
         if not pairs:
             raise DataError("no image layer chosen: open an image (File > Open) and pick it in the Train dock")
+        if all(labels is None for _, labels in pairs):
+            # the combos offer only labels of the image's shape: say why a painted layer is missing
+            image = pairs[0][0]
+            shape = _layers.spatial_shape(image)
+            others = [lab for lab in _layers.input_labels(self.viewer.layers) if tuple(lab.data.shape) != shape]
+            if others and len(others) == len(_layers.input_labels(self.viewer.layers)):
+                raise DataError(
+                    f"labels layer '{others[0].name}' has shape {tuple(others[0].data.shape)} but image "
+                    f"'{image.name}' has spatial shape {shape}: use 'New labels layer for image' to create a matching one"
+                )
         return [
             _layers.snapshot_pair(image, labels, validation_slices=self._validation_of(image))
             for image, labels in pairs
