@@ -36,8 +36,16 @@ from .engine import (
     predict_volume,
 )
 from .engine.config import UNPAINTED_CHOICES
+from .engine.trainer import CHECKPOINT_NAME
 from .errors import SemiclError
-from .io import ImageData, read_image, read_labels, write_image, write_labels
+from .io import (
+    ImageData,
+    atomic_path,
+    read_image,
+    read_labels,
+    write_image,
+    write_labels,
+)
 from .methods import available_methods
 
 log = logging.getLogger("napari_semicl")
@@ -124,6 +132,11 @@ def _final_metrics(trainer: Trainer, finished: Finished) -> dict:
     }
 
 
+def _write_json_atomic(path: Path, data: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
 # --- subcommands -----------------------------------------------------------------------------
 def cmd_train(args) -> int:
     out = Path(args.out)
@@ -138,7 +151,13 @@ def cmd_train(args) -> int:
     cfg = _build_config(args)
     out.mkdir(parents=True, exist_ok=True)
     if args.resume:
-        trainer = Trainer.from_checkpoint(args.resume, pairs, device=pick_device(args.device), out_dir=out)
+        resume = Path(args.resume)
+        if resume.is_dir():  # a run folder: its last (autosaved) checkpoint
+            resume = resume / CHECKPOINT_NAME
+        trainer = Trainer.from_checkpoint(resume, pairs, device=pick_device(args.device), out_dir=out)
+        if args.iterations is not None or args.minutes is not None:  # the budget flags still apply
+            trainer.config.iterations, trainer.config.minutes = cfg.iterations, cfg.minutes
+            trainer.config.budget = cfg.budget
     else:
         trainer = Trainer(cfg, pairs, device=pick_device(args.device), out_dir=out)
     log.info("training %s on %s: %s", trainer.config.method, trainer.device, trainer.dataset.summary())
@@ -151,7 +170,7 @@ def cmd_train(args) -> int:
         path = write_labels(out / f"{name}{_mask_suffix(img)}", pred.labels, metadata=img.metadata, overwrite=True)
         log.info("prediction written to %s", path)
     metrics = _final_metrics(trainer, finished)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    _write_json_atomic(out / "metrics.json", metrics)
     print(json.dumps({"out": str(out), "checkpoint": finished.checkpoint, **metrics}, indent=2))
     return 0 if finished.reason in ("budget", "stopped") else 1
 
@@ -219,7 +238,7 @@ def cmd_demo(args) -> int:
     keep[slices] = False
     scores = evaluate_segmentation(np.compress(keep, pred.labels, axis), np.compress(keep, reference.data, axis))
     metrics = {**_final_metrics(trainer, finished), "revealed_slices": slices, "unrevealed_scores": scores}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    _write_json_atomic(out / "metrics.json", metrics)
     print(f"Dice on the {int(keep.sum())} unrevealed slices: {scores['mean'].get('dice', float('nan')):.3f}")
     print(f"painted slices: {paths['painted']}")
     print(f"checkpoint: {finished.checkpoint}")
@@ -291,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sampler", choices=["ns", "sg", "sag", "index"],
                    help="ARCO pixel sampler (method arco; default sag, or the --config's)")
     t.add_argument("--config", help="a config.json to start from (flags override it)")
-    t.add_argument("--resume", help="a checkpoint to continue training from")
+    t.add_argument("--resume", help="a checkpoint, or a run folder (its last checkpoint), to continue training from")
     t.add_argument("--out", required=True, help="output folder")
     t.set_defaults(func=cmd_train)
 

@@ -124,9 +124,15 @@ class SliceDataset:
         self.unlabelled: list[tuple[int, int]] = []
         self.validation: list[tuple[int, int]] = []
         self.unknown_values: set[int] = set()
+        #: pair index -> count of NaN/Inf voxels (replaced by the image minimum) where any
+        self.non_finite: dict[int, int] = {}
         channels = set()
         for p_idx, pair in enumerate(pairs):
             pair.check()
+            if np.issubdtype(np.asarray(pair.image).dtype, np.inexact):
+                n_bad = int(np.size(pair.image) - np.count_nonzero(np.isfinite(pair.image)))
+                if n_bad:
+                    self.non_finite[p_idx] = n_bad
             img = to_slices(normalise_image(pair.image, data_config.normalise, rgb=pair.rgb), data_config.axis, rgb=pair.rgb)
             channels.add(img.shape[1])
             self.images.append(img)

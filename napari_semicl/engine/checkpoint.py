@@ -51,12 +51,29 @@ def load_checkpoint(path: str | Path, *, map_location="cpu") -> dict:
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        detail = _unpickler_detail(str(exc))
+        what = ("it holds objects other than plain tensors and values" if "Unsupported global" in detail
+                else "it is corrupt or holds objects other than plain tensors and values")
         raise CheckpointError(
-            f"refusing to load {path}: it holds objects other than plain tensors and values "
-            f"(a checkpoint must never carry code). Detail: {str(exc).splitlines()[0]}"
+            f"refusing to load {path}: {what} (a checkpoint must never carry code). Detail: {detail}"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a PyTorch file ({exc})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a PyTorch file ({reason})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a napari-semicl checkpoint (expected format {FORMAT!r})")
     return data
+
+
+def _unpickler_detail(message: str) -> str:
+    """The one informative line of torch's weights-only refusal (e.g. 'Unsupported global:
+    GLOBAL builtins.exec ...'), else the message's first line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+            if rest:
+                return rest.split(". Please use", 1)[0]
+            if i + 1 < len(lines):
+                return lines[i + 1]
+    return lines[0] if lines else "unknown"

@@ -1,13 +1,17 @@
 """Whole-volume inference: slices in batches, each slice by MONAI's sliding window.
 
 Memory stays bounded by one batch of slices: only the label map (and, on request, the
-normalised entropy map) of the whole volume is kept.
+normalised entropy map) of the whole volume is kept. When the device runs out of memory,
+prediction goes on with fewer slices per batch, then smaller windows (tiles), and says so
+(:attr:`Prediction.notes`, a log warning); only when one slice in the smallest window
+does not fit does it raise :class:`~napari_semicl.errors.DataError`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -15,6 +19,9 @@ from monai.inferers import sliding_window_inference
 
 from ..data.annotation import decode_classes
 from ..data.dataset import normalise_image, to_slices
+from ..errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -24,6 +31,22 @@ class Prediction:
 
     labels: np.ndarray
     entropy: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the device (CUDA, MPS or CPU allocator) ran out of memory."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _in_channels(model: torch.nn.Module) -> int | None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            return int(module.in_channels)
+    return None
 
 
 def _window(size: int, multiple: int, max_window: int) -> int:
@@ -40,31 +63,72 @@ def predict_slices(
     max_window: int = 512,
     overlap: float = 0.25,
     with_entropy: bool = False,
+    notes: list | None = None,
 ):
     """Class indices (S, H, W) int64 and optional normalised entropy of (S, C, H, W) slices.
 
     Each slice is covered by windows of the slice size rounded up to the network's size
     multiple (capped at ``max_window``), blended with Gaussian weights where they overlap.
+    Out of memory, the batch is halved down to one slice, then the window down to the
+    network's size multiple; each fallback is logged and appended to ``notes`` (a list).
+
+    Raises
+    ------
+    DataError
+        The slices' channels differ from the network's (RGB where grey is expected, or the
+        reverse), or one slice does not fit in memory even in the smallest window.
     """
+    s, c, h, w = slices.shape
+    expected = _in_channels(model)
+    if expected is not None and c != expected:
+        kind = {1: "grey (1 channel)", 3: "RGB (3 channels)"}
+        raise DataError(
+            f"the network was trained on {kind.get(expected, f'{expected}-channel')} images but this "
+            f"image is {kind.get(c, f'{c}-channel')}: predict images like the ones it was trained on"
+        )
     was_training = model.training
     model.eval()
     multiple = getattr(model, "multiple", 16)
-    s, _, h, w = slices.shape
-    roi = (_window(h, multiple, max_window), _window(w, multiple, max_window))
+    max_window = max(multiple, max_window // multiple * multiple)
     labels = np.empty((s, h, w), dtype=np.int64)
     entropy = np.empty((s, h, w), dtype=np.float32) if with_entropy else None
+    start = 0
     try:
-        for start in range(0, s, batch_size):
-            x = torch.from_numpy(slices[start:start + batch_size]).to(device)
-            logits = sliding_window_inference(
-                x, roi, sw_batch_size=batch_size, predictor=model, overlap=overlap, mode="gaussian"
-            )
-            probs = logits.float().softmax(dim=1)
-            labels[start:start + batch_size] = probs.argmax(dim=1).cpu().numpy()
-            if with_entropy:
-                k = probs.shape[1]
-                ent = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1) / math.log(k)
-                entropy[start:start + batch_size] = ent.clamp(0, 1).cpu().numpy()
+        while start < s:
+            roi = (_window(h, multiple, max_window), _window(w, multiple, max_window))
+            try:
+                x = torch.from_numpy(slices[start:start + batch_size]).to(device)
+                logits = sliding_window_inference(
+                    x, roi, sw_batch_size=batch_size, predictor=model, overlap=overlap, mode="gaussian"
+                )
+                probs = logits.float().softmax(dim=1)
+                labels[start:start + batch_size] = probs.argmax(dim=1).cpu().numpy()
+                if with_entropy:
+                    k = probs.shape[1]
+                    ent = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1) / math.log(k)
+                    entropy[start:start + batch_size] = ent.clamp(0, 1).cpu().numpy()
+            except (RuntimeError, MemoryError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                x = logits = probs = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if batch_size > 1:
+                    batch_size //= 2
+                    note = f"out of memory on {device.type}: predicting {batch_size} slice(s) at a time"
+                elif max(roi) > multiple:
+                    max_window = max(multiple, max(roi) // 2 // multiple * multiple)
+                    note = f"out of memory on {device.type}: predicting in {max_window}-pixel tiles"
+                else:
+                    raise DataError(
+                        f"out of memory on {device.type} even for one slice in {max(roi)}-pixel tiles: "
+                        "free memory (close other programs) or predict on the CPU"
+                    ) from None
+                log.warning(note)
+                if notes is not None:
+                    notes.append(note)
+                continue
+            start += batch_size
     finally:
         model.train(was_training)
     return labels, entropy
@@ -95,11 +159,13 @@ def predict_volume(
     """
     norm = normalise_image(image, normalise, rgb=rgb)
     slices = to_slices(norm, axis, rgb=rgb)
-    idx, ent = predict_slices(model, slices, device=device, batch_size=batch_size, with_entropy=with_entropy)
+    notes: list[str] = []
+    idx, ent = predict_slices(model, slices, device=device, batch_size=batch_size, with_entropy=with_entropy,
+                              notes=notes)
     spatial = image.ndim - (1 if rgb else 0)
     labels = decode_classes(idx, class_values)
     if spatial == 2:
-        return Prediction(labels[0], None if ent is None else ent[0])
+        return Prediction(labels[0], None if ent is None else ent[0], notes)
     labels = np.moveaxis(labels, 0, axis)
     ent = None if ent is None else np.moveaxis(ent, 0, axis)
-    return Prediction(np.ascontiguousarray(labels), None if ent is None else np.ascontiguousarray(ent))
+    return Prediction(np.ascontiguousarray(labels), None if ent is None else np.ascontiguousarray(ent), notes)

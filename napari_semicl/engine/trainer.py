@@ -30,9 +30,11 @@ import torch
 
 from ..data.annotation import decode_classes
 from ..data.dataset import SliceDataset
-from ..errors import CheckpointError, SemiclError
+from ..errors import CheckpointError, DataError, SemiclError
+from ..io import atomic_path
 from ..methods import get_method
 from ..models import build_model
+from .autosave import save_annotations
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .device import describe_device, pick_device, set_threads
@@ -51,7 +53,7 @@ from .events import (
     Stop,
     UpdateData,
 )
-from .inference import Prediction, predict_slices, predict_volume
+from .inference import Prediction, is_out_of_memory, predict_slices, predict_volume
 from .metrics import dice_per_class
 from .review import run_analysis
 
@@ -78,7 +80,10 @@ class Trainer:
     device : torch.device, optional
         Defaults to :func:`~napari_semicl.engine.device.pick_device`.
     out_dir : path, optional
-        Where ``checkpoint.pt`` and ``config.json`` go (on stop, finish and autosave).
+        Where ``checkpoint.pt`` and ``config.json`` go (on stop, finish and every
+        ``checkpoint_minutes``), and the annotations the run uses (``annotations/``, see
+        :mod:`~napari_semicl.engine.autosave`; at the start, with each autosave when they
+        changed, and at the end).
     num_threads : int, optional
         CPU threads for torch while :meth:`run` trains (process-wide); ``None`` keeps
         torch's setting. Behind a GUI use :func:`~napari_semicl.engine.device.gui_thread_count`.
@@ -96,6 +101,12 @@ class Trainer:
         self._rng = np.random.default_rng(self.config.seed)
         self.pairs = list(pairs)
         self.dataset = SliceDataset(self.pairs, self.config.data)
+        if self.dataset.unknown_values:
+            raise DataError(
+                f"label values {sorted(self.dataset.unknown_values)} are painted but are not in the class "
+                f"table {self.dataset.class_values} this network is set up for (data.class_values): erase "
+                "them, or train a new network (not a resume) to learn them"
+            )
         self.config.model.in_channels = self.dataset.in_channels
         self.config.model.n_classes = self.dataset.n_classes
         self.model = build_model(self.config.model).to(self.device)
@@ -111,7 +122,12 @@ class Trainer:
         self._pending_pairs: list | None = None
         self._pending_review: tuple[int, int] | None = None
         self._pending_analyses: dict[str, dict] = {}
-        self._notices: list[Notice] = []
+        self._notices: list[Notice] = [
+            Notice("warning", f"'{self.pairs[p].name}': {n} NaN/Inf voxel(s) are treated as the image minimum")
+            for p, n in sorted(self.dataset.non_finite.items())
+        ]
+        self._annotations_version = 0  # bumped when new snapshots arrive
+        self._annotations_saved = -1   # the version last autosaved
         if self.method.uses_unlabelled and not self.dataset.unlabelled:
             self._notices.append(Notice("warning", "no unlabelled slice: the consistency term uses labelled slices"))
 
@@ -120,8 +136,18 @@ class Trainer:
     def from_checkpoint(cls, path, pairs, *, device=None, out_dir=None, num_threads=None) -> "Trainer":
         """Resume: the checkpoint's config, weights, teacher, optimiser and step."""
         data = load_checkpoint(path)
-        config = TrainConfig.from_json(data["config"])
+        try:
+            config = TrainConfig.from_json(data["config"])
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path} holds no valid config: {exc}") from None
         trainer = cls(config, pairs, device=device, out_dir=out_dir, num_threads=num_threads)
+        if trainer.config.model.in_channels != config.model.in_channels:
+            kind = {1: "grey (1 channel)", 3: "RGB (3 channels)"}
+            raise CheckpointError(
+                f"the checkpoint was trained on {kind.get(config.model.in_channels, config.model.in_channels)} "
+                f"images, these are {kind.get(trainer.config.model.in_channels, trainer.config.model.in_channels)}: "
+                "resume with images like the ones it was trained on"
+            )
         if trainer.config.model.n_classes != config.model.n_classes:
             raise CheckpointError(
                 f"the checkpoint has {config.model.n_classes} classes, the annotations give "
@@ -228,6 +254,13 @@ class Trainer:
             return None
         dataset = SliceDataset(pairs, copy.deepcopy(self.config.data))  # class table kept
         self.pairs, self.dataset = pairs, dataset
+        self._annotations_version += 1
+        if dataset.unknown_values:
+            self._notices.append(Notice(
+                "warning",
+                f"label values {sorted(dataset.unknown_values)} are not in the class table "
+                f"{dataset.class_values} of this run and are ignored: press Train (not Resume) to learn them",
+            ))
         return DataUpdated(self.step, dataset.summary())
 
     def _apply_review(self) -> Reviewed | Notice | None:
@@ -298,6 +331,9 @@ class Trainer:
             yield from self._emit(notice)
         self._notices.clear()
         reason, error, last_save = "budget", None, t0
+        notice = self.autosave_annotations()
+        if notice is not None:
+            yield from self._emit(notice)
         try:
             while not self._stop.is_set():
                 elapsed = time.monotonic() - t0
@@ -313,6 +349,9 @@ class Trainer:
                 update = self._apply_pending()
                 if update is not None:
                     yield from self._emit(update)
+                    for notice in self._notices:
+                        yield from self._emit(notice)
+                    self._notices.clear()
                 reviewed = self._apply_review()
                 if reviewed is not None:
                     yield from self._emit(reviewed)
@@ -339,6 +378,9 @@ class Trainer:
                         yield from self._emit(event)
                 if self.out_dir is not None and time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
                     yield from self._emit(Checkpointed(self.step, str(self.save())))
+                    notice = self.autosave_annotations()
+                    if notice is not None:
+                        yield from self._emit(notice)
                     last_save = time.monotonic()
             if self._stop.is_set():
                 reason = "stopped"
@@ -346,11 +388,21 @@ class Trainer:
             # the consumer closed us (e.g. a worker's quit): keep the model, say nothing more
             if self.out_dir is not None:
                 self.save()
+                self.autosave_annotations()
             raise
         except (SemiclError, FloatingPointError, RuntimeError, ValueError, MemoryError) as exc:
             reason, error = "error", str(exc)
+            if is_out_of_memory(exc):
+                d = cfg.data
+                error = (
+                    f"out of memory on {describe_device(self.device)} at step {self.step}: lower the training "
+                    f"crop (data.patch_size, now {d.patch_size}) or the batch sizes (data.batch_labelled "
+                    f"{d.batch_labelled}, data.batch_unlabelled {d.batch_unlabelled}); the last checkpoint is kept"
+                )
             log.exception("training stopped by an error at step %d", self.step)
         ckpt = None
+        if self.out_dir is not None:
+            self.autosave_annotations()  # the annotations survive an error too
         if self.out_dir is not None and reason != "error":
             ckpt = str(self.save())
         elif self.out_dir is not None and (self.out_dir / CHECKPOINT_NAME).exists():
@@ -367,11 +419,13 @@ class Trainer:
         """Whole-pair predictions (and entropy) plus validation Dice at the current step."""
         model = self.method.inference_model()
         events: list = []
+        notes: list[str] = []
         for p_idx, img in enumerate(self.dataset.images):
-            idx, ent = predict_slices(model, img, device=self.device, with_entropy=True)
+            idx, ent = predict_slices(model, img, device=self.device, with_entropy=True, notes=notes)
             labels = self._to_pair_layout(decode_classes(idx, self.dataset.class_values), p_idx)
             events.append(Preview(self.step, "prediction", p_idx, labels))
             events.append(Preview(self.step, "entropy", p_idx, self._to_pair_layout(ent, p_idx)))
+        events.extend(Notice("warning", note) for note in dict.fromkeys(notes))
         metrics = self.validate()
         if metrics:
             events.append(Evaluated(self.step, metrics))
@@ -412,6 +466,22 @@ class Trainer:
         )
 
     # --- persistence -------------------------------------------------------------------------
+    def autosave_annotations(self) -> Notice | None:
+        """Write the annotations this run uses to ``out_dir/annotations`` if they changed
+        since the last autosave (see :mod:`~napari_semicl.engine.autosave`).
+
+        Returns a warning :class:`Notice` when the write fails (training goes on), else None.
+        """
+        if self.out_dir is None or self._annotations_saved == self._annotations_version:
+            return None
+        try:
+            save_annotations(self.out_dir, self.pairs)
+        except (SemiclError, OSError, ValueError) as exc:
+            log.warning("autosave of the annotations failed", exc_info=True)
+            return Notice("warning", f"could not autosave the annotations to {self.out_dir}: {exc}")
+        self._annotations_saved = self._annotations_version
+        return None
+
     def state(self) -> dict:
         return {
             "config": self.config.to_json(),
@@ -428,7 +498,8 @@ class Trainer:
                 raise ValueError("no out_dir given: pass a path")
             path = self.out_dir / CHECKPOINT_NAME
         path = save_checkpoint(path, self.state())
-        self.config.to_json(path.parent / "config.json")
+        with atomic_path(path.parent / "config.json") as tmp:  # never a half-written config beside it
+            self.config.to_json(tmp)
         return path
 
 

@@ -231,6 +231,16 @@ class TrainWidget(QWidget):
         pairs = self.pairs()
         if not pairs:
             raise DataError("no image layer chosen: open an image (File > Open) and pick it in the Train dock")
+        if all(labels is None for _, labels in pairs):
+            # the combos offer only labels of the image's shape: say why a painted layer is missing
+            image = pairs[0][0]
+            shape = _layers.spatial_shape(image)
+            others = [lab for lab in _layers.input_labels(self.viewer.layers) if tuple(lab.data.shape) != shape]
+            if others and len(others) == len(_layers.input_labels(self.viewer.layers)):
+                raise DataError(
+                    f"labels layer '{others[0].name}' has shape {tuple(others[0].data.shape)} but image "
+                    f"'{image.name}' has spatial shape {shape}: use 'New labels layer for image' to create a matching one"
+                )
         return [
             _layers.snapshot_pair(image, labels, validation_slices=self._validation_of(image))
             for image, labels in pairs
@@ -249,14 +259,47 @@ class TrainWidget(QWidget):
         except (SemiclError, ValueError, OSError) as exc:
             notifications.show_error(f"Cannot train: {exc}")
             return False
+        self._begin(trainer)
+        return True
+
+    def resume_from_checkpoint(self, path) -> bool:
+        """Continue a saved run (e.g. after napari was closed or killed) on the chosen layers.
+
+        The checkpoint's config and weights with the dock's budget; checkpoints go to the run
+        folder, or beside ``path`` when none is chosen. A checkpoint that is not plain data,
+        belongs to another network or does not fit the layers becomes a notification and
+        changes nothing. Returns True if training started.
+        """
+        if self._running:
+            notifications.show_warning("Training is running: press Stop first.")
+            return False
+        path = Path(path)
+        try:
+            pairs = self.snapshot()
+            out_dir = Path(self.run_folder_edit.text().strip()).expanduser() if self.run_folder_edit.text().strip() \
+                else path.parent
+            trainer = Trainer.from_checkpoint(path, pairs, out_dir=out_dir, num_threads=self.num_threads)
+        except (SemiclError, ValueError, OSError) as exc:
+            notifications.show_error(f"Cannot resume from {path.name}: {exc}")
+            return False
+        trainer.config.iterations = self.iterations_spin.value()
+        trainer.config.minutes = self.minutes_spin.value()
+        trainer.config.budget = self.budget_combo.currentText()
+        trainer.config.refresh_every = self.refresh_spin.value()
+        self._begin(trainer)
+        return True
+
+    def _begin(self, trainer: Trainer) -> None:
+        """Show and launch a freshly built trainer."""
         self._trainer = trainer
         self._run_layers = self.pairs()
         self._prepare_output_layers(trainer)
         self._set_class_values(trainer.dataset.class_values)
-        trainer.config.data.class_names = {str(v): n for v, n in self._class_names.items() if n}
+        names = {str(v): n for v, n in self._class_names.items() if n}
+        if names or not trainer.config.data.class_names:  # a resumed run keeps its names
+            trainer.config.data.class_names = names
         self.dice_label.setText("Validation Dice: mark a painted slice for validation to see it")
         self._launch()
-        return True
 
     def stop_training(self) -> None:
         """Ask the trainer to stop after the current step (it checkpoints, then finishes)."""
@@ -499,6 +542,13 @@ class TrainWidget(QWidget):
         for button in (self.train_button, self.stop_button, self.resume_button):
             run_row.addWidget(button)
         layout.addLayout(run_row)
+        self.resume_checkpoint_button = QPushButton("Resume from checkpoint...")
+        self.resume_checkpoint_button.setToolTip(
+            "Continue a saved run (checkpoint.pt in its run folder) on the chosen layers; "
+            "the run's annotations are autosaved in its 'annotations' folder"
+        )
+        self.resume_checkpoint_button.clicked.connect(self._on_resume_checkpoint_clicked)
+        layout.addWidget(self.resume_checkpoint_button)
 
         self.progress_bar = QProgressBar()
         self.progress_bar.setRange(0, 1000)
@@ -541,6 +591,7 @@ class TrainWidget(QWidget):
         self.train_button.setEnabled(not running)
         self.stop_button.setEnabled(running and not self._stopping)
         self.resume_button.setEnabled(not running and self._trainer is not None)
+        self.resume_checkpoint_button.setEnabled(not running)
         for row in self._rows:
             row.remove_button.setEnabled(len(self._rows) > 1)
 
@@ -926,6 +977,11 @@ class TrainWidget(QWidget):
 
     def _on_resume_clicked(self) -> None:
         self.resume_training()
+
+    def _on_resume_checkpoint_clicked(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Resume from checkpoint", "", "Checkpoints (*.pt)")
+        if path:
+            self.resume_from_checkpoint(path)
 
     # ------------------------------------------------------------------ closing
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
