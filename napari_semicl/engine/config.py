@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from ..data.tiles import WSIConfig
 from ..errors import ConfigError, check_choice as _check_choice, check_positive as _check_positive
 from ..methods.arco import ARCOConfig
 from ..methods.mean_teacher import MeanTeacherConfig
@@ -125,6 +126,7 @@ class TrainConfig:
     mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
     arco: ARCOConfig = field(default_factory=ARCOConfig)
     plgcl: PLGCLConfig = field(default_factory=PLGCLConfig)
+    wsi: WSIConfig = field(default_factory=WSIConfig)
 
     def validate(self) -> "TrainConfig":
         """Check every value; return self. Raises :class:`ConfigError`."""
@@ -246,4 +248,5 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",
+    "WSIConfig",
 ]
