@@ -126,14 +126,15 @@ def tissue_layout(rows: int, cols: int, n_tiles: int, *, fraction: float, seed: 
     return layout.reshape(rows, cols)
 
 
-def write_mosaic_slide(path, tiles, layout, *, tile: int = 512, n_levels: int | None = None, labels: bool = False,
+def write_mosaic_slide(path, tiles, layout, *, tile: int = 512, min_size: int = 1024, labels: bool = False,
                        overwrite: bool = True) -> Path:
-    """Write a :class:`Mosaic` as a pyramidal OME-TIFF (or OME-Zarr), tile by tile."""
+    """Write a :class:`Mosaic` as a pyramidal OME-TIFF (or OME-Zarr), tile by tile; levels
+    halve until the longer side is at most ``min_size``."""
     from ..io.wsi import write_pyramid
 
     base = Mosaic(tiles, layout, labels=labels)
     levels = [base]
-    while max(levels[-1].shape[:2]) > 1024 and (n_levels is None or len(levels) < n_levels):
+    while max(levels[-1].shape[:2]) > min_size:
         levels.append(base.at_level(len(levels)))
     return write_pyramid(path, levels, rgb=not labels, tile=tile, labels=labels, overwrite=overwrite,
                          name=Path(path).name.split(".")[0])

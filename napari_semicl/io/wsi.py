@@ -143,8 +143,9 @@ def _stem(path: pathlib.Path) -> str:
 def is_slide(path: str | os.PathLike) -> bool:
     """Whether ``path`` should be opened as a lazy multiscale slide.
 
-    True for an OME-Zarr folder (``.zarr``), an ``.svs`` file, and a TIFF whose first
-    series has several resolution levels or more than :data:`SLIDE_MIN_PIXELS` pixels.
+    True for an OME-Zarr folder (``.zarr``), an ``.svs`` file, and a 2D (grey or RGB) TIFF
+    whose first series has several resolution levels, is tiled (the whole-slide layout), or
+    has more than :data:`SLIDE_MIN_PIXELS` pixels. Stacks (Z/T/C > 1) are not slides.
     Only headers are read; unreadable files give False (reading reports the problem).
     """
     path = pathlib.Path(path)
@@ -162,8 +163,11 @@ def is_slide(path: str | os.PathLike) -> bool:
             series = tif.series[0]
             if len(series.levels) > 1:
                 return True
+            stack = any(ax in "ZTCQI" and n > 1 for ax, n in zip(series.axes, series.shape))
             spatial = [n for ax, n in zip(series.axes, series.shape) if ax in "YX"]
-            return len(spatial) == 2 and math.prod(spatial) >= SLIDE_MIN_PIXELS
+            if stack or len(spatial) != 2:
+                return False
+            return bool(series.pages[0].is_tiled) or math.prod(spatial) >= SLIDE_MIN_PIXELS
     except Exception as exc:  # noqa: BLE001 - a guess; reading reports the error
         log.debug("is_slide(%s): %s", path, exc)
         return False
@@ -336,8 +340,8 @@ def read_tile_folder(folder: str | os.PathLike, *, kind: str = "image", names: S
         are skipped unless ``kind='labels'``.
     kind : {'image', 'labels'}
         ``'labels'`` reads integer masks; with ``names`` the mask of tile ``NAME`` is the
-        file whose stem is ``NAME`` plus a label suffix (or ``NAME`` itself), and a missing
-        mask becomes an unpainted (all-zero) slice.
+        file whose stem is ``NAME`` plus a label suffix (or, in a folder without such
+        files, ``NAME`` itself), and a missing mask becomes an unpainted (all-zero) slice.
     names : sequence of str, optional
         Tile names (from the image folder's ``metadata['tile_names']``) to align masks to.
 
@@ -374,7 +378,9 @@ def read_tile_folder(folder: str | os.PathLike, *, kind: str = "image", names: S
         first = None
         arrays = []
         for name in names:
-            p = label_files.get(name) or next((f for f in image_files if _stem(f) == name), None)
+            p = label_files.get(name)
+            if p is None and not label_files:  # a separate mask folder with the tiles' names
+                p = next((f for f in image_files if _stem(f) == name), None)
             arrays.append(None if p is None else read_image(p, kind="labels").data)
             first = first if first is not None or arrays[-1] is None else arrays[-1]
         if first is None:
