@@ -374,7 +374,20 @@ def cmd_bench(args) -> int:
         if args.plot:
             print(f"plot written to {dice_vs_k_plot(args.results, args.plot)}", file=sys.stderr)
         return 0
-    if args.bench == "within-volume":
+    if args.bench == "wsi":
+        from .bench.slides import wsi_benchmark
+
+        result = wsi_benchmark(args.tiles, args.out, size=args.size, tissue_fraction=args.tissue_fraction,
+                               level=args.level, steps=args.steps, method=args.method, work_dir=args.work_dir,
+                               seed=args.seed, device=device)
+        print(json.dumps({"out": args.out, "times": result["times"], "peak_rss_mb": result["peak_rss_mb"]}, indent=2))
+        return 0
+    if args.bench == "histology":
+        from .bench.histology import monuseg
+
+        data = monuseg(args.data, labelled=args.labelled, methods=methods, budget_steps=args.budget_steps,
+                       seed=args.seed, out=args.out, device=device, patch_size=args.patch_size)
+    elif args.bench == "within-volume":
         data = label_efficiency.within_volume(args.data, k=args.k, methods=methods, budget_s=args.budget_s,
                                               seed=args.seed, out=args.out, limit=args.limit, device=device,
                                               budget_steps=args.budget_steps)
@@ -480,7 +493,21 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--method", default="mean_teacher")
     u.add_argument("--refresh-every", type=int, default=20)
     u.add_argument("--out", required=True)
-    for q in (w, c, s_):
+    hs = bsub.add_parser("histology", help="H&E tiles (MoNuSeg): N labelled, the rest unlabelled and scored")
+    hs.add_argument("--data", required=True, help="folder of NAME.png + NAME_gt.png tiles")
+    hs.add_argument("--labelled", type=int, default=2)
+    hs.add_argument("--methods", required=True, help="comma-separated: registered methods and rf")
+    hs.add_argument("--budget-steps", type=int, required=True, help="training steps per method")
+    hs.add_argument("--patch-size", type=int, default=128)
+    ws = bsub.add_parser("wsi", help="a slide built from real tiles: open, train, predict, export; peak memory")
+    ws.add_argument("--tiles", required=True, help="folder of NAME.png + NAME_gt.png H&E tiles")
+    ws.add_argument("--size", type=int, default=20000, help="slide side in pixels")
+    ws.add_argument("--tissue-fraction", type=float, default=0.15)
+    ws.add_argument("--level", type=int, default=1, help="pyramid level trained and predicted")
+    ws.add_argument("--steps", type=int, default=100)
+    ws.add_argument("--method", default="mean_teacher")
+    ws.add_argument("--work-dir", help="where the slide and masks are written (default: a temporary folder)")
+    for q in (w, c, s_, hs, ws):
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
         q.add_argument("--out", required=True, help="results JSON (written as results arrive)")

@@ -9,12 +9,12 @@ import pytest
 
 pytest.importorskip("napari")
 
-from test_wsi import CELL, _he_tiles  # noqa: E402
-from test_widgets import small_network  # noqa: E402
+from test_widgets import small_network
+from test_wsi import CELL, _he_tiles
 
-from napari_semicl.bench.slides import write_mosaic_slide  # noqa: E402
-from napari_semicl.io._npe2 import get_reader  # noqa: E402
-from napari_semicl.widgets.train_widget import TrainWidget  # noqa: E402
+from napari_semicl.bench.slides import write_mosaic_slide
+from napari_semicl.io._npe2 import get_reader
+from napari_semicl.widgets.train_widget import TrainWidget
 
 pytestmark = pytest.mark.gui
 

@@ -375,7 +375,7 @@ class TileDataset:
         return out
 
     def _tile_cached(self, p_idx: int, ya: int, yb: int, xa: int, xb: int) -> np.ndarray:
-        """Read a window through a cache of whole decoded grid tiles (LRU)."""
+        """Read a window through a cache of whole decoded grid tiles (LRU, raw values)."""
         pair = self.pairs[p_idx]
         grid = pair.grid
         level = pair.levels[pair.level]
@@ -386,7 +386,7 @@ class TileDataset:
                 key = (p_idx, r, c)
                 tile = self._cache.get(key)
                 if tile is None:
-                    tile = normalise_tile(level[ty0:ty1, tx0:tx1], pair.lo, pair.hi, rgb=pair.rgb)
+                    tile = np.asarray(level[ty0:ty1, tx0:tx1])  # raw (uint8 for RGB): 4x smaller than float
                     self._cache[key] = tile
                     while len(self._cache) > self._cache_size:
                         self._cache.popitem(last=False)
@@ -394,7 +394,8 @@ class TileDataset:
                     self._cache.move_to_end(key)
                 sy0, sy1 = max(ya, ty0), min(yb, ty1)
                 sx0, sx1 = max(xa, tx0), min(xb, tx1)
-                out[:, sy0 - ya:sy1 - ya, sx0 - xa:sx1 - xa] = tile[:, sy0 - ty0:sy1 - ty0, sx0 - tx0:sx1 - tx0]
+                out[:, sy0 - ya:sy1 - ya, sx0 - xa:sx1 - xa] = normalise_tile(
+                    tile[sy0 - ty0:sy1 - ty0, sx0 - tx0:sx1 - tx0], pair.lo, pair.hi, rgb=pair.rgb)
         return out
 
     def target(self, p_idx: int, key: tuple[int, int]) -> np.ndarray:
