@@ -54,7 +54,7 @@ def predict_level(
     tile: int = 512,
     overlap: int = 64,
     tiles: set | None = None,
-    batch_size: int = 4,
+    batch_size: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Predict one pyramid level into ``out`` (a zarr or numpy array of the level's shape).
@@ -74,6 +74,9 @@ def predict_level(
         Per-channel intensity range (:func:`~napari_semicl.data.tiles.slide_intensity_range`).
     tiles : set of (row, col), optional
         Grid tiles to predict (tissue); all when None.
+    batch_size : int
+        Windows per forward pass. 1 keeps CPU memory lowest (a U-Net's activations for a
+        640 x 640 window are some hundred MB); raise it on a GPU.
     progress : callable, optional
         ``progress(done, total)`` after every batch of tiles.
 
@@ -159,7 +162,7 @@ def predict_slide(
     tissue_min: float = 0.05,
     lo: np.ndarray | None = None,
     hi: np.ndarray | None = None,
-    batch_size: int = 4,
+    batch_size: int = 1,
     overwrite: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ):
@@ -194,7 +197,7 @@ def predict_slide(
 
 
 def predict_slide_pair(model, pair: SlidePair, path, *, class_values, device, overlap: int = 64,
-                       batch_size: int = 4, progress=None):
+                       batch_size: int = 1, progress=None):
     """:func:`predict_slide` with a training snapshot's level, grid, tissue and range."""
     group = create_label_pyramid(path, pair.grid.shape, dtype=_label_dtype(class_values), tile=pair.grid.tile,
                                  overwrite=True)
