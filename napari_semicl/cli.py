@@ -379,7 +379,7 @@ def cmd_bench(args) -> int:
 
         result = wsi_benchmark(args.tiles, args.out, size=args.size, tissue_fraction=args.tissue_fraction,
                                level=args.level, steps=args.steps, method=args.method, work_dir=args.work_dir,
-                               seed=args.seed, device=device)
+                               seed=args.seed, device=device, reuse=args.reuse)
         print(json.dumps({"out": args.out, "times": result["times"], "peak_rss_mb": result["peak_rss_mb"]}, indent=2))
         return 0
     if args.bench == "histology":
@@ -507,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     ws.add_argument("--steps", type=int, default=100)
     ws.add_argument("--method", default="mean_teacher")
     ws.add_argument("--work-dir", help="where the slide and masks are written (default: a temporary folder)")
+    ws.add_argument("--reuse", action="store_true", help="keep a slide an earlier run wrote in --work-dir")
     for q in (w, c, s_, hs, ws):
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
