@@ -2,6 +2,8 @@
 
     napari-semicl train --image IMG --labels LAB [--method NAME] [--iterations N] --out DIR
     napari-semicl predict --checkpoint CKPT --image IMG --out MASK [--entropy OUT]
+        (IMG may be a whole-slide image: pyramidal TIFF/SVS/OME-TIFF or OME-Zarr, predicted
+        tile by tile into MASK = *.ome.tif or *.zarr; or a folder of equal-size tiles)
     napari-semicl evaluate --pred P --reference R
     napari-semicl demo [--out DIR]      (the whole loop on the bundled sample volume)
 
@@ -76,9 +78,71 @@ def _build_config(args) -> TrainConfig:
         cfg.data.axis = args.axis
     if args.patch_size is not None:
         cfg.data.patch_size = args.patch_size
+    if getattr(args, "level", None) is not None:
+        cfg.wsi.level = args.level
+    if getattr(args, "tile_size", None) is not None:
+        cfg.wsi.tile_size = args.tile_size
     if getattr(args, "sampler", None) is not None:
         cfg.arco.sampler = args.sampler
     return cfg.validate()
+
+
+# --- whole-slide images (docs/wsi.md) -----------------------------------------------------------
+def _read_any(path: str) -> ImageData:
+    """An image file, or a folder of equal-size tiles as a stack (one tile per slice)."""
+    from .io.wsi import read_tile_folder
+
+    return read_tile_folder(path) if Path(path).is_dir() and not path.rstrip("/").endswith(".zarr") else read_image(path)
+
+
+def _slide_pair(image_path: str, labels_path: str | None, cfg: TrainConfig):
+    """A :class:`SlidePair` snapshot: the slide lazily, the labels lazily when they are a
+    slide-sized TIFF/OME-Zarr themselves; returns (pair, slide) (close the slide at the end)."""
+    from .data.tiles import snapshot_slide
+    from .io.wsi import is_slide, open_slide
+
+    slide = open_slide(image_path)
+    labels = None
+    if labels_path is not None:
+        if is_slide(labels_path):
+            labels = open_slide(labels_path).levels[0]
+        else:
+            labels = read_image(labels_path, kind="labels").data
+    pair = snapshot_slide(slide.levels, labels, rgb=slide.rgb, wsi=cfg.wsi, name=slide.name, metadata=slide.metadata)
+    log.info("slide %s: %s; level %d grid %dx%d tiles, %d tissue, %d painted", slide.name,
+             [tuple(lv.shape) for lv in slide.levels], cfg.wsi.level, pair.grid.n_rows, pair.grid.n_cols,
+             len(pair.tissue), len(pair.painted))
+    return pair, slide
+
+
+def _tile_progress(label: str):
+    state = {"last": -1}
+
+    def progress(done: int, total: int) -> None:
+        pct = int(100 * done / max(total, 1))
+        if pct // 5 != state["last"] // 5 or done == total:
+            state["last"] = pct
+            log.info("%s: %3d%% (%d/%d tiles)", label, pct, done, total)
+    return progress
+
+
+def _export_slide_prediction(pyramid, zarr_path: Path, out: Path, *, tile: int, overwrite: bool) -> Path:
+    """Write the zarr pyramid to ``out`` (.ome.tif / .tif / .zarr); the zarr is removed
+    when it was only a working copy."""
+    import shutil
+
+    from .io.wsi import write_pyramid
+
+    if out.resolve() == zarr_path.resolve():
+        return out
+    path = write_pyramid(out, pyramid, tile=tile, labels=True, overwrite=overwrite)
+    shutil.rmtree(zarr_path, ignore_errors=True)
+    return path
+
+
+def _work_zarr(out: Path) -> Path:
+    name = out.name.split(".")[0] or "prediction"
+    return out if out.suffix.lower() == ".zarr" else out.with_name(f".{name}.work.zarr")
 
 
 def _progress_printer(every: int = 25):
@@ -139,14 +203,23 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 # --- subcommands -----------------------------------------------------------------------------
 def cmd_train(args) -> int:
+    from .io.wsi import is_slide
+
     out = Path(args.out)
-    images = [read_image(p) for p in args.image]
     labels = args.labels or []
-    if len(labels) > len(images):
+    if len(labels) > len(args.image):
         raise CliError("more --labels than --image: give one --labels per --image (in order)")
+    if any(is_slide(p) for p in args.image):
+        return _train_slides(args, out, labels)
+    images = [_read_any(p) for p in args.image]
     pairs = []
     for i, img in enumerate(images):
-        lab = read_labels(labels[i], like=img).data if i < len(labels) else None
+        if i < len(labels) and img.metadata.get("format") == "tiles":
+            from .io.wsi import read_tile_folder
+
+            lab = read_tile_folder(labels[i], kind="labels", names=img.metadata["tile_names"]).data
+        else:
+            lab = read_labels(labels[i], like=img).data if i < len(labels) else None
         pairs.append(AnnotatedPair(img.data, lab, rgb=img.rgb, name=img.name, spacing=img.scale, metadata=img.metadata))
     cfg = _build_config(args)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,9 +248,78 @@ def cmd_train(args) -> int:
     return 0 if finished.reason in ("budget", "stopped") else 1
 
 
+def _train_slides(args, out: Path, labels: list) -> int:
+    """``train`` on whole-slide images: tiles read lazily, prediction exported as a pyramid."""
+    from .engine.slide_inference import predict_slide_pair
+
+    cfg = _build_config(args)
+    out.mkdir(parents=True, exist_ok=True)
+    opened, pairs = [], []
+    try:
+        for i, path in enumerate(args.image):
+            pair, slide = _slide_pair(path, labels[i] if i < len(labels) else None, cfg)
+            pairs.append(pair)
+            opened.append(slide)
+        if args.resume:
+            trainer = Trainer.from_checkpoint(args.resume, pairs, device=pick_device(args.device), out_dir=out)
+        else:
+            trainer = Trainer(cfg, pairs, device=pick_device(args.device), out_dir=out)
+        log.info("training %s on %s: %s", trainer.config.method, trainer.device, trainer.dataset.summary())
+        finished = _train(trainer)
+        if finished.reason == "error":
+            raise CliError(f"training failed at step {finished.step}: {finished.error}")
+        outputs = []
+        for i, pair in enumerate(pairs):
+            name = "prediction" if len(pairs) == 1 else f"prediction_{i}_{pair.name}"
+            target = out / f"{name}.ome.tif"
+            work = _work_zarr(target)
+            pyramid, info = predict_slide_pair(
+                trainer.method.inference_model(), pair, work, class_values=trainer.dataset.class_values,
+                device=trainer.device, overlap=trainer.config.wsi.overlap, progress=_tile_progress(f"predicting {pair.name}"),
+            )
+            path = _export_slide_prediction(pyramid, work, target, tile=pair.grid.tile, overwrite=True)
+            log.info("prediction written to %s (%d tiles in %.1f s)", path, info["tiles"], info["seconds"])
+            outputs.append(str(path))
+    finally:
+        for slide in opened:
+            slide.close()
+    metrics = {**_final_metrics(trainer, finished), "predictions": outputs}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps({"out": str(out), "checkpoint": finished.checkpoint, **metrics}, indent=2))
+    return 0 if finished.reason in ("budget", "stopped") else 1
+
+
+def _predict_slide(args, model, cfg) -> int:
+    from .engine.slide_inference import predict_slide
+    from .io.wsi import open_slide
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise CliError(f"{out} exists: pass --overwrite or choose another name")
+    if not (out.name.lower().endswith((".tif", ".tiff")) or out.suffix.lower() == ".zarr"):
+        raise CliError(f"a slide's mask goes to a pyramid: --out must end in .ome.tif or .zarr, got {out.name}")
+    device = next(model.parameters()).device
+    w = cfg.wsi
+    with open_slide(args.image) as slide:
+        work = _work_zarr(out)
+        pyramid, info = predict_slide(
+            model, slide.levels, work, class_values=cfg.data.class_values, level=w.level, rgb=slide.rgb, device=device,
+            tile=w.tile_size, overlap=w.overlap, tissue_min=w.tissue_min, overwrite=True,
+            progress=_tile_progress(f"predicting {slide.name}"),
+        )
+        path = _export_slide_prediction(pyramid, work, out, tile=w.tile_size, overwrite=args.overwrite)
+    print(f"mask written to {path} (level {w.level}: {info['tissue_tiles']} of {info['grid_tiles']} tiles are tissue, "
+          f"{info['seconds']:.1f} s)")
+    return 0
+
+
 def cmd_predict(args) -> int:
+    from .io.wsi import is_slide
+
     model, cfg = load_predictor(args.checkpoint, device=pick_device(args.device))
-    img = read_image(args.image)
+    if is_slide(args.image):
+        return _predict_slide(args, model, cfg)
+    img = _read_any(args.image)
     device = next(model.parameters()).device
     pred = predict_volume(
         model, img.data, class_values=cfg.data.class_values, axis=cfg.data.axis, rgb=img.rgb,
@@ -258,7 +400,20 @@ def cmd_bench(args) -> int:
         if args.plot:
             print(f"plot written to {dice_vs_k_plot(args.results, args.plot)}", file=sys.stderr)
         return 0
-    if args.bench == "within-volume":
+    if args.bench == "wsi":
+        from .bench.slides import wsi_benchmark
+
+        result = wsi_benchmark(args.tiles, args.out, size=args.size, tissue_fraction=args.tissue_fraction,
+                               level=args.level, steps=args.steps, method=args.method, work_dir=args.work_dir,
+                               seed=args.seed, device=device, reuse=args.reuse)
+        print(json.dumps({"out": args.out, "times": result["times"], "peak_rss_mb": result["peak_rss_mb"]}, indent=2))
+        return 0
+    if args.bench == "histology":
+        from .bench.histology import monuseg
+
+        data = monuseg(args.data, labelled=args.labelled, methods=methods, budget_steps=args.budget_steps,
+                       seed=args.seed, out=args.out, device=device, patch_size=args.patch_size)
+    elif args.bench == "within-volume":
         data = label_efficiency.within_volume(args.data, k=args.k, methods=methods, budget_s=args.budget_s,
                                               seed=args.seed, out=args.out, limit=args.limit, device=device,
                                               budget_steps=args.budget_steps)
@@ -300,13 +455,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
 
     t = sub.add_parser("train", help="train on painted labels and predict the whole image")
-    t.add_argument("--image", required=True, action="append", help="image file (repeat for several pairs)")
+    t.add_argument("--image", required=True, action="append",
+                   help="image file, whole-slide image or folder of tiles (repeat for several pairs)")
     t.add_argument("--labels", action="append", help="painted labels, 0 = unpainted (one per --image)")
     add_training_options(t)
     t.add_argument("--unpainted", choices=UNPAINTED_CHOICES,
                    help="unpainted pixels of labelled slices: ignore (scribbles, default) or background")
     t.add_argument("--axis", type=int, help="slicing axis (default 0, the napari slider axis)")
     t.add_argument("--patch-size", type=int, help="training crop size, a multiple of 16 (default 128)")
+    t.add_argument("--level", type=int, help="whole-slide images: pyramid level to train and predict (default 0)")
+    t.add_argument("--tile-size", type=int, help="whole-slide images: tile grid size at that level (default 512)")
     t.add_argument("--sampler", choices=["ns", "sg", "sag", "index"],
                    help="ARCO pixel sampler (method arco; default sag, or the --config's)")
     t.add_argument("--config", help="a config.json to start from (flags override it)")
@@ -317,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict an image with a checkpoint")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--image", required=True)
-    p.add_argument("--out", required=True, help="mask file (.nii.gz, .nii, .tif)")
+    p.add_argument("--out", required=True, help="mask file (.nii.gz, .nii, .tif; for a slide .ome.tif or .zarr)")
     p.add_argument("--entropy", help="also write the normalised entropy map here")
     p.add_argument("--suggest", type=int, default=0, metavar="N",
                    help="also print (JSON) the N slices with the highest mean entropy: where to annotate next")
@@ -369,7 +527,22 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--refresh-every", type=int, default=20)
     u.add_argument("--review-docks", action="store_true", help="also open the review docks, refreshing")
     u.add_argument("--out", required=True)
-    for q in (w, c, s_):
+    hs = bsub.add_parser("histology", help="H&E tiles (MoNuSeg): N labelled, the rest unlabelled and scored")
+    hs.add_argument("--data", required=True, help="folder of NAME.png + NAME_gt.png tiles")
+    hs.add_argument("--labelled", type=int, default=2)
+    hs.add_argument("--methods", required=True, help="comma-separated: registered methods and rf")
+    hs.add_argument("--budget-steps", type=int, required=True, help="training steps per method")
+    hs.add_argument("--patch-size", type=int, default=128)
+    ws = bsub.add_parser("wsi", help="a slide built from real tiles: open, train, predict, export; peak memory")
+    ws.add_argument("--tiles", required=True, help="folder of NAME.png + NAME_gt.png H&E tiles")
+    ws.add_argument("--size", type=int, default=20000, help="slide side in pixels")
+    ws.add_argument("--tissue-fraction", type=float, default=0.15)
+    ws.add_argument("--level", type=int, default=1, help="pyramid level trained and predicted")
+    ws.add_argument("--steps", type=int, default=100)
+    ws.add_argument("--method", default="mean_teacher")
+    ws.add_argument("--work-dir", help="where the slide and masks are written (default: a temporary folder)")
+    ws.add_argument("--reuse", action="store_true", help="keep a slide an earlier run wrote in --work-dir")
+    for q in (w, c, s_, hs, ws):
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
         q.add_argument("--out", required=True, help="results JSON (written as results arrive)")

@@ -2,7 +2,8 @@
 
 * weak view: random flips, rot90 (square crops), a small rotation; applied identically to
   image and target.
-* strong view: the weak view plus intensity perturbation (brightness, contrast, gamma),
+* strong view: the weak view plus, for RGB (3-channel) crops, HED stain jitter
+  (:func:`hed_jitter`), then intensity perturbation (brightness, contrast, gamma),
   Gaussian blur, Gaussian noise and cutout. Being computed *from* the weak view, it stays
   pixel-aligned with it, so student (strong) and teacher (weak) predictions compare pixel by
   pixel.
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import skimage.color as _skcolor
 import torch
 import torch.nn.functional as F
 
@@ -95,10 +98,60 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, r, r), mode=mode), ky, groups=c)
 
 
+#: Stain vectors (rows: haematoxylin, eosin, DAB) in optical density, Ruifrok & Johnston
+#: (2001): scikit-image's ``rgb_from_hed`` and its inverse ``hed_from_rgb``.
+RGB_FROM_HED = torch.from_numpy(np.asarray(_skcolor.rgb_from_hed, dtype=np.float64))
+HED_FROM_RGB = torch.from_numpy(np.asarray(_skcolor.hed_from_rgb, dtype=np.float64))
+_OD_EPS = 1e-6
+
+
+def hed_jitter(
+    x: torch.Tensor,
+    *,
+    generator: torch.Generator,
+    sigma: float = 0.05,
+    alpha: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Stain augmentation in HED space (Tellez et al., 2018, doi:10.1109/TMI.2018.2820199).
+
+    Each RGB pixel (in [0, 1]) goes to optical density ``od = -log(max(x, 1e-6))``, to
+    stain concentrations ``s = od @ HED_FROM_RGB``, is perturbed per sample and stain as
+    ``s * alpha + beta`` with ``alpha ~ U(1 - sigma, 1 + sigma)``,
+    ``beta ~ U(-sigma, sigma)``, and goes back: ``x' = exp(-(s' @ RGB_FROM_HED))``,
+    clipped to [0, 1].
+
+    Parameters
+    ----------
+    x : Tensor, shape (B, 3, H, W)
+        RGB crops scaled to [0, 1].
+    sigma : float
+        Jitter strength (0 returns the input up to rounding).
+    alpha, beta : Tensor, shape (B, 3), optional
+        Explicit factors and offsets (tests); drawn from ``generator`` when None.
+    """
+    if x.shape[1] != 3:
+        raise ValueError(f"hed_jitter needs 3 RGB channels, got {x.shape[1]}")
+    b = x.shape[0]
+    if alpha is None:
+        alpha = 1.0 + (torch.rand(b, 3, generator=generator) * 2 - 1) * sigma
+    if beta is None:
+        beta = (torch.rand(b, 3, generator=generator) * 2 - 1) * sigma
+    dev, dt = x.device, x.dtype
+    m_in = HED_FROM_RGB.to(dev, dt)
+    m_out = RGB_FROM_HED.to(dev, dt)
+    od = -torch.log(x.clamp(_OD_EPS, 1.0))  # (B, 3, H, W)
+    stains = torch.einsum("bchw,cs->bshw", od, m_in)
+    stains = stains * alpha.to(dev, dt).view(b, 3, 1, 1) + beta.to(dev, dt).view(b, 3, 1, 1)
+    od2 = torch.einsum("bshw,sc->bchw", stains, m_out)
+    return torch.exp(-od2).clamp(0.0, 1.0)
+
+
 def strong_augment(
     x: torch.Tensor,
     *,
     generator: torch.Generator,
+    stain: float = 0.05,
     brightness: float = 0.15,
     contrast: float = 0.25,
     gamma: float = 0.3,
@@ -110,7 +163,9 @@ def strong_augment(
     """Intensity, blur, noise and cutout perturbation of an (already weak) view.
 
     Each perturbation is applied to a sample with probability ``p``; ``cutout`` is the side
-    of the erased square as a fraction of the crop (0 disables it).
+    of the erased square as a fraction of the crop (0 disables it). For 3-channel (RGB)
+    crops, HED stain jitter of strength ``stain`` (:func:`hed_jitter`; 0 disables it)
+    comes first.
     """
     b = x.shape[0]
     out = x.clone()
@@ -118,6 +173,10 @@ def strong_augment(
 
     def coin() -> torch.Tensor:
         return (torch.rand(b, generator=generator) < p).to(dev, dt).view(b, 1, 1, 1)
+
+    if stain > 0 and x.shape[1] == 3:
+        m = coin()
+        out = m * hed_jitter(out, generator=generator, sigma=stain) + (1 - m) * out
 
     lo = out.amin(dim=(1, 2, 3), keepdim=True)
     hi = out.amax(dim=(1, 2, 3), keepdim=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from ..data.tiles import WSIConfig
 from ..errors import ConfigError, check_choice as _check_choice, check_positive as _check_positive
 from ..methods.agcl import AGCLConfig
 from ..methods.arco import ARCOConfig
@@ -129,6 +130,7 @@ class TrainConfig:
     plgcl: PLGCLConfig = field(default_factory=PLGCLConfig)
     agcl: AGCLConfig = field(default_factory=AGCLConfig)
     aua: AUAConfig = field(default_factory=AUAConfig)
+    wsi: WSIConfig = field(default_factory=WSIConfig)
 
     def validate(self) -> "TrainConfig":
         """Check every value; return self. Raises :class:`ConfigError`."""
@@ -250,4 +252,5 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",
+    "WSIConfig",
 ]

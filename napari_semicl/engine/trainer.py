@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..data.annotation import decode_classes
-from ..data.dataset import SliceDataset
+from ..data.tiles import TileDataset, make_dataset
 from ..errors import CheckpointError, DataError, SemiclError
 from ..io import atomic_path
 from ..methods import get_method
@@ -100,8 +100,8 @@ class Trainer:
         self._torch_gen = _seed_everything(self.config.seed)
         self._rng = np.random.default_rng(self.config.seed)
         self.pairs = list(pairs)
-        self.dataset = SliceDataset(self.pairs, self.config.data)
-        if self.dataset.unknown_values:
+        self.dataset = make_dataset(self.pairs, self.config.data, self.config.wsi)
+        if getattr(self.dataset, "unknown_values", None):
             raise DataError(
                 f"label values {sorted(self.dataset.unknown_values)} are painted but are not in the class "
                 f"table {self.dataset.class_values} this network is set up for (data.class_values): erase "
@@ -124,10 +124,12 @@ class Trainer:
         self._pending_analyses: dict[str, dict] = {}
         self._notices: list[Notice] = [
             Notice("warning", f"'{self.pairs[p].name}': {n} NaN/Inf voxel(s) are treated as the image minimum")
-            for p, n in sorted(self.dataset.non_finite.items())
+            for p, n in sorted(getattr(self.dataset, "non_finite", {}).items())
         ]
         self._annotations_version = 0  # bumped when new snapshots arrive
         self._annotations_saved = -1   # the version last autosaved
+        self._preview_root: Path | None = None
+        self._previews: dict[int, list[Path]] = {}
         if self.method.uses_unlabelled and not self.dataset.unlabelled:
             self._notices.append(Notice("warning", "no unlabelled slice: the consistency term uses labelled slices"))
 
@@ -252,7 +254,7 @@ class Trainer:
             pairs, self._pending_pairs = self._pending_pairs, None
         if pairs is None:
             return None
-        dataset = SliceDataset(pairs, copy.deepcopy(self.config.data))  # class table kept
+        dataset = make_dataset(pairs, copy.deepcopy(self.config.data), self.config.wsi)  # class table kept
         self.pairs, self.dataset = pairs, dataset
         self._annotations_version += 1
         if dataset.unknown_values:
@@ -273,6 +275,9 @@ class Trainer:
         if request is None:
             return None
         p_idx, s_idx = request
+        if isinstance(self.dataset, TileDataset):
+            log.debug("review of slides is not implemented; request ignored")
+            return None
         if not (0 <= p_idx < len(self.dataset.images) and 0 <= s_idx < self.dataset.images[p_idx].shape[0]):
             log.debug("review of pair %d slice %d ignored: out of range", p_idx, s_idx)
             return None
@@ -419,6 +424,8 @@ class Trainer:
         """Whole-pair predictions (and entropy) plus validation Dice at the current step."""
         model = self.method.inference_model()
         events: list = []
+        if isinstance(self.dataset, TileDataset):
+            return self._slide_previews(model)
         notes: list[str] = []
         for p_idx, img in enumerate(self.dataset.images):
             idx, ent = predict_slices(model, img, device=self.device, with_entropy=True, notes=notes)
@@ -429,6 +436,35 @@ class Trainer:
         metrics = self.validate()
         if metrics:
             events.append(Evaluated(self.step, metrics))
+        return events
+
+    def _slide_previews(self, model) -> list:
+        """Stitched tile-by-tile predictions of every slide, as zarr label pyramids.
+
+        Each refresh writes a new OME-Zarr under ``out_dir/previews`` (or a temporary
+        folder) and removes the one before the last, so a viewer still reading the last
+        preview never sees it change. The event's array is the list of pyramid levels.
+        """
+        import shutil
+        import tempfile
+
+        from .slide_inference import predict_slide_pair
+
+        if self._preview_root is None:
+            if self.out_dir is not None:
+                self._preview_root = self.out_dir / "previews"
+                self._preview_root.mkdir(parents=True, exist_ok=True)
+            else:
+                self._preview_root = Path(tempfile.mkdtemp(prefix="semicl_previews_"))
+        events = []
+        for p_idx, pair in enumerate(self.dataset.pairs):
+            path = self._preview_root / f"pair{p_idx}_step{self.step}.zarr"
+            pyramid, _ = predict_slide_pair(model, pair, path, class_values=self.dataset.class_values,
+                                            device=self.device, overlap=self.config.wsi.overlap)
+            self._previews.setdefault(p_idx, []).append(path)
+            while len(self._previews[p_idx]) > 2:
+                shutil.rmtree(self._previews[p_idx].pop(0), ignore_errors=True)
+            events.append(Preview(self.step, "prediction", p_idx, pyramid))
         return events
 
     def _to_pair_layout(self, arr: np.ndarray, p_idx: int) -> np.ndarray:

@@ -12,6 +12,8 @@ import os
 import pathlib
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from .atomic import full_suffix
 from .readers import IMAGE_EXTENSIONS, ImageData, is_labels_file, read_image, read_labels
 from .sample import load_sample_volume
@@ -49,6 +51,26 @@ def _labels_layer(
     return (labels.data, attributes, "labels")
 
 
+def _slide_layer(path) -> LayerData:
+    """A whole-slide image (or a label pyramid) as a lazy multiscale layer.
+
+    The file stays open while the layer reads it. A pyramid of integers whose name marks
+    labels (``*_mask``, ``*_labels``, ...) or that was written as a prediction becomes a
+    Labels layer; anything else an Image layer.
+    """
+    from .readers import LABEL_SUFFIXES
+    from .wsi import open_slide
+
+    slide = open_slide(path)
+    metadata = dict(slide.metadata)
+    integer = np.dtype(slide.levels[0].dtype).kind in "iu" and not slide.rgb
+    stem = slide.name.lower()
+    if integer and (stem.endswith(LABEL_SUFFIXES) or "prediction" in stem):
+        return (list(slide.levels), {"name": slide.name, "metadata": metadata, "multiscale": True}, "labels")
+    attributes = {"name": slide.name, "metadata": metadata, "rgb": slide.rgb, "multiscale": True}
+    return (list(slide.levels), attributes, "image")
+
+
 def _as_path_list(path) -> list[str]:
     if isinstance(path, (str, os.PathLike)):
         return [os.fspath(path)]
@@ -66,9 +88,13 @@ def read_layers(path) -> list[LayerData]:
     ReadError
         A file is unreadable, truncated or unsupported.
     """
+    from .wsi import is_slide
+
     layers = []
     for path in _as_path_list(path):
-        if is_labels_file(path):
+        if is_slide(path):
+            layers.append(_slide_layer(path))
+        elif is_labels_file(path):
             layers.append(_labels_layer(read_labels(path)))
         else:
             layers.append(_image_layer(read_image(path, kind="image")))
@@ -97,7 +123,7 @@ def get_reader(path) -> Callable[..., list[LayerData]] | None:
     if not paths:
         return None
     suffixes = {_suffix(p) for p in paths}
-    if len(suffixes) != 1 or not suffixes <= set(IMAGE_EXTENSIONS):
+    if len(suffixes) != 1 or not suffixes <= {*IMAGE_EXTENSIONS, ".svs"}:
         return None
     return read_layers
 

@@ -58,6 +58,8 @@ IMAGE_EXTENSIONS: dict[str, str] = {
     ".nii.gz": "nifti",
     ".tif": "tiff",
     ".tiff": "tiff",
+    ".ome.tif": "tiff",
+    ".ome.tiff": "tiff",
     ".png": "png",
     ".jpg": "jpeg",
     ".jpeg": "jpeg",

@@ -20,6 +20,7 @@ import numpy as np
 from napari.layers import Image, Labels, Layer, Points
 
 from ..data import AnnotatedPair
+from ..data.tiles import SlidePair, WSIConfig, snapshot_slide
 from ..errors import DataError
 
 log = logging.getLogger(__name__)
@@ -78,26 +79,37 @@ def _geometry_kwargs(image: Layer) -> dict:
 
 def new_labels_layer(viewer, image: Layer, *, name: str | None = None, dtype=np.uint16) -> Labels:
     """Add an empty Labels layer of the image's spatial shape, scale and metadata."""
-    if getattr(image, "multiscale", False):
-        raise DataError(f"{image.name}: multiscale images cannot be painted for training yet")
     kwargs = _geometry_kwargs(image)
+    if getattr(image, "multiscale", False):
+        # a slide: chunked labels in memory, only the painted chunks take space
+        import zarr
+
+        data = zarr.zeros(spatial_shape(image), chunks=(512, 512), dtype=dtype, zarr_format=3)
+        return viewer.add_labels(data, name=name or f"{image.name} labels", **kwargs)
     return viewer.add_labels(
         np.zeros(spatial_shape(image), dtype=dtype), name=name or f"{image.name} labels", **kwargs
     )
 
 
 def snapshot_pair(
-    image: Image, labels: Labels | None, *, validation_slices: Iterable[int] = ()
-) -> AnnotatedPair:
+    image: Image, labels: Labels | None, *, validation_slices: Iterable[int] = (), wsi=None
+) -> AnnotatedPair | SlidePair:
     """Copy an Image/Labels layer pair into an :class:`AnnotatedPair` (never views).
+
+    A multiscale image (a slide) becomes a :class:`~napari_semicl.data.tiles.SlidePair`
+    for training at ``wsi.level`` (a :class:`~napari_semicl.data.tiles.WSIConfig`): its
+    levels are shared (read lazily, never copied) and only the painted tiles' labels are
+    copied.
 
     Raises
     ------
     DataError
-        Multiscale images, or labels whose shape differs from the image's spatial shape.
+        Labels whose shape differs from the image's spatial shape.
     """
     if getattr(image, "multiscale", False):
-        raise DataError(f"{image.name}: multiscale images are not supported for training yet")
+        lab = None if labels is None else (labels.data[0] if labels.multiscale else labels.data)
+        return snapshot_slide(list(image.data), lab, rgb=bool(image.rgb), wsi=wsi or WSIConfig(),
+                              name=image.name, metadata=dict(image.metadata))
     shape = spatial_shape(image)
     lab = None
     if labels is not None:
@@ -124,6 +136,13 @@ def refresh_pair(pair: AnnotatedPair, labels: Labels | None, validation_slices: 
     The image copy is shared with ``pair`` (it does not change during training). Returns
     None when nothing changed, so that the trainer does not rebuild its data for nothing.
     """
+    if isinstance(pair, SlidePair):
+        if labels is None:
+            return None
+        wsi = WSIConfig(level=pair.level, tile_size=pair.grid.tile)
+        lab = labels.data[0] if labels.multiscale else labels.data
+        new = snapshot_slide(pair.levels, lab, rgb=pair.rgb, wsi=wsi, name=pair.name, metadata=pair.metadata)
+        return None if new.same_paint(pair) else new
     val = tuple(sorted(int(s) for s in validation_slices))
     if labels is None or tuple(labels.data.shape) != pair.spatial_shape:
         return None if val == tuple(pair.validation_slices) else dataclasses.replace(pair, validation_slices=val)
@@ -167,15 +186,41 @@ def _replace_data(layer: Layer, array: np.ndarray) -> Layer:
     return layer
 
 
-def show_prediction(viewer, image: Layer, array: np.ndarray) -> Labels:
-    """Create or refresh the '<image> prediction' Labels layer (in place when shapes match)."""
+def show_prediction(viewer, image: Layer, array) -> Labels:
+    """Create or refresh the '<image> prediction' Labels layer (in place when shapes match).
+
+    ``array`` may be a list of pyramid levels (a slide's stitched prediction): the layer is
+    then multiscale, scaled so that its level 0 lies on the image's (the prediction is at
+    the training level, which may be coarser than the image's level 0).
+    """
     name = f"{image.name}{PREDICTION_SUFFIX}"
     layer = _find(viewer, name, Labels)
+    if isinstance(array, list):
+        return _show_label_pyramid(viewer, image, layer, name, array)
+    if layer is not None and layer.multiscale:
+        viewer.layers.remove(layer)
+        layer = None
     if layer is not None:
         return _replace_data(layer, array)
     kwargs = _geometry_kwargs(image)
     kwargs["metadata"][ROLE_KEY] = "prediction"
     return viewer.add_labels(np.array(array, copy=True), name=name, opacity=0.5, **kwargs)
+
+
+def _show_label_pyramid(viewer, image: Layer, layer: Labels | None, name: str, levels: list) -> Labels:
+    shape0 = spatial_shape(image)
+    factor = shape0[0] / float(levels[0].shape[0])
+    kwargs = _geometry_kwargs(image)
+    scale = tuple(float(s) * factor for s in kwargs["scale"])
+    if layer is not None and layer.multiscale and len(layer.data) == len(levels):
+        layer.data = levels  # the new pyramid (a new store: the old one stays readable)
+        layer.scale = scale
+        return layer
+    if layer is not None:
+        viewer.layers.remove(layer)
+    kwargs["metadata"][ROLE_KEY] = "prediction"
+    kwargs["scale"] = scale
+    return viewer.add_labels(levels, name=name, opacity=0.5, multiscale=True, **kwargs)
 
 
 def show_entropy(viewer, image: Layer, array: np.ndarray) -> Image:

@@ -211,6 +211,8 @@ class TrainWidget(QWidget):
         )
         cfg.data.axis = self.axis_spin.value()
         cfg.data.patch_size = self.patch_spin.value()
+        cfg.wsi.level = self.slide_level_spin.value()
+        cfg.wsi.tile_size = self.tile_spin.value()
         cfg.data.unpainted = "background" if self.background_check.isChecked() else "ignore"
         cfg.data.class_names = {str(v): n for v, n in self._class_names.items() if n}
         cfg.optim.lr = self.lr_spin.value()
@@ -224,8 +226,9 @@ class TrainWidget(QWidget):
             cfg = TrainConfig.from_dict(merged)
         return cfg
 
-    def snapshot(self) -> list:
-        """Copies of the chosen layers as AnnotatedPairs (with their validation slices)."""
+    def snapshot(self, wsi=None) -> list:
+        """Copies of the chosen layers as AnnotatedPairs (with their validation slices);
+        multiscale images (slides) as SlidePairs at ``wsi.level`` (the dock's by default)."""
         from ..errors import DataError
 
         pairs = self.pairs()
@@ -235,14 +238,15 @@ class TrainWidget(QWidget):
             # the combos offer only labels of the image's shape: say why a painted layer is missing
             image = pairs[0][0]
             shape = _layers.spatial_shape(image)
-            others = [lab for lab in _layers.input_labels(self.viewer.layers) if tuple(lab.data.shape) != shape]
+            others = [lab for lab in _layers.input_labels(self.viewer.layers) if _layers.spatial_shape(lab) != shape]
             if others and len(others) == len(_layers.input_labels(self.viewer.layers)):
                 raise DataError(
-                    f"labels layer '{others[0].name}' has shape {tuple(others[0].data.shape)} but image "
+                    f"labels layer '{others[0].name}' has shape {_layers.spatial_shape(others[0])} but image "
                     f"'{image.name}' has spatial shape {shape}: use 'New labels layer for image' to create a matching one"
                 )
+        wsi = wsi if wsi is not None else self.build_config().wsi
         return [
-            _layers.snapshot_pair(image, labels, validation_slices=self._validation_of(image))
+            _layers.snapshot_pair(image, labels, validation_slices=self._validation_of(image), wsi=wsi)
             for image, labels in pairs
         ]
 
@@ -253,7 +257,7 @@ class TrainWidget(QWidget):
             return False
         try:
             cfg = self.build_config()
-            pairs = self.snapshot()
+            pairs = self.snapshot(cfg.wsi)
             # leave a core to the Qt thread: napari stays fluent while training on the CPU
             trainer = Trainer(cfg, pairs, out_dir=self._run_folder(), num_threads=self.num_threads)
         except (SemiclError, ValueError, OSError) as exc:
@@ -443,6 +447,20 @@ class TrainWidget(QWidget):
         self.patch_spin.setValue(128)
         self.patch_spin.setToolTip("Square training crop size in pixels (a multiple of 16)")
         form.addRow("Patch size", self.patch_spin)
+        self.slide_level_spin = QSpinBox()
+        self.slide_level_spin.setRange(0, 10)
+        self.slide_level_spin.setToolTip(
+            "Slides (multiscale images): the pyramid level to train on and predict (0 = full resolution)"
+        )
+        form.addRow("Slide level", self.slide_level_spin)
+        self.tile_spin = QSpinBox()
+        self.tile_spin.setRange(64, 4096)
+        self.tile_spin.setSingleStep(64)
+        self.tile_spin.setValue(512)
+        self.tile_spin.setToolTip(
+            "Slides: tile size at that level; painted tiles train, other tissue tiles are the unlabelled pool"
+        )
+        form.addRow("Slide tile size", self.tile_spin)
         self.background_check = QCheckBox("unpainted means background")
         self.background_check.setToolTip(
             "Tick when the painted slices are complete: their unpainted pixels become class 0.\n"
@@ -741,6 +759,8 @@ class TrainWidget(QWidget):
 
         dtype = decode_classes(np.zeros(1, dtype=np.int64), trainer.dataset.class_values).dtype
         for image, _ in self._run_layers:
+            if image.multiscale:
+                continue  # a slide: its prediction pyramid arrives with the first refresh
             shape = _layers.spatial_shape(image)
             _layers.show_prediction(self.viewer, image, np.zeros(shape, dtype=dtype))
             _layers.show_entropy(self.viewer, image, np.zeros(shape, dtype=np.float32))
@@ -861,7 +881,7 @@ class TrainWidget(QWidget):
 
     def _show_summary(self, device: str, summary: dict) -> None:
         self.status_label.setText(
-            f"Device: {device} · slices: {summary.get('labelled', 0)} labelled, "
+            f"Device: {device} · {summary.get('unit', 'slices')}: {summary.get('labelled', 0)} labelled, "
             f"{summary.get('unlabelled', 0)} unlabelled, {summary.get('validation', 0)} validation"
         )
 
