@@ -343,6 +343,15 @@ def test_trainer_trains_on_painted_tiles_and_previews_every_level(tmp_path):
     assert trainer.step == 4 and np.isfinite(trainer.last_losses["total"])
     # only the last two previews are kept on disk
     assert len(list((tmp_path / "run" / "previews").glob("*.zarr"))) <= 2
+    # the painted tiles (not the slide) are autosaved and read back exactly
+    from napari_semicl.engine.autosave import load_annotations
+
+    (saved,) = load_annotations(tmp_path / "run")
+    assert saved["labels"] is None and saved["level"] == 0 and saved["tile_size"] == CELL
+    assert set(saved["tiles"]) == set(pair.painted)
+    for key, (tile_labels, bounds) in saved["tiles"].items():
+        np.testing.assert_array_equal(tile_labels, pair.painted[key])
+        assert bounds == pair.grid.bounds(*key)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -7,6 +7,10 @@ that napari (File > Open) and ``napari-semicl train --labels`` read them back as
 slices; it is written last, so a manifest always names complete files. Every file is
 written atomically (temporary file + rename): a run killed while saving leaves the previous
 autosave intact.
+
+Slides (:class:`~napari_semicl.data.tiles.SlidePair`) are never written whole: their painted
+tiles go to ``pair<i>_<name>_tiles.npz`` (one array per tile, named ``r<row>_c<col>``, with
+the tile bounds at the training level), and the manifest records the level and tile size.
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ def save_annotations(run_dir, pairs) -> Path:
     for i, pair in enumerate(pairs):
         entry = {"name": pair.name, "shape": list(pair.spatial_shape),
                  "validation_slices": [int(s) for s in pair.validation_slices], "file": None}
-        if pair.labels is not None:
+        if hasattr(pair, "painted"):  # a slide: only its painted tiles
+            entry.update(_save_tiles(folder, i, pair))
+        elif pair.labels is not None:
             name = _file_name(i, pair)
             write_labels(folder / name, pair.labels, metadata=pair.metadata, overwrite=True)
             entry["file"] = name
@@ -57,6 +63,31 @@ def save_annotations(run_dir, pairs) -> Path:
     return manifest
 
 
+def _save_tiles(folder: Path, index: int, pair) -> dict:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(pair.name)).strip("._") or "slide"
+    name = f"pair{index}_{stem}_tiles.npz"
+    arrays = {}
+    for (row, col), labels in sorted(pair.painted.items()):
+        arrays[f"r{row}_c{col}"] = np.asarray(labels)
+        arrays[f"bounds_r{row}_c{col}"] = np.asarray(pair.grid.bounds(row, col), np.int64)
+    with atomic_path(folder / name) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+    return {"tiles_file": name, "level": int(pair.level), "tile_size": int(pair.grid.tile),
+            "painted_tiles": [[int(r), int(c)] for r, c in sorted(pair.painted)]}
+
+
+def load_tiles(path) -> dict:
+    """Painted tiles of an autosaved slide: ``(row, col) -> (labels, (y0, y1, x0, x1))``."""
+    with np.load(path) as data:
+        out = {}
+        for key in data.files:
+            if key.startswith("r"):
+                row, col = (int(v[1:]) for v in key.split("_"))
+                out[(row, col)] = (data[key], tuple(int(b) for b in data[f"bounds_{key}"]))
+    return out
+
+
 def load_annotations(run_dir) -> list[dict]:
     """The autosaved annotations of a run: one dict per pair.
 
@@ -64,7 +95,8 @@ def load_annotations(run_dir) -> list[dict]:
     -------
     list of dict
         ``name``, ``labels`` (ndarray in the shape the run used, or None),
-        ``validation_slices`` (list of int) and ``path`` (the label file or None).
+        ``validation_slices`` (list of int) and ``path`` (the label file or None); for a
+        slide also ``tiles`` (see :func:`load_tiles`), ``level`` and ``tile_size``.
 
     Raises
     ------
@@ -87,6 +119,14 @@ def load_annotations(run_dir) -> list[dict]:
             labels = np.asarray(read_labels(path).data)
             if list(labels.shape) != list(entry["shape"]):
                 raise DataError(f"{path} has shape {labels.shape}, the manifest says {entry['shape']}")
-        out.append({"name": entry["name"], "labels": labels, "path": path,
-                    "validation_slices": [int(s) for s in entry.get("validation_slices", [])]})
+        item = {"name": entry["name"], "labels": labels, "path": path,
+                "validation_slices": [int(s) for s in entry.get("validation_slices", [])]}
+        if entry.get("tiles_file"):
+            item["path"] = folder / entry["tiles_file"]
+            try:
+                item["tiles"] = load_tiles(item["path"])
+            except (OSError, ValueError, KeyError) as exc:
+                raise DataError(f"{item['path']} is not a readable tiles autosave: {exc}") from None
+            item.update(level=entry.get("level"), tile_size=entry.get("tile_size"))
+        out.append(item)
     return out
