@@ -16,7 +16,7 @@ from napari_semicl.bench.label_efficiency import (
     split_spec,
     within_volume,
 )
-from napari_semicl.bench.report import dice_vs_k_plot, render
+from napari_semicl.bench.report import dice_vs_k_plot, dice_vs_k_series, render
 from napari_semicl.bench.rf import rf_segment
 from napari_semicl.data.reveal import choose_reveal_slices, reveal_slices
 from napari_semicl.errors import DataError
@@ -152,3 +152,19 @@ def test_find_cases_and_thinnest_axis(ball_dir, tmp_path):
         find_cases(tmp_path / "empty")
     with pytest.raises(DataError, match="does not exist"):
         find_cases(tmp_path / "missing")
+
+
+def test_dice_vs_k_series_takes_the_later_file_for_a_repeated_point(tmp_path):
+    def results(name, k, methods):
+        path = tmp_path / name
+        path.write_text(json.dumps({"protocol": "within-volume", "k": k,
+                                    "methods": {m: {"dice": d} for m, d in methods.items()}}))
+        return path
+
+    first = results("a.json", 5, {"rf": 0.7, "arco": 0.3})
+    rerun = results("b.json", 5, {"arco": 0.6})
+    other_k = results("c.json", 1, {"arco": 0.2, "rf": 0.5})
+    cohort_file = tmp_path / "d.json"
+    cohort_file.write_text(json.dumps({"protocol": "cohort", "methods": {"arco": {"dice": 0.9}}}))
+    series = dice_vs_k_series([first, rerun, other_k, cohort_file])
+    assert series == {"rf": {5: 0.7, 1: 0.5}, "arco": {5: 0.6, 1: 0.2}}

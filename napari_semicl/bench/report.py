@@ -42,24 +42,34 @@ def speed_table(data: dict) -> str:
     return head + "\n".join(rows) + "\n" + tail
 
 
-def dice_vs_k_plot(files, out_png) -> Path:
-    """Plot mean Dice against K for every method, from within-volume files of several K."""
-    import matplotlib
+def dice_vs_k_series(files) -> dict[str, dict[int, float]]:
+    """``{method: {K: mean Dice}}`` from within-volume files of several K.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series: dict[str, list[tuple[int, float]]] = {}
+    When several files hold the same method at the same K, the later file wins (so a re-run,
+    e.g. after a fix, replaces the earlier point instead of adding a second one).
+    """
+    series: dict[str, dict[int, float]] = {}
     for f in files:
         data = json.loads(Path(f).read_text())
         if data.get("protocol") != "within-volume":
             continue
         for name, m in data["methods"].items():
             if m.get("dice") is not None:
-                series.setdefault(name, []).append((data["k"], m["dice"]))
+                series.setdefault(name, {})[int(data["k"])] = m["dice"]
+    return series
+
+
+def dice_vs_k_plot(files, out_png) -> Path:
+    """Plot :func:`dice_vs_k_series` of ``files``: mean Dice against K for every method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = dice_vs_k_series(files)
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    for name, pts in sorted(series.items()):
-        pts.sort()
+    for name, by_k in sorted(series.items()):
+        pts = sorted(by_k.items())
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     ax.set_xlabel("revealed slices K")
     ax.set_ylabel("Dice on the other slices")
