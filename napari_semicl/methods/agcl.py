@@ -43,7 +43,7 @@ from torch import nn
 from ..data.augment import strong_augment, weak_augment
 from ..errors import ConfigError, check_positive
 from ..models.heads import ProjectionHead
-from .base import eval_mode
+from .base import eval_mode, review_arrays
 from .losses import masked_cross_entropy, supervised_loss
 from .mean_teacher import MeanTeacher, ema_update
 from .memory_bank import ClassMemoryBank
@@ -488,15 +488,7 @@ class AGCL(MeanTeacher):
         int64 (labelled crops first); 'patch_entropy' (B, K, H', W') float32, Ent^k of the
         sampler for every crop.
         """
-        out = {}
-        for key, value in self._last.items():
-            arr = value.detach().cpu().numpy()
-            if arr.dtype.kind == "f":
-                arr = arr.astype(np.float32, copy=False)
-            elif arr.dtype.kind in "iu":
-                arr = arr.astype(np.int64, copy=False)
-            out[key] = arr
-        return out
+        return review_arrays(self._last)
 
     @torch.no_grad()
     def review_slice(self, x: torch.Tensor, *, valid_shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:

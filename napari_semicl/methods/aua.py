@@ -41,7 +41,7 @@ from ..data.augment import weak_augment
 from ..errors import CheckpointError, ConfigError, check_choice, check_positive
 from ..models import build_model
 from ..models.heads import AleatoricHead, ProjectionHead
-from .base import StageChange, eval_mode
+from .base import eval_mode, review_arrays, StageChange
 from .losses import masked_cross_entropy, masked_dice_loss, sigmoid_rampup
 from .mean_teacher import MeanTeacher, ema_update
 
@@ -628,15 +628,7 @@ class AUA(MeanTeacher):
         (ground truth, or pseudo-labels in stage 2); 'embedding_is_labelled' (N,) bool.
         At most 2048, evenly spaced over the step's pixels.
         """
-        out = {}
-        for key, value in self._last.items():
-            arr = value.detach().cpu().numpy()
-            if arr.dtype.kind == "f":
-                arr = arr.astype(np.float32, copy=False)
-            elif arr.dtype.kind in "iu":
-                arr = arr.astype(np.int64, copy=False)
-            out[key] = arr
-        return out
+        return review_arrays(self._last)
 
     def _aleatoric_model(self) -> tuple[nn.Module, nn.Module]:
         if self.stage == 2 and self.pseudo_labeller is not None:

@@ -48,6 +48,20 @@ class StageChange:
     reset_optimizer: bool = False
 
 
+def review_arrays(tensors: dict) -> dict[str, np.ndarray]:
+    """Detached numpy copies of a step's review tensors: floats as float32, integers as
+    int64, booleans kept (what :meth:`Method.review` returns)."""
+    out = {}
+    for key, value in tensors.items():
+        arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if arr.dtype.kind == "f":
+            arr = arr.astype(np.float32, copy=False)
+        elif arr.dtype.kind in "iu":
+            arr = arr.astype(np.int64, copy=False)
+        out[key] = arr
+    return out
+
+
 class Method:
     """Base class. Subclasses set ``name`` and implement :meth:`compute_losses`.
 

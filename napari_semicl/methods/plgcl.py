@@ -35,7 +35,7 @@ from ..data.augment import strong_augment, weak_augment
 from ..errors import ConfigError, check_choice, check_positive
 from ..models.heads import ProjectionHead
 from .losses import masked_cross_entropy, supervised_loss
-from .base import eval_mode
+from .base import eval_mode, review_arrays
 from .mean_teacher import MeanTeacher, ema_update
 from .memory_bank import ClassMemoryBank
 from .patch_sampling import (
@@ -379,15 +379,7 @@ class PLGCL(MeanTeacher):
         'patch_centres' (N, 2) float32 (row, col) in crop pixels; 'patch_image_index' (N,)
         int64, the crop of each patch (labelled crops first).
         """
-        out = {}
-        for key, value in self._last.items():
-            arr = value.detach().cpu().numpy()
-            if arr.dtype.kind == "f":
-                arr = arr.astype(np.float32, copy=False)
-            elif arr.dtype.kind in "iu":
-                arr = arr.astype(np.int64, copy=False)
-            out[key] = arr
-        return out
+        return review_arrays(self._last)
 
     @torch.no_grad()
     def review_slice(self, x: torch.Tensor, *, valid_shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
