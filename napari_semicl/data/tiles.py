@@ -25,11 +25,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from ..errors import ConfigError, DataError
 from .annotation import IGNORE_INDEX, UNLABELLED, build_class_table, encode_targets
-from .dataset import Batch, SliceDataset
+from .dataset import SliceDataset
 
 log = logging.getLogger(__name__)
 
@@ -450,14 +449,8 @@ class TileDataset:
             xs.append(self.read_window(p_idx, y0, x0, p))
         return np.stack(xs)
 
-    def sample_batch(self, rng: np.random.Generator, device: torch.device, *, with_unlabelled: bool = True) -> Batch:
-        x_l, y_l = self.sample_labelled(self.cfg.batch_labelled, rng)
-        x_u = self.sample_unlabelled(self.cfg.batch_unlabelled, rng) if with_unlabelled else None
-        return Batch(
-            torch.from_numpy(x_l).to(device),
-            torch.from_numpy(y_l).to(device),
-            None if x_u is None else torch.from_numpy(x_u).to(device),
-        )
+    # the same assembly from this class's sample_labelled / sample_unlabelled
+    sample_batch = SliceDataset.sample_batch
 
 
 def make_dataset(pairs, data_config, wsi_config=None):
