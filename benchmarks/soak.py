@@ -70,28 +70,19 @@ def summarise(windows: list[dict], warmup_s: float) -> dict:
 def run_soak(*, seconds: float, window_s: float, method: str, refresh_every: int,
              checkpoint_minutes: float, warmup_s: float, out: Path, run_dir: Path) -> dict:
     import napari
-    from qtpy.QtWidgets import QApplication
 
     from napari_semicl.bench.common import machine_info
     from napari_semicl.data.reveal import choose_reveal_slices, reveal_slices
     from napari_semicl.engine.events import Checkpointed, Finished, Notice
     from napari_semicl.widgets.launch import add_sample_layers
-    from napari_semicl.widgets.train_widget import TrainWidget
-    from napari_semicl.widgets.ui_probe import LatencyProbe
+    from napari_semicl.widgets.ui_probe import LatencyProbe, spin_events, train_dock_on
 
     viewer = napari.Viewer(show=True)
     image, reference, painted = add_sample_layers(viewer)
     revealed = choose_reveal_slices(reference.data, 3, 0)
     painted.data[:] = reveal_slices(reference.data, revealed, 0)
     painted.refresh()
-    dock = TrainWidget(viewer)
-    viewer.window.add_dock_widget(dock, name="Train")
-    dock.set_pair(0, image, painted)
-    dock.method_combo.setCurrentText(method)
-    dock.budget_combo.setCurrentText("iterations")
-    dock.iterations_spin.setValue(10_000_000)
-    dock.refresh_spin.setValue(refresh_every)
-    dock.background_check.setChecked(True)
+    dock = train_dock_on(viewer, image, painted, method=method, iterations=10_000_000, refresh_every=refresh_every)
     dock.run_folder_edit.setText(str(run_dir))
     build = dock.build_config
 
@@ -101,18 +92,10 @@ def run_soak(*, seconds: float, window_s: float, method: str, refresh_every: int
         return cfg
 
     dock.build_config = build_with_autosave
-    app = QApplication.instance()
     probe = LatencyProbe(10)
-
-    def spin(duration: float) -> None:
-        end = time.perf_counter() + duration
-        while time.perf_counter() < end:
-            app.processEvents()
-            time.sleep(0.001)
-
-    spin(1.0)
+    spin_events(1.0)
     probe.start()
-    spin(min(window_s, 30.0))
+    spin_events(min(window_s, 30.0))
     idle = probe.stop()
     counts = {"checkpoints": 0, "notices": 0}
     errors: list[str] = []
@@ -149,7 +132,7 @@ def run_soak(*, seconds: float, window_s: float, method: str, refresh_every: int
         painted.refresh()
         w0 = time.perf_counter()
         probe.start()
-        spin(window_s)
+        spin_events(window_s)
         latency = probe.stop()
         gc_objects = len(gc.get_objects())
         step = trainer.step
@@ -173,7 +156,7 @@ def run_soak(*, seconds: float, window_s: float, method: str, refresh_every: int
     t_stop = time.perf_counter()
     dock.stop_training()
     while dock.is_training and time.perf_counter() - t_stop < 120:
-        spin(0.05)
+        spin_events(0.05)
     result["stop_s"] = round(time.perf_counter() - t_stop, 3)
     result["final_step"] = trainer.step
     result["errors"] = errors

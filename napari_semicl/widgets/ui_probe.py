@@ -53,6 +53,34 @@ class LatencyProbe:
         return _percentiles(self.lateness_ms)
 
 
+def spin_events(duration: float) -> None:
+    """Run the Qt event loop for ``duration`` seconds (the probe's timer fires meanwhile)."""
+    from qtpy.QtWidgets import QApplication
+
+    app = QApplication.instance()
+    end = time.perf_counter() + duration
+    while time.perf_counter() < end:
+        app.processEvents()
+        time.sleep(0.001)
+
+
+def train_dock_on(viewer, image, labels, *, method: str, iterations: int, refresh_every: int):
+    """A Train dock docked in ``viewer``, set to train ``method`` on (image, labels) with
+    unpainted pixels as background, for ``iterations`` steps, refreshing every
+    ``refresh_every``; not started."""
+    from .train_widget import TrainWidget
+
+    dock = TrainWidget(viewer)
+    viewer.window.add_dock_widget(dock, name="Train")
+    dock.set_pair(0, image, labels)
+    dock.method_combo.setCurrentText(method)
+    dock.budget_combo.setCurrentText("iterations")
+    dock.iterations_spin.setValue(iterations)
+    dock.refresh_spin.setValue(refresh_every)
+    dock.background_check.setChecked(True)
+    return dock
+
+
 def run_probe(*, seconds: float = 20.0, method: str = "mean_teacher", refresh_every: int = 20,
               interval_ms: int = 10, review_docks: bool = False, image_path=None, reference_path=None) -> dict:
     """Open napari with the sample and the Train dock; probe idle, then while training.
@@ -63,11 +91,9 @@ def run_probe(*, seconds: float = 20.0, method: str = "mean_teacher", refresh_ev
     ``reference_path`` replace the sample (3 slices of the reference revealed).
     """
     import napari
-    from qtpy.QtWidgets import QApplication
 
     from ..data.reveal import choose_reveal_slices, reveal_slices
     from ..io._npe2 import sample_volume
-    from .train_widget import TrainWidget
 
     viewer = napari.Viewer(show=True)
     if image_path is not None:
@@ -83,14 +109,7 @@ def run_probe(*, seconds: float = 20.0, method: str = "mean_teacher", refresh_ev
     revealed = choose_reveal_slices(ref_data, 3, 0)
     labels = viewer.add_labels(reveal_slices(ref_data, revealed, 0), name="painted", scale=image.scale,
                                metadata=dict(image.metadata))
-    dock = TrainWidget(viewer)
-    viewer.window.add_dock_widget(dock, name="Train")
-    dock.set_pair(0, image, labels)
-    dock.method_combo.setCurrentText(method)
-    dock.budget_combo.setCurrentText("iterations")
-    dock.iterations_spin.setValue(100000)
-    dock.refresh_spin.setValue(refresh_every)
-    dock.background_check.setChecked(True)
+    dock = train_dock_on(viewer, image, labels, method=method, iterations=100000, refresh_every=refresh_every)
     counts = {"previews": 0, "analysed": 0, "tsne_done": 0}
     review = {}
     if review_docks:
@@ -119,31 +138,23 @@ def run_probe(*, seconds: float = 20.0, method: str = "mean_teacher", refresh_ev
             done(*args)
 
         review["FeaturePlotWidget"]._on_tsne_done = counted_done
-    app = QApplication.instance()
     probe = LatencyProbe(interval_ms)
-
-    def spin(duration: float) -> None:
-        end = time.perf_counter() + duration
-        while time.perf_counter() < end:
-            app.processEvents()
-            time.sleep(0.001)
-
-    spin(1.0)
+    spin_events(1.0)
     probe.start()
-    spin(seconds)
+    spin_events(seconds)
     idle = probe.stop()
     if not dock.start_training():
         raise RuntimeError("the Train dock refused to start (see the notification)")
-    spin(2.0)  # start-up (first refresh) is reported separately from the steady state
+    spin_events(2.0)  # start-up (first refresh) is reported separately from the steady state
     probe.start()
-    spin(seconds)
+    spin_events(seconds)
     training = probe.stop()
     steps = dock.trainer.step
     during = dict(counts)
     t0 = time.perf_counter()
     dock.stop_training()
     while dock.is_training and time.perf_counter() - t0 < 60:
-        spin(0.05)
+        spin_events(0.05)
     stop_s = time.perf_counter() - t0
     result = {"idle": idle, "training": training, "method": method, "refresh_every": refresh_every,
               "interval_ms": interval_ms, "seconds_per_phase": seconds, "steps_during_probe": steps,
