@@ -455,25 +455,32 @@ KILLED_RUN = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("where", ["step", "checkpoint"])
-def test_a_run_killed_mid_step_keeps_checkpoint_and_annotations_and_resumes(where, tmp_path, files):
-    out, marker = tmp_path / "run", tmp_path / "hanging"
-    script = tmp_path / "killed_run.py"
-    script.write_text(KILLED_RUN.format(tests=str(Path(__file__).parent)))
+def kill_when_marked(script: Path, args: list[str], marker: Path, *, timeout_s: float, poll_s: float) -> int:
+    """Run ``script`` in a subprocess, wait until it writes ``marker`` (it then hangs at the
+    point under test), SIGKILL it there and return its exit status."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(script), str(out), where, str(marker)], env=env,
+    proc = subprocess.Popen([sys.executable, str(script), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + timeout_s
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
+            time.sleep(poll_s)
         assert marker.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    return proc.returncode
+
+
+@pytest.mark.parametrize("where", ["step", "checkpoint"])
+def test_a_run_killed_mid_step_keeps_checkpoint_and_annotations_and_resumes(where, tmp_path, files):
+    out, marker = tmp_path / "run", tmp_path / "hanging"
+    script = tmp_path / "killed_run.py"
+    script.write_text(KILLED_RUN.format(tests=str(Path(__file__).parent)))
+    returncode = kill_when_marked(script, [str(out), where, str(marker)], marker, timeout_s=240, poll_s=0.1)
+    assert returncode == -signal.SIGKILL
     assert marker.read_text() == "3"
     # the last good checkpoint: complete, loadable, from before the kill
     data = load_checkpoint(out / "checkpoint.pt")
@@ -522,19 +529,7 @@ def test_an_export_killed_mid_write_leaves_the_previous_export(tmp_path):
     before = digest(target)
     script = tmp_path / "killed_export.py"
     script.write_text(KILLED_EXPORT)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(script), str(target), str(marker)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when_marked(script, [str(target), str(marker)], marker, timeout_s=120, poll_s=0.05)
     partial = Path(marker.read_text())
     assert partial.parent == tmp_path and partial.name.startswith(".mask.") and partial.exists()
     assert digest(target) == before
