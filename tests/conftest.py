@@ -94,3 +94,16 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for a test (modules opt in with ``usefixtures``): on a loaded 2-core
+    machine, OpenMP workers waiting for a busy core make a step many times slower
+    (engine/device.py)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

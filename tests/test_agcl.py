@@ -28,15 +28,10 @@ from napari_semicl.methods.agcl import (
 from napari_semicl.methods.memory_bank import ClassMemoryBank
 from napari_semicl.models import build_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CPU = torch.device("cpu")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --- Eq. 2 ------------------------------------------------------------------------------------------

@@ -28,15 +28,10 @@ from napari_semicl.errors import ConfigError
 from napari_semicl.io.sample import load_sample_volume
 from napari_semicl.methods import MeanTeacher
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CPU = torch.device("cpu")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --- entropy ---------------------------------------------------------------------------------

@@ -31,15 +31,10 @@ from napari_semicl.methods.aua import (
 )
 from napari_semicl.models import UNet2D
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CPU = torch.device("cpu")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --- Eq. 5: the low-rank Gaussian ----------------------------------------------------------------

@@ -32,17 +32,10 @@ from napari_semicl.methods.patch_sampling import (
 from napari_semicl.methods.plgcl import PLGCLLoss
 from napari_semicl.models import build_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CPU = torch.device("cpu")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a loaded 2-core machine, OpenMP workers waiting for a busy
-    core make a step many times slower (engine/device.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _np_entropy(x, eps=1e-6):

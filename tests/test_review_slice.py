@@ -11,15 +11,10 @@ from napari_semicl.methods import get_method
 from napari_semicl.methods.patch_sampling import patch_entropy
 from napari_semicl.models import UNet2D
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CPU = torch.device("cpu")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _modes(*modules):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.gui
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("one_torch_thread")]
 
 napari = pytest.importorskip("napari")
 
@@ -28,13 +28,6 @@ PAINTED = (2, 20)
 VALIDATION = 14
 ACCEPT = 6  # an unlabelled slice whose pseudo-labels are accepted
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class _FakeAleatoric(MeanTeacher):
