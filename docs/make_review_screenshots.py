@@ -99,6 +99,9 @@ def main(argv=None) -> int:
         dock.parent().raise_() if dock.parent() is not None else None
         _close_toasts(viewer)
         _spin(1.0)
+        view = getattr(dock, "view", None)  # figures are drawn in the render thread
+        while view is not None and view.busy:
+            _spin(0.1)
         path = args.out_dir / f"review_{name}.png"
         viewer.window._qt_window.grab().save(str(path))
         logging.info("saved %s", path)
@@ -132,7 +135,7 @@ def main(argv=None) -> int:
     logging.info("t-SNE in %.1f s", time.monotonic() - t1)
     shoot("tsne", feature)
     # 5. curves
-    curves.redraw()
+    curves.redraw(wait=True)
     shoot("curves", curves)
     viewer.close()
     return 0

@@ -429,6 +429,11 @@ def cmd_bench(args) -> int:
                "--seconds", str(args.seconds), "--method", args.method, "--refresh-every", str(args.refresh_every)]
         if args.review_docks:
             cmd.append("--review-docks")
+        if args.trace_stalls:
+            cmd.append("--trace-stalls")
+        for flag, value in (("--image", args.image), ("--reference", args.reference)):
+            if value:
+                cmd += [flag, value]
         return subprocess.call(cmd)  # a separate process: Qt and napari stay out of the CLI
     else:
         data = speed_mod.speed(methods=methods, steps=args.steps, device=device, threads=args.threads)
@@ -526,6 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--method", default="mean_teacher")
     u.add_argument("--refresh-every", type=int, default=20)
     u.add_argument("--review-docks", action="store_true", help="also open the review docks, refreshing")
+    u.add_argument("--image", help="an image file instead of the sample")
+    u.add_argument("--reference", help="its reference labels (3 slices are revealed)")
+    u.add_argument("--trace-stalls", action="store_true",
+                   help="record the Qt thread's stack whenever it is blocked (diagnosis)")
     u.add_argument("--out", required=True)
     hs = bsub.add_parser("histology", help="H&E tiles (MoNuSeg): N labelled, the rest unlabelled and scored")
     hs.add_argument("--data", required=True, help="folder of NAME.png + NAME_gt.png tiles")

@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("one_torch_thread")]
 
 napari = pytest.importorskip("napari")
 
-from matplotlib.backend_bases import MouseEvent  # noqa: E402
+from qtpy.QtCore import QPoint, Qt  # noqa: E402
 
 from napari_semicl.analysis import sample_disagreement, slice_means  # noqa: E402
 from napari_semicl.engine.events import Finished, Reviewed  # noqa: E402
@@ -98,6 +98,10 @@ def trained(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     finished = []
     train.event_received.connect(lambda e: finished.append(e) if isinstance(e, Finished) else None)
     assert train.start_training()
+    # the review layer exists as soon as Train is pressed (adding a layer pauses napari: not
+    # in the middle of training), empty, with the predictions' dtype (refreshed in place)
+    pseudo = viewer.layers["t1 crop pseudo-labels"]
+    assert pseudo.data.shape == img.data.shape and pseudo.data.dtype == viewer.layers["t1 crop prediction"].data.dtype
     qtbot.waitUntil(lambda: bool(finished) and not train.is_training, timeout=240_000)
     assert finished[0].reason == "budget"
     qtbot.wait(200)  # the pseudo-label / score workers deliver
@@ -179,21 +183,30 @@ def test_review_docks_after_training(trained, qtbot):
     n = len(feature.points)
     assert 0 < n <= 200 and feature.points.shape == (n, 2)
     pos = feature.data["positions"]
-    feature.canvas.draw()
+    # drawn in the render thread; the image shown is the one clicked
+    qtbot.waitUntil(lambda: not feature.view.busy and feature.view.info is not None
+                    and len(feature.view.info["display_xy"]) == n, timeout=30_000)
     i = int(np.argmax(pos[:, 1] != viewer.dims.current_step[0]))
-    x, y = feature._ax.transData.transform(feature.points[i].astype(float))
-    MouseEvent("button_press_event", feature.canvas, x, y, button=1)._process()
-    j = feature.point_at(x, y)
-    assert pos[j, 1] == pos[i, 1] or np.allclose(feature.points[j], feature.points[i])
+    x, y = feature.point_position(i)
+    qtbot.mouseClick(feature.view, Qt.LeftButton, pos=QPoint(round(x), round(y)))
+    xy = feature.view.info["display_xy"][i]
+    j = feature.point_at(*xy)
+    assert j is not None and (pos[j, 1] == pos[i, 1] or np.allclose(feature.points[j], feature.points[i]))
     assert viewer.dims.current_step[0] == pos[j, 1]
 
     # --- curves: every loss by name and the validation Dice against steps
     curves.redraw()
+    qtbot.waitUntil(lambda: not curves.view.busy, timeout=30_000)
     steps, total = curves.history.series("total")
     assert len(steps) == 22 and steps[-1] == 22
     assert {"ce", "dice", "consistency", "total"} <= set(curves.history.names())
     assert len(curves.history.series(DICE)[0]) >= 2
-    assert len(curves._ax.get_lines()) >= 4 and len(curves._ax_dice.get_lines()) == 1
+    ax, ax_dice = curves.view.figure.axes
+    assert len(ax.get_lines()) >= 4 and len(ax_dice.get_lines()) == 1
+    # the image shown is the figure drawn at the widget's size, not blank
+    image = curves.view._image
+    assert (image.width(), image.height()) == curves.view.pixel_size()
+    assert image.pixelColor(0, 0).name() == "#ffffff" and not image.isNull()
 
 
 def test_aleatoric_and_affinity_through_the_contract(trained, qtbot):
@@ -220,5 +233,7 @@ def test_aleatoric_and_affinity_through_the_contract(trained, qtbot):
     # the affinity heat map of review() beside the t-SNE
     feature.points_spin.setValue(100)
     assert feature.compute()
-    qtbot.waitUntil(lambda: not feature.busy and feature._affinity_ax is not None, timeout=120_000)
-    assert feature._affinity_ax.get_images()[0].get_array().shape == (6, 6)
+    qtbot.waitUntil(lambda: not feature.busy and feature.affinity is not None and not feature.view.busy,
+                    timeout=120_000)
+    assert feature.affinity.shape == (6, 6)
+    assert feature.view.figure.axes[-1].get_images()[0].get_array().shape == (6, 6)

@@ -22,6 +22,38 @@ from . import _layers
 
 log = logging.getLogger(__name__)
 
+#: Background workers still running. They are kept here, not by the dock that started them:
+#: a worker whose dock was closed meanwhile would otherwise lose its Qt signals and raise
+#: in its thread when it finishes.
+_RUNNING: set = set()
+
+
+def start_worker(fn, *args, returned=None, errored=None, **kwargs):
+    """Run ``fn(*args, **kwargs)`` in napari's thread pool; ``returned(value)`` and
+    ``errored(exc)`` are called on the Qt thread, and skipped quietly when the widget they
+    belong to was deleted meanwhile."""
+    from napari.qt.threading import create_worker
+
+    def deliver(callback):
+        def call(value) -> None:
+            try:
+                callback(value)
+            except RuntimeError as exc:  # "wrapped C/C++ object ... has been deleted"
+                if "deleted" not in str(exc):
+                    raise
+                log.debug("result of %s dropped: its widget is gone", getattr(fn, "__name__", fn))
+        return call
+
+    worker = create_worker(fn, *args, _start_thread=False, _ignore_errors=True, **kwargs)
+    if returned is not None:
+        worker.returned.connect(deliver(returned))
+    if errored is not None:
+        worker.errored.connect(deliver(errored))
+    _RUNNING.add(worker)
+    worker.finished.connect(lambda: _RUNNING.discard(worker))
+    worker.start()
+    return worker
+
 #: How often a dock without a Train dock looks for one (ms).
 FIND_INTERVAL_MS = 1000
 
@@ -88,7 +120,6 @@ class ReviewDock(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.train_widget = None
-        self._idle_workers: list = []
         self._find_timer = QTimer(self)
         self._find_timer.setInterval(FIND_INTERVAL_MS)
         self._find_timer.timeout.connect(self._on_find_timeout)
@@ -106,11 +137,13 @@ class ReviewDock(QWidget):
         self.disconnect_train_widget()
         self.train_widget = train_widget
         train_widget.event_received.connect(self._on_train_event)
+        train_widget.run_starting.connect(self._on_run_starting)
 
     def disconnect_train_widget(self) -> None:
         if self.train_widget is not None:
             try:
                 self.train_widget.event_received.disconnect(self._on_train_event)
+                self.train_widget.run_starting.disconnect(self._on_run_starting)
             except (TypeError, RuntimeError):
                 pass
         self.train_widget = None
@@ -184,14 +217,7 @@ class ReviewDock(QWidget):
         if self.train_widget.is_training:
             trainer.request_analysis(kind, **params)
             return True
-        from napari.qt.threading import create_worker
-
-        worker = create_worker(trainer.analyse, kind, _start_thread=False, _ignore_errors=True, **params)
-        worker.returned.connect(self._on_train_event)
-        worker.errored.connect(self._on_idle_error)
-        worker.finished.connect(lambda w=worker: self._idle_workers.remove(w) if w in self._idle_workers else None)
-        self._idle_workers.append(worker)
-        worker.start()
+        start_worker(trainer.analyse, kind, returned=self._on_train_event, errored=self._on_idle_error, **params)
         return True
 
     def _on_idle_error(self, exc: Exception) -> None:
@@ -207,6 +233,16 @@ class ReviewDock(QWidget):
 
     def on_train_event(self, event) -> None:
         """Override: one trainer event (or an Analysed result), on the Qt thread."""
+
+    def _on_run_starting(self, trainer) -> None:
+        try:
+            self.on_run_starting(trainer)
+        except (SemiclError, ValueError, RuntimeError) as exc:
+            log.warning("%s could not prepare its layers", type(self).__name__, exc_info=True)
+            notifications.show_warning(f"{type(self).__name__}: {exc}")
+
+    def on_run_starting(self, trainer) -> None:
+        """Override: Train was pressed (Qt thread, before the first step): create layers now."""
 
     def closeEvent(self, event) -> None:
         self._find_timer.stop()

@@ -19,10 +19,14 @@ SAMPLES_SUFFIX = " aleatoric samples"
 
 def show_pseudo_labels(viewer, image: Layer, array: np.ndarray) -> Labels:
     """Create or refresh the '<image> pseudo-labels' Labels layer (editable: the user
-    corrects it with the brush before accepting a slice). The array is used as it is."""
+    corrects it with the brush before accepting a slice). An existing layer is refreshed in
+    place when shape and dtype allow (cheaper for napari than new data), else it takes
+    ``array`` as it is."""
     name = f"{image.name}{PSEUDO_SUFFIX}"
     layer = _layers._find(viewer, name, Labels)
     if layer is not None:
+        if layer.data.shape == array.shape and np.can_cast(array.dtype, layer.data.dtype):
+            return _layers._replace_data(layer, array)
         layer.data = array
         return layer
     kwargs = _layers._geometry_kwargs(image)

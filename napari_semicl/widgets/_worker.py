@@ -9,11 +9,43 @@ model is kept. :func:`start_training_worker` runs it in napari's worker thread p
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Callable, Generator
 
 log = logging.getLogger(__name__)
+
+_frozen_runs = 0
+_freeze_lock = threading.Lock()
+
+
+def freeze_heap() -> None:
+    """Move every object alive now out of the cyclic garbage collector's sight until
+    :func:`thaw_heap` (``gc.freeze``).
+
+    A full collection walks the whole heap (napari, Qt wrappers, torch, matplotlib: millions
+    of objects) while holding the GIL; during training one took 0.3 s and froze the viewer
+    (``bench ui --trace-stalls``). Frozen, the collections during training only walk what
+    training allocated. Called when a run starts; nested runs are counted.
+    """
+    global _frozen_runs
+    with _freeze_lock:
+        gc.collect(1)  # the young generations: cheap, and their garbage is not frozen
+        gc.freeze()
+        _frozen_runs += 1
+
+
+def thaw_heap() -> None:
+    """Undo one :func:`freeze_heap`; the last one gives the frozen objects back to the
+    collector (garbage among them is collected at the next full collection)."""
+    global _frozen_runs
+    with _freeze_lock:
+        if _frozen_runs == 0:
+            return
+        _frozen_runs -= 1
+        if _frozen_runs == 0:
+            gc.unfreeze()
 
 
 class RunControl:

@@ -1,21 +1,22 @@
 """The "Training curves" dock: every loss by name and the validation Dice against steps.
 
 Events only append to a :class:`~napari_semicl.analysis.TrainingHistory`; a timer redraws
-the matplotlib canvas at most once per ``REDRAW_MS`` when something changed, so a fast
-training loop never makes the Qt thread draw at every step.
+the figure at most once per ``REDRAW_MS`` when something changed, and the drawing itself
+runs in the render thread of :class:`~napari_semicl.widgets._figure.FigureView`, so the Qt
+thread only copies the series and paints the finished image.
 """
 
 from __future__ import annotations
 
 import math
 
-from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QCheckBox, QLabel, QVBoxLayout
 
 from ..analysis import TrainingHistory
 from ..engine.events import Evaluated, StepDone
+from ._figure import FigureView
 from ._link import ReviewDock
 
 #: Redraw interval (ms) while new values come in.
@@ -42,37 +43,18 @@ class CurvesWidget(ReviewDock):
         self._timer.timeout.connect(self._on_timer)
         self._timer.start()
 
-    def redraw(self) -> None:
-        """Draw the history now."""
+    def snapshot(self) -> dict:
+        """A copy of what the figure shows (built on the Qt thread, drawn in the render thread)."""
+        return {"series": {n: self.history.series(n) for n in self.history.names()},
+                "log": self.log_check.isChecked()}
+
+    def redraw(self, wait: bool = False) -> None:
+        """Draw the history now: in the render thread, or here when ``wait``."""
         self._dirty = False
-        ax, ax2 = self._ax, self._ax_dice
-        ax.clear()
-        ax2.clear()
-        for name in self.history.names():
-            if name == DICE:
-                continue
-            steps, values = self.history.series(name)
-            ax.plot(steps, values, label=name, linewidth=1.2 if name == "total" else 0.9)
-        if self.log_check.isChecked() and any(
-            (self.history.series(n)[1] > 0).all() for n in self.history.names() if n != DICE
-        ):
-            ax.set_yscale("log")
-        ax.set_xlabel("step", fontsize=8)
-        ax.set_ylabel("loss", fontsize=8)
-        steps, dice = self.history.series(DICE)
-        if len(steps):
-            ax2.plot(steps, dice, "k.-", label=DICE)
-            ax2.set_ylim(0, 1)
-            ax2.set_ylabel("Dice", fontsize=8)
-        ax2.yaxis.set_label_position("right")
-        ax2.yaxis.tick_right()
-        lines = ax.get_legend_handles_labels()
-        more = ax2.get_legend_handles_labels()
-        if lines[0] or more[0]:
-            ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper right", framealpha=0.6)
-        for a in (ax, ax2):
-            a.tick_params(labelsize=7)
-        self.canvas.draw_idle()
+        if wait:
+            self.view.render_now(self.snapshot())
+        else:
+            self.view.submit(self.snapshot())
 
     def _build_ui(self) -> None:
         layout = QVBoxLayout(self)
@@ -80,15 +62,11 @@ class CurvesWidget(ReviewDock):
         self.log_check.setChecked(True)
         self.log_check.toggled.connect(self.redraw)
         layout.addWidget(self.log_check)
-        # fixed margins: a layout engine (tight/constrained) re-runs on every draw and took
-        # ~0.35 s of the Qt thread per draw while training held the GIL (bench ui profile)
-        self.figure = Figure(figsize=(4, 3))
-        self.figure.subplots_adjust(left=0.15, right=0.86, bottom=0.15, top=0.97)
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(220)
-        self._ax = self.figure.add_subplot(1, 1, 1)
-        self._ax_dice = self._ax.twinx()
-        layout.addWidget(self.canvas, 1)
+        # drawn with Agg in the render thread: on the Qt thread a draw took 0.3-0.8 s while
+        # training held the GIL (bench ui --review-docks)
+        self.view = FigureView(draw_curves, min_height=220)
+        self.figure = self.view.figure
+        layout.addWidget(self.view, 1)
         self.status_label = QLabel("Curves appear when training starts.")
         self.status_label.setWordWrap(True)
         layout.addWidget(self.status_label)
@@ -105,9 +83,39 @@ class CurvesWidget(ReviewDock):
                 self._dirty = True
 
     def _on_timer(self) -> None:
-        if self._dirty and self.isVisible():
+        if self._dirty and self.isVisible() and not self.view.busy:
             self.redraw()
 
     def closeEvent(self, event) -> None:
         self._timer.stop()
         super().closeEvent(event)
+
+
+def draw_curves(fig: Figure, snap: dict) -> None:
+    """Fill ``fig`` with the losses (left axis) and validation Dice (right axis) of ``snap``."""
+    fig.clear()
+    # fixed margins: a layout engine (tight/constrained) re-runs on every draw
+    fig.subplots_adjust(left=0.15, right=0.86, bottom=0.15, top=0.97)
+    ax = fig.add_subplot(1, 1, 1)
+    ax2 = ax.twinx()
+    series = snap["series"]
+    for name, (steps, values) in series.items():
+        if name != DICE:
+            ax.plot(steps, values, label=name, linewidth=1.2 if name == "total" else 0.9)
+    if snap["log"] and any((v > 0).all() for n, (_, v) in series.items() if n != DICE):
+        ax.set_yscale("log")
+    ax.set_xlabel("step", fontsize=8)
+    ax.set_ylabel("loss", fontsize=8)
+    steps, dice = series.get(DICE, ((), ()))
+    if len(steps):
+        ax2.plot(steps, dice, "k.-", label=DICE)
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("Dice", fontsize=8)
+    ax2.yaxis.set_label_position("right")
+    ax2.yaxis.tick_right()
+    lines = ax.get_legend_handles_labels()
+    more = ax2.get_legend_handles_labels()
+    if lines[0] or more[0]:
+        ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper right", framealpha=0.6)
+    for a in (ax, ax2):
+        a.tick_params(labelsize=7)

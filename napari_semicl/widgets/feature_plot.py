@@ -14,9 +14,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
-from napari.qt.threading import create_worker
 from qtpy.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
@@ -28,8 +26,9 @@ from qtpy.QtWidgets import (
 
 from ..analysis import DEFAULT_MAX_POINTS, nearest_point, tsne_2d
 from ..engine.events import Analysed, StepDone
+from ._figure import FigureView
 from ._layers import CLASS_COLOURS
-from ._link import ReviewDock, go_to
+from ._link import ReviewDock, go_to, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,8 @@ class FeaturePlotWidget(ReviewDock):
         self.points: np.ndarray = np.zeros((0, 2), np.float32)
         self._busy = False
         self._last_request_step = -1
-        self._tsne_worker = None
+        #: the method's affinity matrix (AGCL), drawn beside the t-SNE when there is one
+        self.affinity: np.ndarray | None = None
         super().__init__(napari_viewer, train_widget)
         self._build_ui()
 
@@ -72,28 +72,27 @@ class FeaturePlotWidget(ReviewDock):
     def busy(self) -> bool:
         return self._busy
 
-    def show_embedding(self, data: dict, points: np.ndarray) -> None:
-        """Draw ``points`` (N, 2) with the classes and labelled flags of ``data``."""
+    def show_embedding(self, data: dict, points: np.ndarray, wait: bool = False) -> None:
+        """Draw ``points`` (N, 2) with the classes and labelled flags of ``data`` (in the
+        render thread, or here when ``wait``)."""
         self.data, self.points = data, np.asarray(points, np.float32)
-        ax = self._ax
-        ax.clear()
-        classes = data["embedding_labels"]
-        labelled = data["embedding_is_labelled"].astype(bool)
-        values = data.get("class_values")
-        for k in np.unique(classes):
-            colour = CLASS_COLOURS[int(k) % len(CLASS_COLOURS)]
-            name = str(values[k]) if values is not None and k < len(values) else str(k)
-            for mask, marker, what in ((labelled, "o", "painted"), (~labelled, "x", "pseudo")):
-                sel = (classes == k) & mask
-                if sel.any():
-                    ax.scatter(self.points[sel, 0], self.points[sel, 1], s=10 if marker == "o" else 14,
-                               c=colour, marker=marker, linewidths=0.8, label=f"{name} {what}")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(f"t-SNE of {len(classes)} pixel embeddings", fontsize=9)
-        if len(classes):
-            ax.legend(fontsize=7, markerscale=1.5, loc="best", framealpha=0.6)
-        self.canvas.draw_idle()
+        self._redraw(wait)
+
+    def snapshot(self) -> dict:
+        """A copy of what the figure shows, for the render thread."""
+        return {
+            "points": self.points.copy(),
+            "classes": np.asarray(self.data.get("embedding_labels", np.zeros(0, np.int64))).copy(),
+            "labelled": np.asarray(self.data.get("embedding_is_labelled", np.zeros(0, bool))).astype(bool),
+            "values": None if self.data.get("class_values") is None else list(self.data["class_values"]),
+            "affinity": None if self.affinity is None else self.affinity.copy(),
+        }
+
+    def _redraw(self, wait: bool = False) -> None:
+        if wait:
+            self.view.render_now(self.snapshot())
+        else:
+            self.view.submit(self.snapshot())
 
     def select_point(self, index: int) -> None:
         """Move the viewer to the slice and pixel of point ``index``."""
@@ -109,12 +108,21 @@ class FeaturePlotWidget(ReviewDock):
         self.status_label.setText(f"Point {index}: {kind} pixel ({row}, {col}) of slice {s}.")
 
     def point_at(self, x_px: float, y_px: float) -> int | None:
-        """The point under display position (x, y) in canvas pixels (matplotlib's origin:
-        bottom left), or None."""
-        if not len(self.points):
+        """The point under figure position (x, y) in device pixels (matplotlib's origin:
+        bottom left) in the image shown, or None."""
+        xy = (self.view.info or {}).get("display_xy")
+        if xy is None or not len(xy) or len(xy) != len(self.points):
             return None
-        xy = self._ax.transData.transform(self.points.astype(np.float64))
         return nearest_point(xy, (x_px, y_px), max_distance=CLICK_RADIUS_PX)
+
+    def point_position(self, index: int) -> tuple[float, float] | None:
+        """Where point ``index`` is drawn: (x, y) in widget pixels (Qt's origin, top left)."""
+        xy = (self.view.info or {}).get("display_xy")
+        if xy is None or not 0 <= index < len(xy):
+            return None
+        ratio = self.view.devicePixelRatioF()
+        height = self.view.pixel_size()[1]
+        return float(xy[index, 0] / ratio), float((height - xy[index, 1]) / ratio)
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
@@ -142,32 +150,15 @@ class FeaturePlotWidget(ReviewDock):
         self.compute_button.clicked.connect(self._on_compute_clicked)
         row.addWidget(self.compute_button)
         layout.addLayout(row)
-        # fixed margins: a layout engine re-runs on every draw (slow on the Qt thread)
-        self.figure = Figure(figsize=(4, 4))
-        self.figure.subplots_adjust(left=0.03, right=0.97, bottom=0.03, top=0.92, wspace=0.08)
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(280)
-        self._ax = self.figure.add_subplot(1, 1, 1)
-        self._ax.set_xticks([])
-        self._ax.set_yticks([])
-        self._affinity_ax = None
-        self.canvas.mpl_connect("button_press_event", self._on_canvas_pressed)
-        layout.addWidget(self.canvas, 1)
+        # drawn with Agg in the render thread: a draw on the Qt thread took 0.3-0.8 s while
+        # training held the GIL (bench ui --review-docks)
+        self.view = FigureView(draw_embedding, min_height=280)
+        self.figure = self.view.figure
+        self.view.clicked.connect(self._on_view_clicked)
+        layout.addWidget(self.view, 1)
         self.status_label = QLabel("Press 'Compute t-SNE' once training has started.")
         self.status_label.setWordWrap(True)
         layout.addWidget(self.status_label)
-
-    def _show_affinity(self, affinity: np.ndarray) -> None:
-        if self._affinity_ax is None:
-            self._ax.set_subplotspec(self.figure.add_gridspec(1, 2)[0, 0])
-            self._affinity_ax = self.figure.add_subplot(1, 2, 2)
-        ax = self._affinity_ax
-        ax.clear()
-        ax.imshow(affinity, cmap="viridis", interpolation="nearest")
-        ax.set_title(f"affinity ({affinity.shape[0]} x {affinity.shape[1]})", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        self.canvas.draw_idle()
 
     # ------------------------------------------------------------------ events
     def on_train_event(self, event) -> None:
@@ -181,7 +172,8 @@ class FeaturePlotWidget(ReviewDock):
         elif isinstance(event, Analysed) and event.kind == "method_review":
             affinity = event.arrays.get("affinity")
             if affinity is not None and np.ndim(affinity) == 2:
-                self._show_affinity(np.asarray(affinity))
+                self.affinity = np.asarray(affinity, np.float32)
+                self._redraw()
 
     def _run_tsne(self, data: dict) -> None:
         emb = data.get("embeddings")
@@ -190,15 +182,11 @@ class FeaturePlotWidget(ReviewDock):
             self.status_label.setText("No pixel to embed yet.")
             return
         self.status_label.setText(f"t-SNE of {len(emb)} embeddings (in the background)...")
-        worker = create_worker(tsne_2d, emb, seed=0, _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(lambda pts, d=data: self._on_tsne_done(d, pts))
-        worker.errored.connect(self._on_tsne_error)
-        self._tsne_worker = worker
-        worker.start()
+        start_worker(tsne_2d, emb, seed=0, returned=lambda pts, d=data: self._on_tsne_done(d, pts),
+                     errored=self._on_tsne_error)
 
     def _on_tsne_done(self, data: dict, points: np.ndarray) -> None:
         self._busy = False
-        self._tsne_worker = None
         self.show_embedding(data, points)
         n_lab = int(np.count_nonzero(data["embedding_is_labelled"]))
         self.status_label.setText(
@@ -208,19 +196,54 @@ class FeaturePlotWidget(ReviewDock):
 
     def _on_tsne_error(self, exc: Exception) -> None:
         self._busy = False
-        self._tsne_worker = None
         self._on_idle_error(exc)
 
     def _on_idle_error(self, exc: Exception) -> None:
         self._busy = False
         super()._on_idle_error(exc)
 
-    def _on_canvas_pressed(self, mpl_event) -> None:
-        if mpl_event.inaxes is not self._ax or mpl_event.button != 1:
+    def _on_view_clicked(self, x: float, y: float, button: int) -> None:
+        if button != 1:
             return
-        index = self.point_at(mpl_event.x, mpl_event.y)
+        index = self.point_at(x, y)
         if index is not None:
             self.select_point(index)
 
     def _on_compute_clicked(self) -> None:
         self.compute()
+
+
+def draw_embedding(fig: Figure, snap: dict) -> dict:
+    """Fill ``fig`` with the t-SNE scatter (and the affinity heat map) of ``snap``; gives the
+    points' display coordinates (device pixels, origin bottom left) for clicks once drawn."""
+    fig.clear()
+    # fixed margins: a layout engine re-runs on every draw
+    fig.subplots_adjust(left=0.03, right=0.97, bottom=0.03, top=0.92, wspace=0.08)
+    affinity = snap["affinity"]
+    ax = fig.add_subplot(1, 2, 1) if affinity is not None else fig.add_subplot(1, 1, 1)
+    points, classes, labelled, values = snap["points"], snap["classes"], snap["labelled"], snap["values"]
+    for k in np.unique(classes):
+        colour = CLASS_COLOURS[int(k) % len(CLASS_COLOURS)]
+        name = str(values[k]) if values is not None and k < len(values) else str(k)
+        for mask, marker, what in ((labelled, "o", "painted"), (~labelled, "x", "pseudo")):
+            sel = (classes == k) & mask
+            if sel.any():
+                ax.scatter(points[sel, 0], points[sel, 1], s=10 if marker == "o" else 14,
+                           c=colour, marker=marker, linewidths=0.8, label=f"{name} {what}")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if len(classes):
+        ax.set_title(f"t-SNE of {len(classes)} pixel embeddings", fontsize=9)
+        ax.legend(fontsize=7, markerscale=1.5, loc="best", framealpha=0.6)
+    if affinity is not None:
+        ax2 = fig.add_subplot(1, 2, 2)
+        ax2.imshow(affinity, cmap="viridis", interpolation="nearest")
+        ax2.set_title(f"affinity ({affinity.shape[0]} x {affinity.shape[1]})", fontsize=9)
+        ax2.set_xticks([])
+        ax2.set_yticks([])
+
+    def after_draw() -> dict:  # the axis limits are final once the figure is drawn
+        xy = ax.transData.transform(points.astype(np.float64)) if len(points) else np.zeros((0, 2))
+        return {"display_xy": xy}
+
+    return after_draw

@@ -20,7 +20,6 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from napari.qt.threading import create_worker
 from napari.utils import notifications
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
@@ -39,7 +38,7 @@ from ..analysis import sample_disagreement, threshold_pseudo_labels
 from ..data.annotation import decode_classes
 from ..engine.events import Analysed, Preview, Reviewed, Started
 from . import _layers, _review_layers
-from ._link import ReviewDock, go_to, slice_index_tuple
+from ._link import ReviewDock, go_to, slice_index_tuple, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +71,6 @@ class ReviewWidget(ReviewDock):
         self._corrected: dict[int, set[int]] = {}
         self._undo: list[_Accepted] = []
         self._generation = 0
-        self._workers: list = []
         super().__init__(napari_viewer, train_widget)
         self._build_ui()
 
@@ -107,11 +105,8 @@ class ReviewWidget(ReviewDock):
             if wait:
                 self._show_pseudo(p, self._generation, threshold_pseudo_labels(*args))
                 continue
-            worker = create_worker(threshold_pseudo_labels, *args, _start_thread=False, _ignore_errors=True)
-            worker.returned.connect(lambda arr, p=p, g=self._generation: self._show_pseudo(p, g, arr))
-            worker.finished.connect(lambda w=worker: self._workers.remove(w) if w in self._workers else None)
-            self._workers.append(worker)
-            worker.start()
+            start_worker(threshold_pseudo_labels, *args,
+                         returned=lambda arr, p=p, g=self._generation: self._show_pseudo(p, g, arr))
 
     def accept_slice(self, slice_index: int | None = None, pair_index: int | None = None) -> bool:
         """Copy one slice's pseudo-labels into the user's labels layer (where unpainted).
@@ -263,14 +258,31 @@ class ReviewWidget(ReviewDock):
             for s in corrected:  # the user's corrections survive the refresh
                 key = slice_index_tuple(array.ndim, self.axis, s)
                 array[key] = old.data[key]
-        layer = _review_layers.show_pseudo_labels(self.viewer, image, array)
-        if old is None:
-            layer.events.paint.connect(lambda _e, p=pair_index: self._on_pseudo_painted(p))
+        layer = self._pseudo_layer_for(pair_index, image, array)
         names = getattr(self.train_widget, "_class_names", {})
         if names:
             _layers.apply_class_names(layer, names)
         known = float(np.count_nonzero(array)) / max(array.size, 1)
         self.status_label.setText(f"Pseudo-labels of '{image.name}': {100 * known:.1f}% of voxels above the threshold.")
+
+    def _pseudo_layer_for(self, pair_index: int, image, array: np.ndarray):
+        """Show ``array`` in the pseudo-labels layer of ``image`` (created if needed, then
+        listening to the user's corrections)."""
+        old = self.pseudo_layer(pair_index)
+        layer = _review_layers.show_pseudo_labels(self.viewer, image, array)
+        if old is None:
+            layer.events.paint.connect(lambda _e, p=pair_index: self._on_pseudo_painted(p))
+        return layer
+
+    def on_run_starting(self, trainer) -> None:
+        # the empty pseudo-label layers now, not at the first refresh while training runs,
+        # with the predictions' dtype so that refreshes write into them in place
+        dtype = decode_classes(np.zeros(1, dtype=np.int64), trainer.dataset.class_values).dtype
+        for pair_index, (image, _) in enumerate(getattr(self.train_widget, "_run_layers", [])):
+            if getattr(image, "multiscale", False) or self.pseudo_layer(pair_index) is not None:
+                continue
+            shape = _layers.spatial_shape(image)
+            self._pseudo_layer_for(pair_index, image, np.zeros(shape, dtype))
 
     def _show_samples(self, event: Analysed) -> None:
         samples = event.arrays.get("aleatoric_samples")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from napari.qt.threading import create_worker
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
@@ -29,7 +28,7 @@ from qtpy.QtWidgets import (
 
 from ..analysis import SCORE_HELP, Suggestion, rank_slices, slice_means
 from ..engine.events import Analysed, Preview, Started
-from ._link import ReviewDock, go_to
+from ._link import ReviewDock, go_to, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,6 @@ class SuggestWidget(ReviewDock):
         self._disagreement: dict[int, np.ndarray] = {}
         self._excluded: dict[int, set[int]] = {}
         self._suggestions: list[Suggestion] = []
-        self._workers: list = []
         self._step = 0
         super().__init__(napari_viewer, train_widget)
         self._build_ui()
@@ -80,11 +78,7 @@ class SuggestWidget(ReviewDock):
         if wait:
             self._on_scored(pair_index, _slice_summary(*args))
             return
-        worker = create_worker(_slice_summary, *args, _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(lambda result, p=pair_index: self._on_scored(p, result))
-        worker.finished.connect(lambda w=worker: self._workers.remove(w) if w in self._workers else None)
-        self._workers.append(worker)
-        worker.start()
+        start_worker(_slice_summary, *args, returned=lambda result, p=pair_index: self._on_scored(p, result))
 
     def rerank(self) -> list[Suggestion]:
         """Rank the chosen pair's slices again with the current settings."""

@@ -66,7 +66,7 @@ from ..errors import SemiclError
 from ..methods import available_methods
 from . import _layers
 from ._method_settings import MethodSettingsForm
-from ._worker import start_training_worker
+from ._worker import freeze_heap, start_training_worker, thaw_heap
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,9 @@ class TrainWidget(QWidget):
 
     #: every trainer event, re-emitted on the Qt thread (the review docks listen to it)
     event_received = Signal(object)
+    #: a freshly built trainer, emitted when Train is pressed, before its first step: the
+    #: review docks create their layers then (adding a layer pauses napari for 0.1-0.3 s)
+    run_starting = Signal(object)
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
@@ -298,6 +301,7 @@ class TrainWidget(QWidget):
         self._trainer = trainer
         self._run_layers = self.pairs()
         self._prepare_output_layers(trainer)
+        self.run_starting.emit(trainer)
         self._set_class_values(trainer.dataset.class_values)
         names = {str(v): n for v, n in self._class_names.items() if n}
         if names or not trainer.config.data.class_names:  # a resumed run keeps its names
@@ -738,12 +742,17 @@ class TrainWidget(QWidget):
         self._running, self._stopping = True, False
         self.progress_bar.setValue(0)
         self.status_label.setText(f"Starting on {describe_device(trainer.device)}...")
-        self._worker, self._control = start_training_worker(
-            trainer,
-            on_event=self._on_event,
-            on_error=self._on_worker_errored,
-            on_finished=self._on_worker_finished,
-        )
+        freeze_heap()  # no full garbage collections through napari's heap while training
+        try:
+            self._worker, self._control = start_training_worker(
+                trainer,
+                on_event=self._on_event,
+                on_error=self._on_worker_errored,
+                on_finished=self._on_worker_finished,  # thaws the heap
+            )
+        except BaseException:
+            thaw_heap()
+            raise
         self._run_ref.update(trainer=trainer, control=self._control, worker=self._worker)
         self._update_buttons()
 
@@ -905,6 +914,7 @@ class TrainWidget(QWidget):
         self._update_buttons()
 
     def _on_worker_finished(self) -> None:
+        thaw_heap()
         if self._control is not None:
             self._control.close_generator()  # only does something after a napari cancel
         self._worker, self._control = None, None

@@ -19,38 +19,106 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def _percentiles(lateness_ms: list[float]) -> dict:
+#: Lateness (ms) above which a tick counts as a stall (the review docks' criterion).
+STALL_MS = 100.0
+
+
+def _percentiles(lateness_ms: list[float], times_s: list[float] | None = None) -> dict:
     arr = np.asarray(lateness_ms) if lateness_ms else np.zeros(1)
-    return {"p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99)),
-            "max_ms": float(arr.max()), "samples": len(lateness_ms)}
+    out = {"p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99)),
+           "max_ms": float(arr.max()), "samples": len(lateness_ms),
+           f"over_{STALL_MS:.0f}ms": int(np.count_nonzero(arr > STALL_MS))}
+    if times_s is not None and lateness_ms:
+        worst = np.argsort(arr)[::-1][:5]
+        out["worst"] = [{"t_s": round(float(times_s[i]), 3), "ms": round(float(arr[i]), 1)} for i in worst]
+    return out
+
+
+class StallTracer:
+    """A watchdog thread that records the Qt thread's Python stack while it is blocked.
+
+    The probe calls :meth:`tick` at every timer shot; when no tick came for ``threshold_ms``
+    the watchdog takes the main thread's stack (``sys._current_frames``) once per stall.
+    The stacks name what blocked the event loop (the watchdog needs the GIL, so a stack is
+    taken when the blocking code next lets go of it: a frame inside the culprit or just after).
+    """
+
+    def __init__(self, threshold_ms: float = 80.0, depth: int = 12) -> None:
+        import threading
+
+        self.threshold_s = threshold_ms / 1000
+        self.depth = depth
+        self.main_id = threading.main_thread().ident
+        self.stacks: list[dict] = []
+        self._last = time.perf_counter()
+        self._taken = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="semicl-stall-tracer", daemon=True)
+
+    def tick(self) -> None:
+        self._last = time.perf_counter()
+        self._taken = False
+
+    def start(self) -> None:
+        self.tick()
+        self._thread.start()
+
+    def stop(self) -> list[dict]:
+        self._stop.set()
+        self._thread.join(1.0)
+        return self.stacks
+
+    def _watch(self) -> None:
+        import traceback
+
+        while not self._stop.wait(0.02):
+            blocked = time.perf_counter() - self._last
+            if blocked > self.threshold_s and not self._taken:
+                frame = sys._current_frames().get(self.main_id)
+                if frame is None:
+                    continue
+                self._taken = True
+                lines = [f"{fs.filename.rsplit('site-packages/', 1)[-1]}:{fs.lineno} {fs.name}"
+                         for fs in traceback.extract_stack(frame)[-self.depth:]]
+                self.stacks.append({"blocked_ms": round(blocked * 1000, 1), "stack": lines})
 
 
 class LatencyProbe:
     """Records how late a repeating QTimer fires (ms) while the event loop runs."""
 
-    def __init__(self, interval_ms: int = 10) -> None:
+    def __init__(self, interval_ms: int = 10, tracer: StallTracer | None = None) -> None:
         from qtpy.QtCore import QTimer
 
         self.interval_ms = interval_ms
+        self.tracer = tracer
         self.lateness_ms: list[float] = []
+        self.times_s: list[float] = []
         self._last = None
+        self._t0 = 0.0
+        self.running = False
         self._timer = QTimer()
         self._timer.setInterval(interval_ms)
         self._timer.timeout.connect(self._on_timeout)
 
     def _on_timeout(self) -> None:
         now = time.perf_counter()
+        if self.tracer is not None:
+            self.tracer.tick()
         if self._last is not None:
             self.lateness_ms.append(max(0.0, (now - self._last) * 1000 - self.interval_ms))
+            self.times_s.append(now - self._t0)
         self._last = now
 
     def start(self) -> None:
-        self.lateness_ms, self._last = [], None
+        self.lateness_ms, self.times_s, self._last = [], [], None
+        self._t0 = time.perf_counter()
+        self.running = True
         self._timer.start()
 
     def stop(self) -> dict:
+        self.running = False
         self._timer.stop()
-        return _percentiles(self.lateness_ms)
+        return _percentiles(self.lateness_ms, self.times_s)
 
 
 def spin_events(duration: float) -> None:
@@ -82,13 +150,15 @@ def train_dock_on(viewer, image, labels, *, method: str, iterations: int, refres
 
 
 def run_probe(*, seconds: float = 20.0, method: str = "mean_teacher", refresh_every: int = 20,
-              interval_ms: int = 10, review_docks: bool = False, image_path=None, reference_path=None) -> dict:
+              interval_ms: int = 10, review_docks: bool = False, image_path=None, reference_path=None,
+              trace_stalls: bool = False) -> dict:
     """Open napari with the sample and the Train dock; probe idle, then while training.
 
     ``review_docks`` also opens the review docks (pseudo-labels, annotate next with the
     teacher/student disagreement at each refresh, t-SNE every ``2 * refresh_every`` steps,
     curves) so that they all refresh while the probe runs. ``image_path`` and
     ``reference_path`` replace the sample (3 slices of the reference revealed).
+    ``trace_stalls`` adds the Qt thread's stack during each stall (:class:`StallTracer`).
     """
     import napari
 
@@ -120,8 +190,10 @@ def run_probe(*, seconds: float = 20.0, method: str = "mean_teacher", refresh_ev
         from .suggest_widget import SuggestWidget
 
         for cls in (ReviewWidget, SuggestWidget, FeaturePlotWidget, CurvesWidget):
+            # docked side by side (not tabbed): every dock is visible, so every one redraws
             review[cls.__name__] = cls(viewer, dock)
-            viewer.window.add_dock_widget(review[cls.__name__], name=cls.__name__, tabify=True)
+            viewer.window.add_dock_widget(review[cls.__name__], name=cls.__name__,
+                                          area="right" if cls in (ReviewWidget, SuggestWidget) else "bottom")
         review["SuggestWidget"].disagreement_check.setChecked(True)
         review["FeaturePlotWidget"].every_spin.setValue(2 * refresh_every)
         review["FeaturePlotWidget"].points_spin.setValue(1000)
@@ -136,9 +208,36 @@ def run_probe(*, seconds: float = 20.0, method: str = "mean_teacher", refresh_ev
         def counted_done(*args) -> None:
             counts["tsne_done"] += 1
             done(*args)
+            mark("t-SNE done")
 
         review["FeaturePlotWidget"]._on_tsne_done = counted_done
-    probe = LatencyProbe(interval_ms)
+    tracer = StallTracer() if trace_stalls else None
+    probe = LatencyProbe(interval_ms, tracer)
+    timeline: list[dict] = []  # what happened when (seconds from the probe's start), for the stalls
+
+    def mark(what: str) -> None:
+        if probe.running:
+            timeline.append({"t_s": round(time.perf_counter() - probe._t0, 3), "what": what})
+
+    gc_start = {}
+
+    def on_gc(phase: str, info: dict) -> None:  # in whichever thread collects (it holds the GIL)
+        if phase == "start":
+            gc_start["t"] = time.perf_counter()
+        elif "t" in gc_start:
+            ms = (time.perf_counter() - gc_start.pop("t")) * 1000
+            if ms > 20:
+                mark(f"gc generation {info.get('generation')} {ms:.0f} ms")
+
+    if trace_stalls:
+        import gc
+
+        gc.callbacks.append(on_gc)
+    viewer.layers.events.inserted.connect(lambda e: mark(f"layer added: {e.value.name}"))
+    for name, widget in review.items():
+        if hasattr(widget, "view"):
+            widget.view.rendered.connect(lambda _info, n=name: mark(f"figure shown: {n}"))
+    dock.event_received.connect(lambda e: mark(type(e).__name__ + (f" {e.kind}" if hasattr(e, "kind") else "")))
     spin_events(1.0)
     probe.start()
     spin_events(seconds)
@@ -147,8 +246,13 @@ def run_probe(*, seconds: float = 20.0, method: str = "mean_teacher", refresh_ev
         raise RuntimeError("the Train dock refused to start (see the notification)")
     spin_events(2.0)  # start-up (first refresh) is reported separately from the steady state
     probe.start()
+    if tracer is not None:
+        tracer.start()
     spin_events(seconds)
     training = probe.stop()
+    if tracer is not None:
+        training["stall_stacks"] = tracer.stop()
+        training["timeline"] = [e for e in timeline if not e["what"].startswith("StepDone")]
     steps = dock.trainer.step
     during = dict(counts)
     t0 = time.perf_counter()
@@ -176,10 +280,13 @@ def main(argv=None) -> int:
     parser.add_argument("--review-docks", action="store_true", help="also open the review docks, refreshing")
     parser.add_argument("--image", help="an image file instead of the sample")
     parser.add_argument("--reference", help="its reference labels (3 slices are revealed)")
+    parser.add_argument("--trace-stalls", action="store_true",
+                        help="record the Qt thread's stack whenever it is blocked (diagnosis)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     result = run_probe(seconds=args.seconds, method=args.method, refresh_every=args.refresh_every,
-                       review_docks=args.review_docks, image_path=args.image, reference_path=args.reference)
+                       review_docks=args.review_docks, image_path=args.image, reference_path=args.reference,
+                       trace_stalls=args.trace_stalls)
     from ..bench.common import machine_info
 
     result["machine"] = machine_info()

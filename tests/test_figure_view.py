@@ -1,0 +1,132 @@
+"""The figure drawn off the Qt thread, worker results after a dock is gone, and the
+garbage-collector freeze while training (the review docks' latency fixes)."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gui
+
+pytest.importorskip("pytestqt")
+from qtpy.QtCore import QPoint, Qt  # noqa: E402
+from qtpy.QtWidgets import QWidget  # noqa: E402
+
+from napari_semicl.widgets import _figure  # noqa: E402
+from napari_semicl.widgets._figure import FigureView  # noqa: E402
+from napari_semicl.widgets._link import _RUNNING, start_worker  # noqa: E402
+from napari_semicl.widgets._worker import freeze_heap, thaw_heap  # noqa: E402
+
+
+def _draw_line(fig, snap):
+    snap["threads"].append(threading.current_thread().name)
+    fig.clear()
+    ax = fig.add_axes((0.1, 0.1, 0.8, 0.8))
+    ax.plot([0, 1], [0, snap["slope"]], "r-")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    return lambda: {"slope": snap["slope"], "origin": ax.transData.transform((0.0, 0.0))}
+
+
+@pytest.fixture
+def view(qtbot):
+    v = FigureView(_draw_line, min_height=120)
+    qtbot.addWidget(v)
+    v.resize(300, 200)
+    v.show()
+    qtbot.waitExposed(v)
+    return v
+
+
+def test_drawn_in_the_render_thread_at_the_widget_size(view, qtbot):
+    threads: list[str] = []
+    view.submit({"slope": 1.0, "threads": threads})
+    assert view.busy
+    qtbot.waitUntil(lambda: not view.busy and view.info is not None, timeout=10_000)
+    assert threads and all(name.startswith("semicl-figure") for name in threads)
+    image = view._image
+    assert (image.width(), image.height()) == view.pixel_size()
+    # the red line is in the picture, on the diagonal of the axes
+    x0, y0 = view.info["origin"]
+    h = image.height()
+    mid = image.pixelColor(int(x0 + 0.4 * 0.8 * image.width()), int(h - y0 - 0.4 * 0.8 * h))
+    assert mid.red() > 200 and mid.green() < 100, mid.name()
+
+
+def test_the_newest_snapshot_wins(view, qtbot):
+    threads: list[str] = []
+    for slope in (0.1, 0.2, 0.3, 0.4, 0.5):
+        view.submit({"slope": slope, "threads": threads})
+    qtbot.waitUntil(lambda: not view.busy, timeout=10_000)
+    assert view.info["slope"] == 0.5
+    assert len(threads) <= 2  # the first (already running) and the newest; the rest skipped
+
+
+def test_a_resize_draws_again_at_the_new_size(view, qtbot):
+    view.render_now({"slope": 1.0, "threads": []})
+    view.resize(360, 260)
+    qtbot.waitUntil(lambda: not view._resize_timer.isActive() and not view.busy
+                    and view._image.width() == view.pixel_size()[0], timeout=10_000)
+    assert (view._image.width(), view._image.height()) == view.pixel_size()
+
+
+def test_a_click_gives_figure_coordinates(view, qtbot):
+    view.render_now({"slope": 1.0, "threads": []})
+    got = []
+    view.clicked.connect(lambda x, y, b: got.append((x, y, b)))
+    x0, y0 = view.info["origin"]  # data (0, 0) in figure pixels, origin bottom left
+    ratio = view.devicePixelRatioF()
+    qtbot.mouseClick(view, Qt.LeftButton, pos=QPoint(round(x0 / ratio), round((view.pixel_size()[1] - y0) / ratio)))
+    assert len(got) == 1
+    x, y, button = got[0]
+    assert button == 1 and abs(x - x0) <= 1.5 and abs(y - y0) <= 1.5
+
+
+def test_a_failing_draw_keeps_the_last_image(view, qtbot):
+    view.render_now({"slope": 1.0, "threads": []})
+    shown = view._image
+    view.submit({"slope": 1.0})  # no "threads": the draw raises KeyError in the render thread
+    qtbot.waitUntil(lambda: not view.busy, timeout=10_000)
+    assert view._image is shown and view.info["slope"] == 1.0
+
+
+def test_worker_result_after_its_widget_is_deleted(qtbot):
+    release = threading.Event()
+    widget = QWidget()
+    got = []
+
+    def slow(x):
+        release.wait(10)
+        return x * 2
+
+    worker = start_worker(slow, 21, returned=lambda v: (widget.setWindowTitle(str(v)), got.append(v)))
+    assert worker in _RUNNING
+    widget.deleteLater()
+    qtbot.wait(50)  # the widget is gone before the worker finishes
+    release.set()
+    qtbot.waitUntil(lambda: worker not in _RUNNING, timeout=10_000)
+    assert got == []  # dropped quietly, no exception in any thread
+
+
+def test_freeze_and_thaw_the_heap():
+    before = gc.get_freeze_count()
+    assert before == 0
+    kept = [np.zeros(1) for _ in range(10)]
+    freeze_heap()
+    try:
+        assert gc.get_freeze_count() > 0
+        freeze_heap()  # a second run in another viewer
+        thaw_heap()
+        assert gc.get_freeze_count() > 0  # still one run training
+    finally:
+        thaw_heap()
+    assert gc.get_freeze_count() == 0
+    thaw_heap()  # unbalanced: no effect
+    assert gc.get_freeze_count() == 0 and len(kept) == 10
+
+
+def test_one_render_thread_for_every_view():
+    assert _figure._executor() is _figure._executor()
