@@ -39,7 +39,7 @@ from .engine import (
 )
 from .engine.config import UNPAINTED_CHOICES
 from .engine.trainer import CHECKPOINT_NAME
-from .errors import SemiclError
+from .errors import DataError, SemiclError
 from .io import (
     ImageData,
     atomic_path,
@@ -436,7 +436,17 @@ def cmd_bench(args) -> int:
                 cmd += [flag, value]
         return subprocess.call(cmd)  # a separate process: Qt and napari stay out of the CLI
     else:
-        data = speed_mod.speed(methods=methods, steps=args.steps, device=device, threads=args.threads)
+        image = reference = None
+        if args.image or args.reference:
+            if not (args.image and args.reference):
+                raise DataError("bench speed: give both --image and --reference (its labels), or neither")
+            from .io import read_image, read_labels
+
+            image, reference = read_image(args.image).data, read_labels(args.reference).data
+            if image.shape != reference.shape:
+                raise DataError(f"bench speed: image {image.shape} and reference {reference.shape} differ in shape")
+        data = speed_mod.speed(methods=methods, steps=args.steps, device=device, threads=args.threads,
+                               image=image, reference=reference)
         Path(args.out).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     summary = {m: {k: v for k, v in row.items() if k != "per_volume" and k != "step_s_all"}
                for m, row in data["methods"].items()}
@@ -523,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     s_.add_argument("--methods", help="comma-separated (default: every registered method)")
     s_.add_argument("--steps", type=int, default=10)
     s_.add_argument("--threads", type=int, help="torch CPU threads")
+    s_.add_argument("--image", help="a volume to train on and infer (default: the bundled sample)")
+    s_.add_argument("--reference", help="its labels (three slices are revealed for training)")
     r = bsub.add_parser("report", help="markdown tables from results JSON files (and a Dice-vs-K plot)")
     r.add_argument("results", nargs="+")
     r.add_argument("--plot", help="PNG path for Dice against K (within-volume files)")

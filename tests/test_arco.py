@@ -123,6 +123,24 @@ def test_sag_weights_remove_the_bias_of_snapped_reflections(field):
     assert abs(plain.mean() - truth) > 4 * se
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_antithetic_partners_are_the_nearest_candidates_of_the_group(seed):
+    """The table-lookup fast path and the k-d tree give the brute-force nearest candidate
+    of the same group to every reflection (random masks over a batch of 3 images)."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random((3, 40, 37)) < (0.3 + 0.2 * seed)
+    mask[1, 5:25, 3:30] = True  # a dense block: most reflections hit a candidate
+    g = grid_groups(mask, 5)
+    partners = antithetic_partners(g)
+    yx = g.coords[:, -2:].astype(float)
+    reflected = 2 * g.centres[g.group] - yx
+    for i in rng.choice(len(yx), 400, replace=False):
+        same = np.flatnonzero(g.group == g.group[i])
+        d = np.linalg.norm(yx[same] - reflected[i], axis=1)
+        assert g.group[partners[i]] == g.group[i]
+        assert np.linalg.norm(yx[partners[i]] - reflected[i]) == pytest.approx(d.min(), abs=1e-9)
+
+
 def test_proportional_counts_are_exactly_proportional_in_expectation():
     sizes = np.array([3, 50, 7, 1, 20])
     counts = proportional_counts(sizes, 9, np.random.default_rng(0), repeats=R)

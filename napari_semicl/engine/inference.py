@@ -20,6 +20,7 @@ from monai.inferers import sliding_window_inference
 from ..data.annotation import decode_classes
 from ..data.dataset import normalise_image, to_slices
 from ..errors import DataError
+from ..models.ops import argmax_classes
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def predict_slices(
                     x, roi, sw_batch_size=batch_size, predictor=model, overlap=overlap, mode="gaussian"
                 )
                 probs = logits.float().softmax(dim=1)
-                labels[start:start + batch_size] = probs.argmax(dim=1).cpu().numpy()
+                labels[start:start + batch_size] = argmax_classes(probs).cpu().numpy()
                 if with_entropy:
                     k = probs.shape[1]
                     ent = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1) / math.log(k)

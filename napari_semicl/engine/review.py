@@ -19,6 +19,7 @@ from ..data.annotation import IGNORE_INDEX
 from ..errors import ConfigError
 from ..methods.base import eval_mode
 from ..models.heads import ProjectionHead
+from ..models.ops import argmax_classes
 from .inference import predict_slices
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def sample_embeddings(
             img = dataset.images[p_idx][s_idx]
             h, w = img.shape[-2:]
             logits, feat = model(_padded(img, multiple, device), return_features=True)
-            pred = logits[0, :, :h, :w].argmax(dim=0).cpu().numpy()
+            pred = argmax_classes(logits[0, :, :h, :w], dim=0).cpu().numpy()
             is_lab = (p_idx, s_idx) in set(dataset.labelled)
             if is_lab:
                 target = dataset.target(p_idx, s_idx)

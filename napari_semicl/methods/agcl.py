@@ -43,6 +43,7 @@ from torch import nn
 from ..data.augment import strong_augment, weak_augment
 from ..errors import ConfigError, check_positive
 from ..models.heads import ProjectionHead
+from ..models.ops import argmax_classes
 from .base import eval_mode, review_arrays
 from .losses import masked_cross_entropy, supervised_loss
 from .mean_teacher import MeanTeacher, ema_update
@@ -415,7 +416,7 @@ class AGCL(MeanTeacher):
             if unl is not None:
                 u_weak, t_logits_u, t_feat_u, s_feat_u = unl
                 conf.append(t_logits_u.softmax(dim=1))
-                labels.append(t_logits_u.argmax(dim=1))
+                labels.append(argmax_classes(t_logits_u))
                 t_views.append(u_weak)
                 t_feats.append(t_feat_u)
                 s_feats.append(s_feat_u)
@@ -518,7 +519,7 @@ class AGCL(MeanTeacher):
         with eval_mode(self.teacher, self.student, *self.modules.values()):
             logits, t_feat = self.teacher(x, return_features=True)
             conf = logits.float().softmax(dim=1)
-            labels = conf.argmax(dim=1)
+            labels = argmax_classes(conf)
             labels[:, h:, :] = IGNORE_INDEX  # padding never gives a patch its class
             labels[:, :, w:] = IGNORE_INDEX
             sel = select_patches(x, conf, labels, patch_size=p, n_positives=cfg.n_positives, eps=cfg.eps)

@@ -30,8 +30,8 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError, check_choice, check_positive
 from ..models.heads import ProjectionHead
-from .losses import consistency_loss, sigmoid_rampup, supervised_loss
 from .base import eval_mode
+from .losses import consistency_loss, sigmoid_rampup, supervised_loss
 from .mean_teacher import MeanTeacher, ema_update
 from .stratified_sampling import SAMPLERS, sample_class_pixels
 

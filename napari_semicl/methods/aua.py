@@ -41,7 +41,8 @@ from ..data.augment import weak_augment
 from ..errors import CheckpointError, ConfigError, check_choice, check_positive
 from ..models import build_model
 from ..models.heads import AleatoricHead, ProjectionHead
-from .base import eval_mode, review_arrays, StageChange
+from ..models.ops import argmax_classes
+from .base import StageChange, eval_mode, review_arrays
 from .losses import masked_cross_entropy, masked_dice_loss, sigmoid_rampup
 from .mean_teacher import MeanTeacher, ema_update
 
@@ -558,7 +559,7 @@ class AUA(MeanTeacher):
         else:
             (l_logits, l_feat), (u_logits, u_feat) = self.student_forward(x, u, return_features=True)
             with torch.no_grad():
-                pseudo = self.pseudo_labeller(u).argmax(dim=1)
+                pseudo = argmax_classes(self.pseudo_labeller(u))
             logits, feat = torch.cat([l_logits, u_logits]), torch.cat([l_feat, u_feat])
             target = torch.cat([y, pseudo])
         losses = {  # L_sup_ced (Eq. 15): the average of CE and Dice
@@ -661,14 +662,14 @@ class AUA(MeanTeacher):
                 logits, feat = net(xw, return_features=True)
                 dist = self._distribution(logits, feat, head)
                 g = sample_logits(dist, n_samples, antithetic=antithetic).view(n_samples, *logits.shape)
-                cls = g[:, 0].argmax(dim=1)[:, :vh, :vw]  # (S, vh, vw)
+                cls = argmax_classes(g[:, 0])[:, :vh, :vw]  # (S, vh, vw)
                 samples[:, rows.start:rows.start + vh, cols.start:cols.start + vw] = cls.cpu().numpy()
                 disagreement[rows.start:rows.start + vh, cols.start:cols.start + vw] = (
                     sample_disagreement(cls, self.n_classes).cpu().numpy()
                 )
                 if with_embeddings:
                     s_logits, s_feat = self.student(xw, return_features=True)
-                    pred = s_logits.argmax(dim=1)
+                    pred = argmax_classes(s_logits)
                     pred[:, vh:, :] = IGNORE_INDEX
                     pred[:, :, vw:] = IGNORE_INDEX
                     mask = boundary_mask(pred, self.n_classes) if self.stage == 1 else pred != IGNORE_INDEX

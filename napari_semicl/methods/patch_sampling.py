@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.annotation import IGNORE_INDEX
+from ..models.ops import argmax_classes
 
 __all__ = [
     "IGNORE_INDEX",
@@ -220,7 +221,7 @@ def patch_majority_labels(labels: torch.Tensor, n_classes: int, patch_size: int)
     _check_patch_size(patch_size, *labels.shape[-2:])
     votes = one_hot_confidence(labels, n_classes)  # zeros at ignored pixels
     counts = F.avg_pool2d(votes, patch_size, stride=patch_size)  # fractions of the patch
-    best = counts.argmax(dim=1)
+    best = argmax_classes(counts)
     return torch.where(counts.sum(dim=1) > 0, best, torch.full_like(best, IGNORE_INDEX))
 
 

@@ -34,8 +34,9 @@ from torch import nn
 from ..data.augment import strong_augment, weak_augment
 from ..errors import ConfigError, check_choice, check_positive
 from ..models.heads import ProjectionHead
-from .losses import masked_cross_entropy, supervised_loss
+from ..models.ops import argmax_classes
 from .base import eval_mode, review_arrays
+from .losses import masked_cross_entropy, supervised_loss
 from .mean_teacher import MeanTeacher, ema_update
 from .memory_bank import ClassMemoryBank
 from .patch_sampling import (
@@ -112,7 +113,7 @@ def regularisation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tens
 
     Both (B, K, H, W), pixel-aligned; the teacher side carries no gradient.
     """
-    return F.cross_entropy(student_logits, teacher_logits.detach().argmax(dim=1))
+    return F.cross_entropy(student_logits, argmax_classes(teacher_logits.detach()))
 
 
 class PLGCLLoss(nn.Module):
@@ -324,7 +325,7 @@ class PLGCL(MeanTeacher):
             if unl is not None:
                 u_weak, u_strong, t_logits_u, t_feat_u, s_feat_u = unl
                 conf.append(t_logits_u.softmax(dim=1))
-                labels.append(t_logits_u.argmax(dim=1))
+                labels.append(argmax_classes(t_logits_u))
                 t_views.append(u_weak)
                 s_views.append(u_strong)
                 t_feats.append(t_feat_u)
@@ -411,7 +412,7 @@ class PLGCL(MeanTeacher):
         with eval_mode(self.teacher, *heads):
             logits, feat = self.teacher(x, return_features=True)
             conf = logits.float().softmax(dim=1)
-            labels = conf.argmax(dim=1)
+            labels = argmax_classes(conf)
             labels[:, h:, :] = IGNORE_INDEX  # padding never gives a patch its class
             labels[:, :, w:] = IGNORE_INDEX
             sel = select_patches(x, conf, labels, patch_size=p, n_positives=cfg.n_positives, eps=cfg.eps)

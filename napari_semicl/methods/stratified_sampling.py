@@ -235,8 +235,10 @@ def antithetic_partners(groups: GridGroups) -> np.ndarray:
     """``T(p)``: the candidate nearest to ``2 c_m - p`` in p's group, for every candidate.
 
     The reflection through the group centroid ``c_m`` is snapped to the nearest candidate
-    pixel of the same group (Euclidean distance in (y, x); one k-d tree over all groups,
-    kept apart by an offset axis larger than any in-image distance).
+    pixel of the same group (Euclidean distance in (y, x)). Where the reflection's nearest
+    grid point is unique and a candidate of the group, that is the answer (a table lookup:
+    most pixels); the others go through one k-d tree over all groups, kept apart by an
+    offset axis larger than any in-image distance.
 
     Returns
     -------
@@ -246,12 +248,36 @@ def antithetic_partners(groups: GridGroups) -> np.ndarray:
     if len(groups.group) == 0:
         return np.zeros(0, np.int64)
     yx = groups.coords[:, -2:].astype(np.float64)
-    span = float(yx.max(initial=0) + 1) * 8.0  # > any distance within an image
-    sep = groups.group[:, None].astype(np.float64) * span
-    tree = cKDTree(np.concatenate([sep, yx], axis=1))
     reflected = 2.0 * groups.centres[groups.group] - yx
-    _, idx = tree.query(np.concatenate([sep, reflected], axis=1))
-    return idx.astype(np.int64)
+    idx = np.full(len(yx), -1, np.int64)
+    # fast path: where the reflection's nearest grid point is unique (no coordinate half-way
+    # between two) and is a candidate of the same group, it is the nearest candidate
+    near = np.rint(reflected)
+    unique = (np.abs(reflected - near) < 0.5 - 1e-9).all(axis=1)
+    lead = groups.coords[:, :-2]
+    ny, nx = near[:, 0].astype(np.int64), near[:, 1].astype(np.int64)
+    lo = groups.coords[:, -2:].min(axis=0)
+    hi = groups.coords[:, -2:].max(axis=0)
+    inside = unique & (ny >= lo[0]) & (ny <= hi[0]) & (nx >= lo[1]) & (nx <= hi[1])
+    if inside.any():
+        # index of every candidate by (leading coordinates, y, x), via a dense lookup table
+        lead_ids = (np.ravel_multi_index(tuple(lead.T), tuple(lead.max(axis=0) + 1))
+                    if lead.shape[1] else np.zeros(len(yx), np.int64))
+        h, w = int(hi[0] - lo[0] + 1), int(hi[1] - lo[1] + 1)
+        table = np.full((int(lead_ids.max()) + 1, h, w), -1, np.int64)
+        table[lead_ids, groups.coords[:, -2] - lo[0], groups.coords[:, -1] - lo[1]] = np.arange(len(yx))
+        rows = np.flatnonzero(inside)
+        hit = table[lead_ids[rows], ny[rows] - lo[0], nx[rows] - lo[1]]
+        ok = hit >= 0
+        ok[ok] = groups.group[hit[ok]] == groups.group[rows[ok]]
+        idx[rows[ok]] = hit[ok]
+    rest = np.flatnonzero(idx < 0)
+    if len(rest):
+        span = float(yx.max(initial=0) + 1) * 8.0  # > any distance within an image
+        sep = groups.group[:, None].astype(np.float64) * span
+        tree = cKDTree(np.concatenate([sep, yx], axis=1))
+        _, idx[rest] = tree.query(np.concatenate([sep[rest], reflected[rest]], axis=1))
+    return idx
 
 
 # --- the samplers --------------------------------------------------------------------------
