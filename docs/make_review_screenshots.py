@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reveal", type=int, default=3)
     parser.add_argument("--method", default="mean_teacher")
     parser.add_argument("--points", type=int, default=1500, help="t-SNE points")
+    parser.add_argument("--threshold", type=float, default=0.8, help="certainty threshold of the pseudo-labels")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -109,11 +110,15 @@ def main(argv=None) -> int:
     review, suggest = docks["ReviewWidget"], docks["SuggestWidget"]
     feature, curves = docks["FeaturePlotWidget"], docks["CurvesWidget"]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    # 1. pseudo-labels at certainty 0.8 on the most uncertain unlabelled slice, entropy beside
-    review.set_threshold(0.8)
+    # 1. pseudo-labels at certainty --threshold on the unpainted slice with the most
+    # foreground in the reference (the structure is in view), entropy beside
+    review.set_threshold(args.threshold)
     review.refresh_pseudo_labels(0, wait=True)
-    top = suggest.suggestions[0].slice_index if suggest.suggestions else img.data.shape[0] // 2
+    area = (ref != 0).reshape(ref.shape[0], -1).sum(1)
+    area[list(shown)] = -1
+    top = int(np.argmax(area))
     viewer.dims.set_current_step(0, top)
+    viewer.reset_view()
     viewer.layers[f"{image.name} prediction"].visible = False
     shoot("pseudo_labels", review)
     review.accept_slice(top)

@@ -16,7 +16,7 @@ from napari_semicl.bench.label_efficiency import (
     split_spec,
     within_volume,
 )
-from napari_semicl.bench.report import dice_vs_k_plot, dice_vs_k_series, render
+from napari_semicl.bench.report import dice_vs_k_plot, dice_vs_k_series, dice_vs_k_table, render
 from napari_semicl.bench.rf import rf_segment
 from napari_semicl.data.reveal import choose_reveal_slices, reveal_slices
 from napari_semicl.errors import DataError
@@ -168,3 +168,7 @@ def test_dice_vs_k_series_takes_the_later_file_for_a_repeated_point(tmp_path):
     cohort_file.write_text(json.dumps({"protocol": "cohort", "methods": {"arco": {"dice": 0.9}}}))
     series = dice_vs_k_series([first, rerun, other_k, cohort_file])
     assert series == {"rf": {5: 0.7, 1: 0.5}, "arco": {5: 0.6, 1: 0.2}}
+    table = dice_vs_k_table([first, rerun, other_k, cohort_file])
+    assert table.splitlines() == ["| method | K = 1 | K = 5 |", "|---|---|---|",
+                                  "| rf | 0.500 | 0.700 |", "| arco | 0.200 | 0.600 |"]
+    assert dice_vs_k_table([cohort_file]) == ""

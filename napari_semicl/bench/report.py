@@ -59,6 +59,19 @@ def dice_vs_k_series(files) -> dict[str, dict[int, float]]:
     return series
 
 
+def dice_vs_k_table(files) -> str:
+    """Markdown: mean Dice of every method (rows) at every K (columns), from
+    :func:`dice_vs_k_series`; '–' where a method was not run at that K."""
+    series = dice_vs_k_series(files)
+    if not series:
+        return ""
+    ks = sorted({k for by_k in series.values() for k in by_k})
+    head = "| method | " + " | ".join(f"K = {k}" for k in ks) + " |\n|---|" + "---|" * len(ks) + "\n"
+    rows = [f"| {name} | " + " | ".join(_fmt(by_k.get(k)) if k in by_k else "–" for k in ks) + " |"
+            for name, by_k in series.items()]
+    return head + "\n".join(rows) + "\n"
+
+
 def dice_vs_k_plot(files, out_png) -> Path:
     """Plot :func:`dice_vs_k_series` of ``files``: mean Dice against K for every method."""
     import matplotlib
@@ -86,6 +99,9 @@ def dice_vs_k_plot(files, out_png) -> Path:
 def render(files) -> str:
     """Markdown for every results file given (type detected from its content)."""
     parts = []
+    table = dice_vs_k_table(files)
+    if table.count("\n") > 2:
+        parts.append("**within-volume**, mean Dice against K (the later file wins)\n\n" + table)
     for f in files:
         data = json.loads(Path(f).read_text())
         if "inference" in data:
@@ -96,7 +112,8 @@ def render(files) -> str:
             parts.append(
                 f"**ui**, {data['method']}, refresh every {data['refresh_every']} steps, "
                 f"{data['machine']['date'] if 'machine' in data else ''}\n\n"
-                "| phase | p50 ms | p99 ms | max ms | samples |\n|---|---|---|---|---|\n"
+                "| phase | p50 ms | p99 ms | max ms | stalls > 100 ms | samples |\n|---|---|---|---|---|---|\n"
                 + "\n".join(f"| {ph} | {data[ph]['p50_ms']:.1f} | {data[ph]['p99_ms']:.1f} | {data[ph]['max_ms']:.1f} | "
-                            f"{data[ph]['samples']} |" for ph in ("idle", "training")) + "\n")
+                            f"{data[ph].get('over_100ms', '–')} | {data[ph]['samples']} |" for ph in ("idle", "training"))
+                + "\n")
     return "\n".join(parts)
