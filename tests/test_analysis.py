@@ -135,6 +135,12 @@ def test_tsne_separates_two_clusters_and_nearest_point():
     spread = max(y[:40].std(0).max(), y[40:].std(0).max())
     assert np.linalg.norm(ca - cb) > 3 * spread
     assert tsne_2d(x[:2]).shape == (2, 2)
+    # capped to one thread (the review dock's setting): the same map, and the cap is lifted after
+    from threadpoolctl import threadpool_info
+
+    before = [p["num_threads"] for p in threadpool_info()]
+    np.testing.assert_allclose(tsne_2d(x, perplexity=10, seed=0, n_threads=1), y, atol=1e-3)
+    assert [p["num_threads"] for p in threadpool_info()] == before
     assert nearest_point(y, y[17] + 1e-3) == 17
     assert nearest_point(y, (1e6, 1e6), max_distance=1.0) is None
 

@@ -130,3 +130,17 @@ def test_freeze_and_thaw_the_heap():
 
 def test_one_render_thread_for_every_view():
     assert _figure._executor() is _figure._executor()
+
+
+def test_status_label_keeps_its_height(qtbot):
+    from napari_semicl.widgets._link import StatusLabel
+
+    label = StatusLabel("short", lines=2)
+    qtbot.addWidget(label)
+    label.resize(200, label.height())
+    label.show()
+    height = label.height()
+    label.setText("a much longer message " * 20)  # many lines when wrapped
+    qtbot.wait(10)
+    assert label.height() == height == label.minimumHeight() == label.maximumHeight()
+    assert label.toolTip() == label.text()

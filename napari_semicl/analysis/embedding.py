@@ -60,11 +60,14 @@ def bounded_sample(
     return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
-def tsne_2d(embeddings: np.ndarray, *, perplexity: float = 30.0, seed: int = 0) -> np.ndarray:
+def tsne_2d(embeddings: np.ndarray, *, perplexity: float = 30.0, seed: int = 0,
+            n_threads: int | None = None) -> np.ndarray:
     """(N, 2) t-SNE map of (N, D) embeddings (scikit-learn, PCA initialisation).
 
     The perplexity is lowered to ``(N - 1) / 3`` for small N, as t-SNE requires it to be
-    below N. Fewer than 3 points are placed on a line (nothing to learn).
+    below N. Fewer than 3 points are placed on a line (nothing to learn). ``n_threads``
+    caps the OpenMP/BLAS threads of the fit (scikit-learn's gradient otherwise takes every
+    core); the review dock uses 1, leaving the other cores to training and the viewer.
     """
     from sklearn.manifold import TSNE
 
@@ -76,7 +79,12 @@ def tsne_2d(embeddings: np.ndarray, *, perplexity: float = 30.0, seed: int = 0) 
         return np.stack([np.arange(n, dtype=np.float32), np.zeros(n, np.float32)], axis=1)
     perp = float(min(perplexity, max((n - 1) / 3.0, 1.0)))
     tsne = TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed, n_jobs=1)
-    return tsne.fit_transform(x).astype(np.float32)
+    if n_threads is None:
+        return tsne.fit_transform(x).astype(np.float32)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=int(n_threads)):
+        return tsne.fit_transform(x).astype(np.float32)
 
 
 def nearest_point(points: np.ndarray, xy, max_distance: float | None = None) -> int | None:

@@ -14,8 +14,8 @@ import logging
 
 import numpy as np
 from napari.utils import notifications
-from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QWidget
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import QLabel, QWidget
 
 from ..errors import SemiclError
 from . import _layers
@@ -26,6 +26,28 @@ log = logging.getLogger(__name__)
 #: a worker whose dock was closed meanwhile would otherwise lose its Qt signals and raise
 #: in its thread when it finishes.
 _RUNNING: set = set()
+
+
+class StatusLabel(QLabel):
+    """A word-wrapped status line of a fixed height (``lines`` lines of text).
+
+    A label that grows and shrinks with its text re-lays out its dock at every message; when
+    that dock shares a side with napari's canvas, the canvas is resized and redrawn as well
+    (~0.1-0.5 s with software OpenGL). The full text is also the tooltip, for messages
+    longer than the lines shown.
+    """
+
+    def __init__(self, text: str = "", lines: int = 2, parent=None) -> None:
+        super().__init__(text, parent)
+        self.setWordWrap(True)
+        self.setAlignment(Qt.AlignLeft | Qt.AlignTop)
+        m = self.contentsMargins()
+        self.setFixedHeight(lines * self.fontMetrics().lineSpacing() + m.top() + m.bottom() + 2)
+        self.setToolTip(text)
+
+    def setText(self, text: str) -> None:  # noqa: N802 (Qt's name)
+        super().setText(text)
+        self.setToolTip(text)
 
 
 def start_worker(fn, *args, returned=None, errored=None, **kwargs):

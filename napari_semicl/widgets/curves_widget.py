@@ -12,12 +12,12 @@ import math
 
 from matplotlib.figure import Figure
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QCheckBox, QLabel, QVBoxLayout
+from qtpy.QtWidgets import QCheckBox, QVBoxLayout
 
 from ..analysis import TrainingHistory
 from ..engine.events import Evaluated, StepDone
 from ._figure import FigureView
-from ._link import ReviewDock
+from ._link import ReviewDock, StatusLabel
 
 #: Redraw interval (ms) while new values come in.
 REDRAW_MS = 1000
@@ -36,6 +36,7 @@ class CurvesWidget(ReviewDock):
     def __init__(self, napari_viewer, train_widget=None) -> None:
         self.history = TrainingHistory()
         self._dirty = False
+        self._status = ""
         super().__init__(napari_viewer, train_widget)
         self._build_ui()
         self._timer = QTimer(self)
@@ -67,15 +68,16 @@ class CurvesWidget(ReviewDock):
         self.view = FigureView(draw_curves, min_height=220)
         self.figure = self.view.figure
         layout.addWidget(self.view, 1)
-        self.status_label = QLabel("Curves appear when training starts.")
-        self.status_label.setWordWrap(True)
+        self.status_label = StatusLabel("Curves appear when training starts.", lines=2)
         layout.addWidget(self.status_label)
 
     def on_train_event(self, event) -> None:
         if isinstance(event, StepDone):
             self.history.add(event.step, event.losses)
             self._dirty = True
-            self.status_label.setText(f"step {event.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in event.losses.items()))
+            # shown with the next redraw: one repaint a second, not one per step (every repaint
+            # composites the whole window; with software OpenGL that alone costs 20-70 ms)
+            self._status = f"step {event.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in event.losses.items())
         elif isinstance(event, Evaluated):
             dice = event.metrics.get("dice")
             if dice is not None and not (isinstance(dice, float) and math.isnan(dice)):
@@ -85,6 +87,8 @@ class CurvesWidget(ReviewDock):
     def _on_timer(self) -> None:
         if self._dirty and self.isVisible() and not self.view.busy:
             self.redraw()
+            if self._status:
+                self.status_label.setText(self._status)
 
     def closeEvent(self, event) -> None:
         self._timer.stop()

@@ -18,7 +18,6 @@ from matplotlib.figure import Figure
 from qtpy.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
-    QLabel,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -28,7 +27,7 @@ from ..analysis import DEFAULT_MAX_POINTS, nearest_point, tsne_2d
 from ..engine.events import Analysed, StepDone
 from ._figure import FigureView
 from ._layers import CLASS_COLOURS
-from ._link import ReviewDock, go_to, start_worker
+from ._link import ReviewDock, StatusLabel, go_to, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +155,7 @@ class FeaturePlotWidget(ReviewDock):
         self.figure = self.view.figure
         self.view.clicked.connect(self._on_view_clicked)
         layout.addWidget(self.view, 1)
-        self.status_label = QLabel("Press 'Compute t-SNE' once training has started.")
-        self.status_label.setWordWrap(True)
+        self.status_label = StatusLabel("Press 'Compute t-SNE' once training has started.", lines=3)
         layout.addWidget(self.status_label)
 
     # ------------------------------------------------------------------ events
@@ -182,7 +180,8 @@ class FeaturePlotWidget(ReviewDock):
             self.status_label.setText("No pixel to embed yet.")
             return
         self.status_label.setText(f"t-SNE of {len(emb)} embeddings (in the background)...")
-        start_worker(tsne_2d, emb, seed=0, returned=lambda pts, d=data: self._on_tsne_done(d, pts),
+        # one thread: scikit-learn's gradient would otherwise take every core from the viewer
+        start_worker(tsne_2d, emb, seed=0, n_threads=1, returned=lambda pts, d=data: self._on_tsne_done(d, pts),
                      errored=self._on_tsne_error)
 
     def _on_tsne_done(self, data: dict, points: np.ndarray) -> None:

@@ -38,7 +38,7 @@ from ..analysis import sample_disagreement, threshold_pseudo_labels
 from ..data.annotation import decode_classes
 from ..engine.events import Analysed, Preview, Reviewed, Started
 from . import _layers, _review_layers
-from ._link import ReviewDock, go_to, slice_index_tuple, start_worker
+from ._link import ReviewDock, StatusLabel, go_to, slice_index_tuple, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +222,7 @@ class ReviewWidget(ReviewDock):
         self.entropy_button.setToolTip("Show the normalised predictive entropy (0 certain, 1 uniform)")
         self.entropy_button.clicked.connect(self._on_entropy_clicked)
         layout.addWidget(self.entropy_button)
-        self.status_label = QLabel("Pseudo-labels appear at the Train dock's first refresh.")
-        self.status_label.setWordWrap(True)
+        self.status_label = StatusLabel("Pseudo-labels appear at the Train dock's first refresh.", lines=2)
         layout.addWidget(self.status_label)
         layout.addStretch(1)
 

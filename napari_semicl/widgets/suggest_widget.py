@@ -19,7 +19,6 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
     QHeaderView,
-    QLabel,
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
@@ -28,7 +27,7 @@ from qtpy.QtWidgets import (
 
 from ..analysis import SCORE_HELP, Suggestion, rank_slices, slice_means
 from ..engine.events import Analysed, Preview, Started
-from ._link import ReviewDock, go_to, start_worker
+from ._link import ReviewDock, StatusLabel, go_to, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +146,7 @@ class SuggestWidget(ReviewDock):
         self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.table.cellClicked.connect(self._on_cell_clicked)
         layout.addWidget(self.table, 1)
-        self.status_label = QLabel("Suggestions appear at the Train dock's first refresh.")
-        self.status_label.setWordWrap(True)
+        self.status_label = StatusLabel("Suggestions appear at the Train dock's first refresh.", lines=2)
         layout.addWidget(self.status_label)
 
     def _fill_table(self) -> None:
