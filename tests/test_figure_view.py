@@ -85,6 +85,14 @@ def test_a_click_gives_figure_coordinates(view, qtbot):
     assert button == 1 and abs(x - x0) <= 1.5 and abs(y - y0) <= 1.5
 
 
+def test_render_now_is_not_overwritten_by_an_older_background_render(view, qtbot):
+    view.submit({"slope": 0.2, "threads": []})  # in flight
+    view.render_now({"slope": 0.9, "threads": []})  # newer, shown at once
+    qtbot.waitUntil(lambda: not view.busy, timeout=10_000)
+    qtbot.wait(50)  # the older render's result has been delivered by now
+    assert view.info["slope"] == 0.9
+
+
 def test_a_failing_draw_keeps_the_last_image(view, qtbot):
     view.render_now({"slope": 1.0, "threads": []})
     shown = view._image

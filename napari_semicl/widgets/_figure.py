@@ -71,7 +71,7 @@ class FigureView(QWidget):
 
     rendered = Signal(object)
     clicked = Signal(float, float, int)
-    _finished = Signal(object, object, object)  # image, info, error
+    _finished = Signal(object, object, object, int)  # image, info, error, generation
 
     def __init__(self, draw: Callable[[Figure, Any], Any], min_height: int = 240, parent=None) -> None:
         super().__init__(parent)
@@ -84,6 +84,8 @@ class FigureView(QWidget):
         self._pending = False
         self._busy = False
         self._closed = False
+        self._generation = 0  # of the last render started
+        self._shown = 0  # generation of the image shown
         self.setMinimumHeight(min_height)
         self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Expanding)
         self._finished.connect(self._on_finished, Qt.QueuedConnection)
@@ -113,8 +115,9 @@ class FigureView(QWidget):
             self._snapshot = snapshot
         _executor().submit(lambda: None).result()  # drain the render thread
         self._pending = False
+        self._generation += 1
         image, info = self._render(self._snapshot, self._pixel_size())
-        self._show(image, info)
+        self._show(image, info, self._generation)
         return info
 
     def pixel_size(self) -> tuple[int, int]:
@@ -133,7 +136,8 @@ class FigureView(QWidget):
             return
         self._pending = False
         self._busy = True
-        snapshot, size = self._snapshot, self._pixel_size()
+        self._generation += 1
+        generation, snapshot, size = self._generation, self._snapshot, self._pixel_size()
 
         def job():
             try:
@@ -142,7 +146,7 @@ class FigureView(QWidget):
             except Exception as exc:  # reported on the Qt thread
                 image, info, error = None, None, exc
             try:
-                self._finished.emit(image, info, error)
+                self._finished.emit(image, info, error, generation)
             except RuntimeError:  # the widget was deleted meanwhile
                 pass
 
@@ -162,16 +166,18 @@ class FigureView(QWidget):
         image = QImage(rgba.tobytes(), w, h, 4 * w, QImage.Format_RGBA8888).copy()
         return image, info
 
-    def _on_finished(self, image, info, error) -> None:
-        # renders run one at a time, so a finished one is always newer than the one shown
+    def _on_finished(self, image, info, error, generation: int) -> None:
         self._busy = False
         if error is not None:
             log.warning("could not draw the figure: %s", error, exc_info=error)
         else:
-            self._show(image, info)
+            self._show(image, info, generation)
         self._start()
 
-    def _show(self, image: QImage, info: Any) -> None:
+    def _show(self, image: QImage, info: Any, generation: int) -> None:
+        if generation < self._shown:
+            return  # an older render finishing after a newer one (render_now) was shown
+        self._shown = generation
         ratio = self.devicePixelRatioF() if hasattr(self, "devicePixelRatioF") else 1.0
         image.setDevicePixelRatio(ratio)
         self._image = image
