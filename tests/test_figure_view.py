@@ -152,3 +152,23 @@ def test_status_label_keeps_its_height(qtbot):
     qtbot.wait(10)
     assert label.height() == height == label.minimumHeight() == label.maximumHeight()
     assert label.toolTip() == label.text()
+
+
+def test_a_training_worker_freezes_the_heap_until_it_ends(qtbot):
+    """The worker freezes at start and thaws from its own thread when it ends, with no dock
+    involved (a closed dock cannot leave the heap frozen)."""
+    from napari_semicl.widgets._worker import start_training_worker
+
+    class Trainer:
+        step = 0
+
+        def run(self):
+            assert gc.get_freeze_count() > 0  # frozen while the run trains
+            yield "event"
+
+    got = []
+    worker, control = start_training_worker(Trainer(), on_event=got.append, on_error=lambda e: None,
+                                            on_finished=lambda: None)
+    assert control.wait(10)
+    qtbot.waitUntil(lambda: gc.get_freeze_count() == 0, timeout=10_000)
+    qtbot.waitUntil(lambda: got == ["event"], timeout=10_000)

@@ -27,7 +27,8 @@ def freeze_heap() -> None:
     A full collection walks the whole heap (napari, Qt wrappers, torch, matplotlib: millions
     of objects) while holding the GIL; during training one took 0.3 s and froze the viewer
     (``bench ui --trace-stalls``). Frozen, the collections during training only walk what
-    training allocated. Called when a run starts; nested runs are counted.
+    training allocated. :func:`start_training_worker` freezes, and the worker thaws when it
+    ends; runs in several viewers are counted.
     """
     global _frozen_runs
     with _freeze_lock:
@@ -109,9 +110,16 @@ def start_training_worker(
     from qtpy.QtCore import Qt
 
     control = RunControl()
-    worker = create_worker(
-        iterate_training, trainer, control, _start_thread=False, _ignore_errors=True
-    )
+    freeze_heap()  # no full garbage collections through napari's heap while training
+    try:
+        worker = create_worker(
+            iterate_training, trainer, control, _start_thread=False, _ignore_errors=True
+        )
+    except BaseException:
+        thaw_heap()
+        raise
+    # thawed from the worker thread when it ends however it ends, dock or no dock
+    worker.finished.connect(thaw_heap, Qt.DirectConnection)
     # Set `done` from the worker thread itself, also when the worker was quit (napari's
     # cancel, or closing the viewer) and left the generator suspended: a Qt thread that
     # waits on `done` must not depend on its own (blocked) event queue.

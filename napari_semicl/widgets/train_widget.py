@@ -66,7 +66,7 @@ from ..errors import SemiclError
 from ..methods import available_methods
 from . import _layers
 from ._method_settings import MethodSettingsForm
-from ._worker import freeze_heap, start_training_worker, thaw_heap
+from ._worker import start_training_worker
 
 log = logging.getLogger(__name__)
 
@@ -742,17 +742,12 @@ class TrainWidget(QWidget):
         self._running, self._stopping = True, False
         self.progress_bar.setValue(0)
         self.status_label.setText(f"Starting on {describe_device(trainer.device)}...")
-        freeze_heap()  # no full garbage collections through napari's heap while training
-        try:
-            self._worker, self._control = start_training_worker(
-                trainer,
-                on_event=self._on_event,
-                on_error=self._on_worker_errored,
-                on_finished=self._on_worker_finished,  # thaws the heap
-            )
-        except BaseException:
-            thaw_heap()
-            raise
+        self._worker, self._control = start_training_worker(  # freezes the heap until it ends
+            trainer,
+            on_event=self._on_event,
+            on_error=self._on_worker_errored,
+            on_finished=self._on_worker_finished,
+        )
         self._run_ref.update(trainer=trainer, control=self._control, worker=self._worker)
         self._update_buttons()
 
@@ -914,7 +909,6 @@ class TrainWidget(QWidget):
         self._update_buttons()
 
     def _on_worker_finished(self) -> None:
-        thaw_heap()
         if self._control is not None:
             self._control.close_generator()  # only does something after a napari cancel
         self._worker, self._control = None, None
