@@ -202,6 +202,30 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 
 # --- subcommands -----------------------------------------------------------------------------
+def _make_trainer(args, cfg, pairs: list, out: Path) -> Trainer:
+    """A new trainer from ``cfg``, or with ``--resume`` one restored from a checkpoint (or a
+    run folder's last checkpoint) with the budget flags given on the command line."""
+    if not args.resume:
+        return Trainer(cfg, pairs, device=pick_device(args.device), out_dir=out)
+    resume = Path(args.resume)
+    if resume.is_dir():  # a run folder: its last (autosaved) checkpoint
+        resume = resume / CHECKPOINT_NAME
+    trainer = Trainer.from_checkpoint(resume, pairs, device=pick_device(args.device), out_dir=out)
+    if args.iterations is not None or args.minutes is not None:  # the budget flags still apply
+        trainer.config.iterations, trainer.config.minutes = cfg.iterations, cfg.minutes
+        trainer.config.budget = cfg.budget
+    return trainer
+
+
+def _train_or_fail(trainer: Trainer) -> Finished:
+    """Run ``trainer`` to the end; a crash becomes a CliError naming the step."""
+    log.info("training %s on %s: %s", trainer.config.method, trainer.device, trainer.dataset.summary())
+    finished = _train(trainer)
+    if finished.reason == "error":
+        raise CliError(f"training failed at step {finished.step}: {finished.error}")
+    return finished
+
+
 def cmd_train(args) -> int:
     from .io.wsi import is_slide
 
@@ -223,20 +247,8 @@ def cmd_train(args) -> int:
         pairs.append(AnnotatedPair(img.data, lab, rgb=img.rgb, name=img.name, spacing=img.scale, metadata=img.metadata))
     cfg = _build_config(args)
     out.mkdir(parents=True, exist_ok=True)
-    if args.resume:
-        resume = Path(args.resume)
-        if resume.is_dir():  # a run folder: its last (autosaved) checkpoint
-            resume = resume / CHECKPOINT_NAME
-        trainer = Trainer.from_checkpoint(resume, pairs, device=pick_device(args.device), out_dir=out)
-        if args.iterations is not None or args.minutes is not None:  # the budget flags still apply
-            trainer.config.iterations, trainer.config.minutes = cfg.iterations, cfg.minutes
-            trainer.config.budget = cfg.budget
-    else:
-        trainer = Trainer(cfg, pairs, device=pick_device(args.device), out_dir=out)
-    log.info("training %s on %s: %s", trainer.config.method, trainer.device, trainer.dataset.summary())
-    finished = _train(trainer)
-    if finished.reason == "error":
-        raise CliError(f"training failed at step {finished.step}: {finished.error}")
+    trainer = _make_trainer(args, cfg, pairs, out)
+    finished = _train_or_fail(trainer)
     for i, img in enumerate(images):
         pred = trainer.predict(img.data, rgb=img.rgb)
         name = "prediction" if len(images) == 1 else f"prediction_{i}_{img.name}"
@@ -260,14 +272,8 @@ def _train_slides(args, out: Path, labels: list) -> int:
             pair, slide = _slide_pair(path, labels[i] if i < len(labels) else None, cfg)
             pairs.append(pair)
             opened.append(slide)
-        if args.resume:
-            trainer = Trainer.from_checkpoint(args.resume, pairs, device=pick_device(args.device), out_dir=out)
-        else:
-            trainer = Trainer(cfg, pairs, device=pick_device(args.device), out_dir=out)
-        log.info("training %s on %s: %s", trainer.config.method, trainer.device, trainer.dataset.summary())
-        finished = _train(trainer)
-        if finished.reason == "error":
-            raise CliError(f"training failed at step {finished.step}: {finished.error}")
+        trainer = _make_trainer(args, cfg, pairs, out)
+        finished = _train_or_fail(trainer)
         outputs = []
         for i, pair in enumerate(pairs):
             name = "prediction" if len(pairs) == 1 else f"prediction_{i}_{pair.name}"
