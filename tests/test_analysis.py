@@ -234,7 +234,7 @@ def test_trainer_serves_analyses_between_steps(brain):
         trainer.analyse("nonsense")
 
 
-class _FakeAleatoric(MeanTeacher):
+class FakeAleatoric(MeanTeacher):
     """A mean teacher with an 'aleatoric head' that flips the teacher's arg-max at random
     (for the AUA contract: sample_aleatoric -> (S, H, W) int64)."""
 
@@ -254,7 +254,7 @@ def test_aleatoric_samples_through_the_contract(brain):
     from napari_semicl.engine.review import aleatoric_samples
 
     trainer = _trainer(brain)
-    method = _FakeAleatoric(trainer.config, trainer.model)
+    method = FakeAleatoric(trainer.config, trainer.model)
     out = aleatoric_samples(method, trainer.dataset, device=CPU, pair_index=0, slice_index=5, n_samples=6)
     assert out["aleatoric_samples"].shape == (6, *brain[0].shape[1:])
     assert out["aleatoric_samples"].dtype == np.int64

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -15,8 +14,9 @@ from qtpy.QtCore import QPoint, Qt  # noqa: E402
 
 from napari_semicl.analysis import sample_disagreement, slice_means  # noqa: E402
 from napari_semicl.engine.events import Finished, Reviewed  # noqa: E402
-from napari_semicl.methods import MeanTeacher  # noqa: E402
 from napari_semicl.widgets._link import find_train_widget  # noqa: E402
+from test_analysis import FakeAleatoric  # noqa: E402
+from test_widgets import small_network  # noqa: E402
 from napari_semicl.widgets.curves_widget import DICE, CurvesWidget  # noqa: E402
 from napari_semicl.widgets.feature_plot import FeaturePlotWidget  # noqa: E402
 from napari_semicl.widgets.review_widget import ReviewWidget  # noqa: E402
@@ -29,23 +29,9 @@ VALIDATION = 14
 ACCEPT = 6  # an unlabelled slice whose pseudo-labels are accepted
 
 
-
-class _FakeAleatoric(MeanTeacher):
-    """Mean teacher plus the AUA/AGCL review contract: aleatoric samples (the teacher's
-    arg-max with 30% of the pixels flipped at random), their disagreement per slice, and
-    an affinity matrix in review()."""
-
-    name = "fake_aleatoric"
-
-    def sample_aleatoric(self, x, n_samples, valid_shape=None):
-        h, w = valid_shape
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            idx = self.inference_model().eval()(x).argmax(dim=1)[0]
-        k = self.student.head.out_channels
-        flips = torch.randint(0, k, (n_samples, *idx.shape), generator=g)
-        keep = torch.rand((n_samples, *idx.shape), generator=g) < 0.7
-        return torch.where(keep, idx.expand(n_samples, -1, -1), flips)[:, :h, :w]
+class _FakeAleatoric(FakeAleatoric):
+    """test_analysis's fake aleatoric method plus the rest of the AUA/AGCL review contract:
+    the samples' disagreement per slice and an affinity matrix in review()."""
 
     def review_slice(self, x, *, valid_shape=None):
         samples = self.sample_aleatoric(x, 4, valid_shape).numpy()
@@ -72,15 +58,7 @@ def trained(make_napari_viewer, qtbot, tmp_path, monkeypatch):
         painted.data[s] = ref[s]
     train = TrainWidget(viewer)
     viewer.window.add_dock_widget(train, name="Train (semi-supervised)")
-    build = train.build_config
-
-    def build_small():
-        cfg = build()
-        cfg.model.base_channels, cfg.model.depth = 8, 3
-        cfg.data.batch_labelled = cfg.data.batch_unlabelled = 2
-        return cfg
-
-    monkeypatch.setattr(train, "build_config", build_small)
+    small_network(train, monkeypatch)
     train.set_pair(0, img, painted)
     train.method_combo.setCurrentText("mean_teacher")
     train.iterations_spin.setValue(20)
