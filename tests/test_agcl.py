@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from napari_semicl.data import AnnotatedPair
-from napari_semicl.data.annotation import IGNORE_INDEX
 from napari_semicl.data.dataset import Batch
 from napari_semicl.data.reveal import reveal_slices
 from napari_semicl.engine import Reviewed, TrainConfig, Trainer, run_sync
@@ -27,6 +26,7 @@ from napari_semicl.methods.agcl import (
 )
 from napari_semicl.methods.memory_bank import ClassMemoryBank
 from napari_semicl.models import build_model
+from test_plgcl import _tiny_batch  # the same small 3-class batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -230,16 +230,6 @@ def _tiny_config(**agcl):
     for k, v in agcl.items():
         setattr(cfg.agcl, k, v)
     return cfg.validate()
-
-
-def _tiny_batch():
-    g = torch.Generator().manual_seed(0)
-    y = torch.zeros(2, 32, 32, dtype=torch.long)
-    y[:, 8:20, 8:20] = 1
-    y[:, 20:, 20:] = 2
-    y[1, :, :6] = IGNORE_INDEX
-    x = y[:, None].float() + 0.1 * torch.randn(2, 1, 32, 32, generator=g)
-    return Batch(x, y, torch.rand(2, 1, 32, 32, generator=g))
 
 
 def test_step_gradients_reach_the_student_and_not_the_teacher():
