@@ -191,22 +191,20 @@ class ReviewDock(QWidget):
 
     def run_image(self, pair_index: int):
         """The image layer of pair ``pair_index`` of the current run (None if gone)."""
-        if self.train_widget is None:
-            return None
-        layers = self.train_widget.run_layers
-        if not 0 <= pair_index < len(layers):
-            return None
-        image = layers[pair_index][0]
-        return image if image in self.viewer.layers else None
+        return self._run_layer(pair_index, 0)
 
     def run_labels(self, pair_index: int):
+        """The labels layer of pair ``pair_index`` of the current run (None if none or gone)."""
+        return self._run_layer(pair_index, 1)
+
+    def _run_layer(self, pair_index: int, which: int):
         if self.train_widget is None:
             return None
         layers = self.train_widget.run_layers
         if not 0 <= pair_index < len(layers):
             return None
-        labels = layers[pair_index][1]
-        return labels if labels is not None and labels in self.viewer.layers else None
+        layer = layers[pair_index][which]
+        return layer if layer is not None and layer in self.viewer.layers else None
 
     def active_pair_index(self) -> int:
         """The run pair whose image or labels is the active layer (0 otherwise)."""

@@ -277,7 +277,7 @@ class ReviewWidget(ReviewDock):
         # the empty pseudo-label layers now, not at the first refresh while training runs,
         # with the predictions' dtype so that refreshes write into them in place
         dtype = decode_classes(np.zeros(1, dtype=np.int64), trainer.dataset.class_values).dtype
-        for pair_index, (image, _) in enumerate(getattr(self.train_widget, "_run_layers", [])):
+        for pair_index, (image, _) in enumerate(self.train_widget.run_layers):
             if getattr(image, "multiscale", False) or self.pseudo_layer(pair_index) is not None:
                 continue
             shape = _layers.spatial_shape(image)
