@@ -179,12 +179,15 @@ def test_review_docks_after_training(trained, qtbot):
     assert len(steps) == 22 and steps[-1] == 22
     assert {"ce", "dice", "consistency", "total"} <= set(curves.history.names())
     assert len(curves.history.series(DICE)[0]) >= 2
-    ax, ax_dice = curves.view.figure.axes
-    assert len(ax.get_lines()) >= 4 and len(ax_dice.get_lines()) == 1
-    # the image shown is the figure drawn at the widget's size, not blank
+    # the image shown (drawn in the render process) is at the widget's size, not blank
+    assert curves.view.in_process
     image = curves.view._image
     assert (image.width(), image.height()) == curves.view.pixel_size()
     assert image.pixelColor(0, 0).name() == "#ffffff" and not image.isNull()
+    # the same snapshot drawn here: a line per loss, and the Dice on its own axis
+    curves.redraw(wait=True)
+    ax, ax_dice = curves.view.figure.axes
+    assert len(ax.get_lines()) >= 4 and len(ax_dice.get_lines()) == 1
 
 
 def test_aleatoric_and_affinity_through_the_contract(trained, qtbot):
@@ -214,4 +217,5 @@ def test_aleatoric_and_affinity_through_the_contract(trained, qtbot):
     qtbot.waitUntil(lambda: not feature.busy and feature.affinity is not None and not feature.view.busy,
                     timeout=120_000)
     assert feature.affinity.shape == (6, 6)
+    feature._redraw(wait=True)  # the render process's figure, drawn here to look inside
     assert feature.view.figure.axes[-1].get_images()[0].get_array().shape == (6, 6)

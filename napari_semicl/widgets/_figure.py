@@ -1,38 +1,52 @@
-"""A matplotlib figure drawn off the Qt thread.
+"""A matplotlib figure drawn off the Qt thread, in a render process.
 
 matplotlib's Qt canvas draws on the Qt thread: a figure with a legend and a few hundred
 points took 0.3-0.8 s there while training held the GIL (``bench ui --review-docks``), far
-above the 100 ms the review docks may block the event loop. :class:`FigureView` instead
-draws the figure with Agg in one background thread shared by every view and hands the
-finished RGBA image to the Qt thread, which only paints it (a copy of a few hundred KB).
+above the 100 ms the review docks may block the event loop. Drawn in a background *thread*
+instead, matplotlib's Python still held the GIL for 100-200 ms per draw, and every draw of
+the training curves (once a second) stalled the viewer by 100-170 ms while napari waited for
+the GIL. :class:`FigureView` therefore draws in one *render process* shared by every view
+(spawned at the first draw, at a lower OS priority) and hands the finished RGBA image to the
+Qt thread, which only paints it.
 
-The figure is described by a *snapshot*: a plain object built on the Qt thread (copies of the
-data, never live widgets) and passed to ``draw(figure, snapshot)``, a function that runs in the
-render thread, clears and fills the figure and may return information the widget needs
-afterwards (e.g. the display coordinates of points, for clicks). Only the newest snapshot is
-drawn: requests that arrive while a render runs replace each other. A resize draws the last
-snapshot again at the new size.
+The figure is described by a *snapshot*: a plain picklable object built on the Qt thread
+(copies of the data, never live widgets) and passed to ``draw(figure, snapshot)``, a
+module-level function (see :mod:`napari_semicl.analysis.plots`) that runs in the render
+process, clears and fills the figure and may return information the widget needs afterwards
+(e.g. the display coordinates of points, for clicks). Only the newest snapshot is drawn:
+requests that arrive while a render runs replace each other. A resize draws the last snapshot
+again at the new size. A ``draw`` that cannot be sent to another process (a closure), or a
+render process that cannot start or keeps dying, falls back to one background render thread.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import pickle
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from qtpy.QtCore import QSize, Qt, QTimer, Signal
 from qtpy.QtGui import QImage, QPainter
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
+from ..analysis.plots import lower_process_priority, new_figure, render_figure, render_in_process
+
 log = logging.getLogger(__name__)
 
 _EXECUTOR: ThreadPoolExecutor | None = None
 _EXECUTOR_LOCK = threading.Lock()
+_PROCESS: ProcessPoolExecutor | None = None
+_PROCESS_FAILURES = 0
+_KEYS = itertools.count()
+#: After this many render processes died or failed to start, views draw in the thread.
+MAX_PROCESS_FAILURES = 3
 
 #: Wait this long after the last resize before drawing at the new size (ms).
 RESIZE_DEBOUNCE_MS = 150
@@ -43,22 +57,76 @@ def _executor() -> ThreadPoolExecutor:
     global _EXECUTOR
     with _EXECUTOR_LOCK:
         if _EXECUTOR is None:
-            _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semicl-figure")
+            from ._worker import lower_thread_priority
+
+            _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semicl-figure",
+                                           initializer=lower_thread_priority)
         return _EXECUTOR
 
 
+def _render_process() -> ProcessPoolExecutor | None:
+    """The one render process of every FigureView (started at the first call; None once it
+    failed :data:`MAX_PROCESS_FAILURES` times)."""
+    global _PROCESS
+    with _EXECUTOR_LOCK:
+        if _PROCESS is None and _PROCESS_FAILURES < MAX_PROCESS_FAILURES:
+            import multiprocessing
+
+            # spawn, never fork: the viewer's process has Qt, OpenGL and threads
+            _PROCESS = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=lower_process_priority)
+        return _PROCESS
+
+
+def _process_failed(pool: ProcessPoolExecutor, exc: BaseException) -> None:
+    """Forget a render process that died (the next draw starts a new one)."""
+    global _PROCESS, _PROCESS_FAILURES
+    with _EXECUTOR_LOCK:
+        if _PROCESS is not pool:
+            return  # already replaced
+        _PROCESS = None
+        _PROCESS_FAILURES += 1
+        failures = _PROCESS_FAILURES
+    pool.shutdown(wait=False, cancel_futures=True)
+    if failures >= MAX_PROCESS_FAILURES:
+        log.warning("the figure render process failed %d times (%s); figures are drawn in a thread now",
+                    failures, exc)
+    else:
+        log.warning("the figure render process stopped (%s); starting a new one", exc)
+
+
+def shutdown_render_process() -> None:
+    """Stop the render process (it is started again by the next draw)."""
+    global _PROCESS
+    with _EXECUTOR_LOCK:
+        pool, _PROCESS = _PROCESS, None
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _picklable(draw: Callable) -> bool:
+    try:
+        pickle.dumps(draw)
+    except Exception:  # noqa: BLE001 - a lambda, a closure, a bound method of a widget...
+        return False
+    return True
+
+
 class FigureView(QWidget):
-    """A widget showing a matplotlib figure drawn in a background thread.
+    """A widget showing a matplotlib figure drawn in the background.
 
     Parameters
     ----------
     draw : callable
-        ``draw(figure, snapshot) -> info``; runs in the render thread. When ``info`` is
-        callable it is called after the figure is drawn (e.g. to read final axis limits) and
-        its result is the info.
+        ``draw(figure, snapshot) -> info``; runs in the render process (the render thread if
+        ``draw`` cannot be pickled). When ``info`` is callable it is called after the figure
+        is drawn (e.g. to read final axis limits) and its result is the info, which must be
+        picklable in the process.
     min_height : int
         Minimum height in pixels.
     parent : QWidget, optional
+    in_process : bool
+        Draw in the render process (default) rather than the render thread.
 
     Signals
     -------
@@ -73,11 +141,14 @@ class FigureView(QWidget):
     clicked = Signal(float, float, int)
     _finished = Signal(object, object, object, int)  # image, info, error, generation
 
-    def __init__(self, draw: Callable[[Figure, Any], Any], min_height: int = 240, parent=None) -> None:
+    def __init__(self, draw: Callable[[Figure, Any], Any], min_height: int = 240, parent=None,
+                 in_process: bool = True) -> None:
         super().__init__(parent)
         self._draw = draw
-        self.figure = Figure(figsize=(4, 3), dpi=100)
-        FigureCanvasAgg(self.figure)
+        #: drawn by render_now and, without the render process, by the render thread
+        self.figure = new_figure()
+        self.in_process = bool(in_process) and _picklable(draw)
+        self._key = f"view-{next(_KEYS)}"
         self.info: Any = None
         self._image: QImage | None = None
         self._snapshot: Any = None
@@ -116,8 +187,8 @@ class FigureView(QWidget):
         _executor().submit(lambda: None).result()  # drain the render thread
         self._pending = False
         self._generation += 1
-        image, info = self._render(self._snapshot, self._pixel_size())
-        self._show(image, info, self._generation)
+        rgba, info = render_figure(self.figure, self._draw, self._snapshot, self._pixel_size())
+        self._show(_to_qimage(rgba), info, self._generation)
         return info
 
     def pixel_size(self) -> tuple[int, int]:
@@ -138,36 +209,50 @@ class FigureView(QWidget):
         self._busy = True
         self._generation += 1
         generation, snapshot, size = self._generation, self._snapshot, self._pixel_size()
+        pool = _render_process() if self.in_process else None
+        if pool is not None:
+            try:
+                future = pool.submit(render_in_process, self._key, self._draw, snapshot, size)
+            except (BrokenProcessPool, RuntimeError, OSError) as exc:  # died, or cannot start
+                _process_failed(pool, exc)
+            else:
+                future.add_done_callback(lambda f: self._deliver_from_process(pool, f, generation))
+                return
 
         def job():
             try:
-                image, info = self._render(snapshot, size)
-                error = None
+                rgba, info = render_figure(self.figure, self._draw, snapshot, size)
+                self._deliver(_to_qimage(rgba), info, None, generation)
             except Exception as exc:  # reported on the Qt thread
-                image, info, error = None, None, exc
-            try:
-                self._finished.emit(image, info, error, generation)
-            except RuntimeError:  # the widget was deleted meanwhile
-                pass
+                self._deliver(None, None, exc, generation)
 
         _executor().submit(job)
 
-    def _render(self, snapshot: Any, size: tuple[int, int]) -> tuple[QImage, Any]:
-        fig = self.figure
-        fig.set_size_inches(size[0] / fig.dpi, size[1] / fig.dpi)
-        info = self._draw(fig, snapshot) if snapshot is not None else None
-        if snapshot is None:
-            fig.clear()
-        fig.canvas.draw()
-        if callable(info):  # information that needs the drawn figure (final limits)
-            info = info()
-        rgba = np.asarray(fig.canvas.buffer_rgba())
-        h, w = rgba.shape[:2]
-        image = QImage(rgba.tobytes(), w, h, 4 * w, QImage.Format_RGBA8888).copy()
-        return image, info
+    def _deliver_from_process(self, pool: ProcessPoolExecutor, future: Future, generation: int) -> None:
+        """In the thread that collects the render process's results."""
+        try:
+            rgba, info = future.result()
+        except BrokenProcessPool as exc:  # the process died: try again (a new one, or the thread)
+            _process_failed(pool, exc)
+            self._deliver(None, None, None, generation, retry=True)
+        except Exception as exc:  # the draw failed: reported on the Qt thread
+            self._deliver(None, None, exc, generation)
+        else:
+            self._deliver(_to_qimage(rgba), info, None, generation)
+
+    def _deliver(self, image, info, error, generation: int, retry: bool = False) -> None:
+        try:
+            self._finished.emit(image, info, error, -generation if retry else generation)
+        except RuntimeError:  # the widget was deleted meanwhile
+            pass
 
     def _on_finished(self, image, info, error, generation: int) -> None:
         self._busy = False
+        if generation < 0:  # the render process died during this draw: draw it again
+            if not self._pending and -generation == self._generation:
+                self._pending = True
+            self._start()
+            return
         if error is not None:
             log.warning("could not draw the figure: %s", error, exc_info=error)
         else:
@@ -217,3 +302,9 @@ class FigureView(QWidget):
     def closeEvent(self, event) -> None:
         self._closed = True
         super().closeEvent(event)
+
+
+def _to_qimage(rgba: np.ndarray) -> QImage:
+    """A QImage owning a copy of ``rgba`` ((h, w, 4) uint8); safe to make in any thread."""
+    h, w = rgba.shape[:2]
+    return QImage(np.ascontiguousarray(rgba).tobytes(), w, h, 4 * w, QImage.Format_RGBA8888).copy()

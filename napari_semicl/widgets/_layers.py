@@ -19,6 +19,7 @@ import math
 import numpy as np
 from napari.layers import Image, Labels, Layer, Points
 
+from ..analysis.plots import CLASS_COLOURS
 from ..data import AnnotatedPair
 from ..data.tiles import SlidePair, WSIConfig, snapshot_slide
 from ..errors import DataError
@@ -31,11 +32,6 @@ PREDICTION_SUFFIX = " prediction"
 ENTROPY_SUFFIX = " entropy"
 PATCH_ENTROPY_SUFFIX = " patch entropy"
 SAMPLED_PIXELS_SUFFIX = " sampled pixels"
-#: colours of the sampled pixels, by class index (cycled beyond ten classes)
-CLASS_COLOURS = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-)
 #: Metadata keys that carry a NIfTI geometry (see :mod:`napari_semicl.io.readers`).
 GEOMETRY_KEYS = ("affine", "nifti_header")
 

@@ -66,7 +66,13 @@ def start_worker(fn, *args, returned=None, errored=None, **kwargs):
                 log.debug("result of %s dropped: its widget is gone", getattr(fn, "__name__", fn))
         return call
 
-    worker = create_worker(fn, *args, _start_thread=False, _ignore_errors=True, **kwargs)
+    from ._worker import background_priority
+
+    def background(*a, **kw):  # below the event loop for the OS scheduler
+        with background_priority():
+            return fn(*a, **kw)
+
+    worker = create_worker(background, *args, _start_thread=False, _ignore_errors=True, **kwargs)
     if returned is not None:
         worker.returned.connect(deliver(returned))
     if errored is not None:

@@ -9,6 +9,7 @@ model is kept. :func:`start_training_worker` runs it in napari's worker thread p
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
@@ -18,6 +19,56 @@ log = logging.getLogger(__name__)
 
 _frozen_runs = 0
 _freeze_lock = threading.Lock()
+
+#: How much lower than the Qt thread's the OS priority of background work is (nice steps).
+BACKGROUND_NICE = 10
+
+
+def lower_thread_priority(steps: int = BACKGROUND_NICE) -> tuple[int, int] | None:
+    """Lower the calling thread's OS scheduling priority by ``steps`` nice levels.
+
+    Training and the docks' analyses compete with the event loop (and with the X server and
+    the OpenGL rasteriser of a software-rendered viewer) for the cores; below them, they only
+    get what the viewer leaves. Linux only (threads have their own nice value there); elsewhere
+    nothing changes. Returns (thread id, previous nice value) for
+    :func:`restore_thread_priority`, or None when nothing changed.
+    """
+    import os
+    import sys
+
+    if steps <= 0 or not sys.platform.startswith("linux"):
+        return None
+    try:
+        tid = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, before + steps))
+    except OSError:
+        return None
+    return tid, before
+
+
+def restore_thread_priority(token: tuple[int, int] | None) -> None:
+    """Give the thread lowered by :func:`lower_thread_priority` its nice value back (pool
+    threads are reused); only from that thread itself. Where the OS does not let an
+    unprivileged thread raise its priority again, it stays low."""
+    if token is None or token[0] != threading.get_native_id():
+        return
+    import os
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, token[0], token[1])
+    except OSError:
+        log.debug("could not restore the thread's priority", exc_info=True)
+
+
+@contextlib.contextmanager
+def background_priority():
+    """Run the body at :func:`lower_thread_priority`, restored afterwards where allowed."""
+    before = lower_thread_priority()
+    try:
+        yield
+    finally:
+        restore_thread_priority(before)
 
 
 def freeze_heap() -> None:
@@ -78,6 +129,7 @@ class RunControl:
 
 def iterate_training(trainer, control: RunControl) -> Generator:
     """Yield ``trainer.run()``'s events until it finishes or ``control.abandon`` is set."""
+    before = lower_thread_priority()
     gen = trainer.run()
     control._gen = gen
     try:
@@ -90,6 +142,7 @@ def iterate_training(trainer, control: RunControl) -> Generator:
                 return
         control._gen = None
     finally:
+        restore_thread_priority(before)
         control.done.set()
 
 

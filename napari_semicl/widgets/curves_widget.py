@@ -2,7 +2,7 @@
 
 Events only append to a :class:`~napari_semicl.analysis.TrainingHistory`; a timer redraws
 the figure at most once per ``REDRAW_MS`` when something changed, and the drawing itself
-runs in the render thread of :class:`~napari_semicl.widgets._figure.FigureView`, so the Qt
+runs in the render process of :class:`~napari_semicl.widgets._figure.FigureView`, so the Qt
 thread only copies the series and paints the finished image.
 """
 
@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import math
 
-from matplotlib.figure import Figure
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QCheckBox, QVBoxLayout
 
 from ..analysis import TrainingHistory
+from ..analysis.plots import DICE, draw_curves
 from ..engine.events import Evaluated, StepDone
 from ._figure import FigureView
 from ._link import ReviewDock, StatusLabel
 
 #: Redraw interval (ms) while new values come in.
 REDRAW_MS = 1000
-DICE = "validation Dice"
 
 
 class CurvesWidget(ReviewDock):
@@ -45,12 +44,12 @@ class CurvesWidget(ReviewDock):
         self._timer.start()
 
     def snapshot(self) -> dict:
-        """A copy of what the figure shows (built on the Qt thread, drawn in the render thread)."""
+        """A copy of what the figure shows (built on the Qt thread, drawn in the render process)."""
         return {"series": {n: self.history.series(n) for n in self.history.names()},
                 "log": self.log_check.isChecked()}
 
     def redraw(self, wait: bool = False) -> None:
-        """Draw the history now: in the render thread, or here when ``wait``."""
+        """Draw the history now: in the render process, or here when ``wait``."""
         self._dirty = False
         if wait:
             self.view.render_now(self.snapshot())
@@ -63,8 +62,8 @@ class CurvesWidget(ReviewDock):
         self.log_check.setChecked(True)
         self.log_check.toggled.connect(self.redraw)
         layout.addWidget(self.log_check)
-        # drawn with Agg in the render thread: on the Qt thread a draw took 0.3-0.8 s while
-        # training held the GIL (bench ui --review-docks)
+        # drawn with Agg in the render process: on the Qt thread a draw took 0.3-0.8 s while
+        # training ran, and in a thread its Python kept napari from the GIL for 100-170 ms
         self.view = FigureView(draw_curves, min_height=220)
         self.figure = self.view.figure
         layout.addWidget(self.view, 1)
@@ -93,33 +92,3 @@ class CurvesWidget(ReviewDock):
     def closeEvent(self, event) -> None:
         self._timer.stop()
         super().closeEvent(event)
-
-
-def draw_curves(fig: Figure, snap: dict) -> None:
-    """Fill ``fig`` with the losses (left axis) and validation Dice (right axis) of ``snap``."""
-    fig.clear()
-    # fixed margins: a layout engine (tight/constrained) re-runs on every draw
-    fig.subplots_adjust(left=0.15, right=0.86, bottom=0.15, top=0.97)
-    ax = fig.add_subplot(1, 1, 1)
-    ax2 = ax.twinx()
-    series = snap["series"]
-    for name, (steps, values) in series.items():
-        if name != DICE:
-            ax.plot(steps, values, label=name, linewidth=1.2 if name == "total" else 0.9)
-    if snap["log"] and any((v > 0).all() for n, (_, v) in series.items() if n != DICE):
-        ax.set_yscale("log")
-    ax.set_xlabel("step", fontsize=8)
-    ax.set_ylabel("loss", fontsize=8)
-    steps, dice = series.get(DICE, ((), ()))
-    if len(steps):
-        ax2.plot(steps, dice, "k.-", label=DICE)
-        ax2.set_ylim(0, 1)
-        ax2.set_ylabel("Dice", fontsize=8)
-    ax2.yaxis.set_label_position("right")
-    ax2.yaxis.tick_right()
-    lines = ax.get_legend_handles_labels()
-    more = ax2.get_legend_handles_labels()
-    if lines[0] or more[0]:
-        ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper right", framealpha=0.6)
-    for a in (ax, ax2):
-        a.tick_params(labelsize=7)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from matplotlib.figure import Figure
 from qtpy.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
@@ -24,9 +23,9 @@ from qtpy.QtWidgets import (
 )
 
 from ..analysis import DEFAULT_MAX_POINTS, nearest_point, tsne_2d
+from ..analysis.plots import draw_embedding
 from ..engine.events import Analysed, StepDone
 from ._figure import FigureView
-from ._layers import CLASS_COLOURS
 from ._link import ReviewDock, StatusLabel, go_to, start_worker
 
 log = logging.getLogger(__name__)
@@ -73,12 +72,12 @@ class FeaturePlotWidget(ReviewDock):
 
     def show_embedding(self, data: dict, points: np.ndarray, wait: bool = False) -> None:
         """Draw ``points`` (N, 2) with the classes and labelled flags of ``data`` (in the
-        render thread, or here when ``wait``)."""
+        render process, or here when ``wait``)."""
         self.data, self.points = data, np.asarray(points, np.float32)
         self._redraw(wait)
 
     def snapshot(self) -> dict:
-        """A copy of what the figure shows, for the render thread."""
+        """A copy of what the figure shows, for the render process."""
         return {
             "points": self.points.copy(),
             "classes": np.asarray(self.data.get("embedding_labels", np.zeros(0, np.int64))).copy(),
@@ -149,8 +148,8 @@ class FeaturePlotWidget(ReviewDock):
         self.compute_button.clicked.connect(self._on_compute_clicked)
         row.addWidget(self.compute_button)
         layout.addLayout(row)
-        # drawn with Agg in the render thread: a draw on the Qt thread took 0.3-0.8 s while
-        # training held the GIL (bench ui --review-docks)
+        # drawn with Agg in the render process: on the Qt thread a draw took 0.3-0.8 s while
+        # training ran, and in a thread its Python kept napari from the GIL for 100-170 ms
         self.view = FigureView(draw_embedding, min_height=280)
         self.figure = self.view.figure
         self.view.clicked.connect(self._on_view_clicked)
@@ -210,39 +209,3 @@ class FeaturePlotWidget(ReviewDock):
 
     def _on_compute_clicked(self) -> None:
         self.compute()
-
-
-def draw_embedding(fig: Figure, snap: dict) -> dict:
-    """Fill ``fig`` with the t-SNE scatter (and the affinity heat map) of ``snap``; gives the
-    points' display coordinates (device pixels, origin bottom left) for clicks once drawn."""
-    fig.clear()
-    # fixed margins: a layout engine re-runs on every draw
-    fig.subplots_adjust(left=0.03, right=0.97, bottom=0.03, top=0.92, wspace=0.08)
-    affinity = snap["affinity"]
-    ax = fig.add_subplot(1, 2, 1) if affinity is not None else fig.add_subplot(1, 1, 1)
-    points, classes, labelled, values = snap["points"], snap["classes"], snap["labelled"], snap["values"]
-    for k in np.unique(classes):
-        colour = CLASS_COLOURS[int(k) % len(CLASS_COLOURS)]
-        name = str(values[k]) if values is not None and k < len(values) else str(k)
-        for mask, marker, what in ((labelled, "o", "painted"), (~labelled, "x", "pseudo")):
-            sel = (classes == k) & mask
-            if sel.any():
-                ax.scatter(points[sel, 0], points[sel, 1], s=10 if marker == "o" else 14,
-                           c=colour, marker=marker, linewidths=0.8, label=f"{name} {what}")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if len(classes):
-        ax.set_title(f"t-SNE of {len(classes)} pixel embeddings", fontsize=9)
-        ax.legend(fontsize=7, markerscale=1.5, loc="best", framealpha=0.6)
-    if affinity is not None:
-        ax2 = fig.add_subplot(1, 2, 2)
-        ax2.imshow(affinity, cmap="viridis", interpolation="nearest")
-        ax2.set_title(f"affinity ({affinity.shape[0]} x {affinity.shape[1]})", fontsize=9)
-        ax2.set_xticks([])
-        ax2.set_yticks([])
-
-    def after_draw() -> dict:  # the axis limits are final once the figure is drawn
-        xy = ax.transData.transform(points.astype(np.float64)) if len(points) else np.zeros((0, 2))
-        return {"display_xy": xy}
-
-    return after_draw

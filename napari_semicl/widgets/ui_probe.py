@@ -151,7 +151,7 @@ def train_dock_on(viewer, image, labels, *, method: str, iterations: int, refres
 
 def run_probe(*, seconds: float = 20.0, method: str = "mean_teacher", refresh_every: int = 20,
               interval_ms: int = 10, review_docks: bool = False, image_path=None, reference_path=None,
-              trace_stalls: bool = False) -> dict:
+              trace_stalls: bool = False, idle_seconds: float | None = None) -> dict:
     """Open napari with the sample and the Train dock; probe idle, then while training.
 
     ``review_docks`` also opens the review docks (pseudo-labels, annotate next with the
@@ -240,7 +240,7 @@ def run_probe(*, seconds: float = 20.0, method: str = "mean_teacher", refresh_ev
     dock.event_received.connect(lambda e: mark(type(e).__name__ + (f" {e.kind}" if hasattr(e, "kind") else "")))
     spin_events(1.0)
     probe.start()
-    spin_events(seconds)
+    spin_events(seconds if idle_seconds is None else idle_seconds)
     idle = probe.stop()
     if not dock.start_training():
         raise RuntimeError("the Train dock refused to start (see the notification)")
@@ -277,6 +277,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--method", default="mean_teacher")
     parser.add_argument("--refresh-every", type=int, default=20)
+    parser.add_argument("--idle-seconds", type=float, help="length of the idle phase (default: --seconds)")
     parser.add_argument("--review-docks", action="store_true", help="also open the review docks, refreshing")
     parser.add_argument("--image", help="an image file instead of the sample")
     parser.add_argument("--reference", help="its reference labels (3 slices are revealed)")
@@ -286,7 +287,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     result = run_probe(seconds=args.seconds, method=args.method, refresh_every=args.refresh_every,
                        review_docks=args.review_docks, image_path=args.image, reference_path=args.reference,
-                       trace_stalls=args.trace_stalls)
+                       trace_stalls=args.trace_stalls, idle_seconds=args.idle_seconds)
     from ..bench.common import machine_info
 
     result["machine"] = machine_info()

@@ -1,0 +1,30 @@
+"""Draw functions for FigureView's render-process tests: module level (so they can be pickled
+by reference) in a module that imports nothing heavy (the render process imports it)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+
+def draw_line(fig, snap):
+    """A red line from (0, 0) to (1, slope); info: slope, the data origin in pixels, the pid
+    and how many times this figure was drawn."""
+    fig.clear()
+    ax = fig.add_axes((0.1, 0.1, 0.8, 0.8))
+    ax.plot([0, 1], [0, snap["slope"]], "r-")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    fig.draws = getattr(fig, "draws", 0) + 1
+    draws = fig.draws
+    if snap.get("fail"):
+        raise KeyError("fail")
+    die = snap.get("die_once")  # a file: the first process to see it missing dies
+    if die is not None and multiprocessing.parent_process() is not None and not os.path.exists(die):
+        open(die, "w").close()
+        os._exit(3)
+    if snap.get("die_always") and multiprocessing.parent_process() is not None:
+        os._exit(3)
+    return lambda: {"slope": snap["slope"], "origin": ax.transData.transform((0.0, 0.0)),
+                    "pid": os.getpid(), "draws": draws,
+                    "nice": os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else None}
