@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -34,6 +35,20 @@ def _percentiles(lateness_ms: list[float], times_s: list[float] | None = None) -
     return out
 
 
+def _proc_counters(tid: int | None) -> tuple[float, float, float] | None:
+    """(ms the thread ``tid`` ran on a CPU, ms it waited for one, ms of CPU the host stole)
+    so far, from Linux's /proc; None elsewhere."""
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat") as fh:
+            run_ns, wait_ns = (int(v) for v in fh.read().split()[:2])
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()
+        steal_ms = int(fields[8]) * 1000 / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+    except (OSError, ValueError, TypeError):
+        return None
+    return run_ns / 1e6, wait_ns / 1e6, steal_ms
+
+
 class StallTracer:
     """A watchdog thread that records the Qt thread's Python stack while it is blocked.
 
@@ -41,22 +56,37 @@ class StallTracer:
     the watchdog takes the main thread's stack (``sys._current_frames``) once per stall.
     The stacks name what blocked the event loop (the watchdog needs the GIL, so a stack is
     taken when the blocking code next lets go of it: a frame inside the culprit or just after).
+
+    On Linux each stall also gets, from the scheduler's counters sampled every
+    ``period_s``, how long the Qt thread ran on a CPU (``qt_cpu_ms``: its own work, Python or
+    C++), how long it was runnable but waited for a core (``qt_runqueue_ms``: the cores were
+    busy with other threads or processes) and how much CPU the host stole from this machine
+    (``steal_ms``); the rest of the stall the thread slept: waiting for the GIL, a lock or the
+    X server. The counters span the watchdog's samples around the stall (up to
+    ``period_s`` wider on each side).
     """
 
-    def __init__(self, threshold_ms: float = 80.0, depth: int = 12) -> None:
+    def __init__(self, threshold_ms: float = 80.0, depth: int = 12, period_s: float = 0.02) -> None:
         import threading
 
         self.threshold_s = threshold_ms / 1000
         self.depth = depth
+        self.period_s = period_s
         self.main_id = threading.main_thread().ident
+        self.main_native_id = threading.main_thread().native_id
         self.stacks: list[dict] = []
         self._last = time.perf_counter()
         self._taken = False
+        self._stall_start = 0.0
+        self._stall_end: float | None = None
+        self._history: list[tuple[float, tuple[float, float, float] | None]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="semicl-stall-tracer", daemon=True)
 
     def tick(self) -> None:
         self._last = time.perf_counter()
+        if self._taken:  # the first tick after a recorded stall: its end
+            self._stall_end = self._last
         self._taken = False
 
     def start(self) -> None:
@@ -68,19 +98,41 @@ class StallTracer:
         self._thread.join(1.0)
         return self.stacks
 
+    def _counters_over(self, start: float, end: float) -> dict:
+        """Deltas of the scheduler counters from the last sample before ``start`` to the first
+        after ``end``."""
+        before = [c for t, c in self._history if t <= start and c is not None]
+        after = [c for t, c in self._history if t >= end and c is not None]
+        if not before or not after:
+            return {}
+        (r0, w0, s0), (r1, w1, s1) = before[-1], after[0]
+        return {"qt_cpu_ms": round(r1 - r0, 1), "qt_runqueue_ms": round(w1 - w0, 1), "steal_ms": round(s1 - s0, 1)}
+
     def _watch(self) -> None:
         import traceback
 
-        while not self._stop.wait(0.02):
-            blocked = time.perf_counter() - self._last
+        pending: dict | None = None  # the last stall, until it ended and its counters are in
+        while not self._stop.wait(self.period_s):
+            now = time.perf_counter()
+            self._history.append((now, _proc_counters(self.main_native_id)))
+            del self._history[:-200]
+            end = self._stall_end
+            if pending is not None and end is not None and now >= end + self.period_s:
+                # the stall ended, and a sample after its end is in
+                pending["stall_ms"] = round((end - self._stall_start) * 1000, 1)
+                pending.update(self._counters_over(self._stall_start, end))
+                pending = None
+            blocked = now - self._last
             if blocked > self.threshold_s and not self._taken:
                 frame = sys._current_frames().get(self.main_id)
                 if frame is None:
                     continue
+                self._stall_start, self._stall_end = self._last, None
                 self._taken = True
                 lines = [f"{fs.filename.rsplit('site-packages/', 1)[-1]}:{fs.lineno} {fs.name}"
                          for fs in traceback.extract_stack(frame)[-self.depth:]]
-                self.stacks.append({"blocked_ms": round(blocked * 1000, 1), "stack": lines})
+                pending = {"blocked_ms": round(blocked * 1000, 1), "stack": lines}
+                self.stacks.append(pending)
 
 
 class LatencyProbe:
