@@ -71,11 +71,6 @@ def render_in_process(key: str, draw: Callable[[Figure, Any], Any], snapshot: An
     return render_figure(fig, draw, snapshot, size)
 
 
-def forget_figure(key: str) -> None:
-    """Drop the figure of view ``key`` (the view was closed)."""
-    _FIGURES.pop(key, None)
-
-
 def lower_process_priority(steps: int = RENDER_NICE) -> None:
     """Initialiser of the render process: below the viewer for the OS scheduler (where the OS
     has nice levels), so that drawing a figure never takes a core from the event loop."""

@@ -95,15 +95,6 @@ def _process_failed(pool: ProcessPoolExecutor, exc: BaseException) -> None:
         log.warning("the figure render process stopped (%s); starting a new one", exc)
 
 
-def shutdown_render_process() -> None:
-    """Stop the render process (it is started again by the next draw)."""
-    global _PROCESS
-    with _EXECUTOR_LOCK:
-        pool, _PROCESS = _PROCESS, None
-    if pool is not None:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 def _picklable(draw: Callable) -> bool:
     try:
         pickle.dumps(draw)

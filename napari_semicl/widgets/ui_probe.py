@@ -286,6 +286,11 @@ def run_probe(*, seconds: float = 20.0, method: str = "mean_teacher", refresh_ev
 
         gc.callbacks.append(on_gc)
     viewer.layers.events.inserted.connect(lambda e: mark(f"layer added: {e.value.name}"))
+    try:  # a resized canvas is redrawn whole (napari's private attributes: best effort)
+        viewer.window._qt_viewer.canvas._scene_canvas.events.resize.connect(
+            lambda e: mark(f"canvas resized to {tuple(e.size)}"))
+    except AttributeError:
+        log.info("canvas resizes are not in the timeline (napari's canvas has changed)")
     for name, widget in review.items():
         if hasattr(widget, "view"):
             widget.view.rendered.connect(lambda _info, n=name: mark(f"figure shown: {n}"))
