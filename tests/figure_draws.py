@@ -3,8 +3,9 @@ by reference) in a module that imports nothing heavy (the render process imports
 
 from __future__ import annotations
 
-import multiprocessing
 import os
+
+from napari_semicl.analysis.render_server import CHILD_ENV
 
 
 def draw_line(fig, snap):
@@ -20,10 +21,11 @@ def draw_line(fig, snap):
     if snap.get("fail"):
         raise KeyError("fail")
     die = snap.get("die_once")  # a file: the first process to see it missing dies
-    if die is not None and multiprocessing.parent_process() is not None and not os.path.exists(die):
+    in_child = os.environ.get(CHILD_ENV) == "1"
+    if die is not None and in_child and not os.path.exists(die):
         open(die, "w").close()
         os._exit(3)
-    if snap.get("die_always") and multiprocessing.parent_process() is not None:
+    if snap.get("die_always") and in_child:
         os._exit(3)
     return lambda: {"slope": snap["slope"], "origin": ax.transData.transform((0.0, 0.0)),
                     "pid": os.getpid(), "draws": draws,

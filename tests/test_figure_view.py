@@ -18,7 +18,7 @@ pytest.importorskip("pytestqt")
 from qtpy.QtCore import QPoint, Qt  # noqa: E402
 from qtpy.QtWidgets import QWidget  # noqa: E402
 
-from napari_semicl.analysis import plots  # noqa: E402
+from napari_semicl.analysis import render_server  # noqa: E402
 from napari_semicl.widgets import _figure  # noqa: E402
 from napari_semicl.widgets._figure import FigureView  # noqa: E402
 from napari_semicl.widgets._link import _RUNNING, start_worker  # noqa: E402
@@ -96,7 +96,7 @@ def test_drawn_in_the_render_process_at_the_widget_size(pview, qtbot):
     qtbot.waitUntil(lambda: not pview.busy and pview.info is not None, timeout=60_000)  # first: spawn
     assert pview.info["pid"] != os.getpid()
     if hasattr(os, "getpriority"):  # below the viewer for the OS scheduler
-        assert pview.info["nice"] == min(19, os.getpriority(os.PRIO_PROCESS, 0) + plots.RENDER_NICE)
+        assert pview.info["nice"] == min(19, os.getpriority(os.PRIO_PROCESS, 0) + render_server.RENDER_NICE)
     _red_on_the_diagonal(pview)
 
 

@@ -6,13 +6,13 @@ A snapshot is a plain picklable object (copies of the data, never live widgets);
 the widget needs afterwards (a dict, or a callable giving one once the figure is drawn, for
 what depends on final axis limits). :func:`render_figure` draws a snapshot at a pixel size
 with Agg. :func:`render_in_process` is the same for the render process of
-:class:`~napari_semicl.widgets._figure.FigureView`: there every view keeps its own figure,
-and matplotlib's Python never competes with napari's event loop for the GIL.
+:class:`~napari_semicl.widgets._figure.FigureView` (:mod:`.render_server`): there every view
+keeps its own figure, and matplotlib's Python never competes with napari's event loop for the
+GIL.
 """
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -30,8 +30,6 @@ CLASS_COLOURS = (
 DICE = "validation Dice"
 #: Figures the render process keeps (one per view; the least recently drawn goes first).
 MAX_FIGURES = 16
-#: How much lower than the viewer's the render process's OS priority is (nice steps).
-RENDER_NICE = 10
 
 _FIGURES: OrderedDict[str, Figure] = OrderedDict()
 
@@ -69,16 +67,6 @@ def render_in_process(key: str, draw: Callable[[Figure, Any], Any], snapshot: An
     while len(_FIGURES) > MAX_FIGURES:
         _FIGURES.popitem(last=False)
     return render_figure(fig, draw, snapshot, size)
-
-
-def lower_process_priority(steps: int = RENDER_NICE) -> None:
-    """Initialiser of the render process: below the viewer for the OS scheduler (where the OS
-    has nice levels), so that drawing a figure never takes a core from the event loop."""
-    if hasattr(os, "nice"):
-        try:
-            os.nice(steps)
-        except OSError:
-            pass
 
 
 def draw_curves(fig: Figure, snap: dict) -> None:

@@ -6,7 +6,8 @@ above the 100 ms the review docks may block the event loop. Drawn in a backgroun
 instead, matplotlib's Python still held the GIL for 100-200 ms per draw, and every draw of
 the training curves (once a second) stalled the viewer by 100-170 ms while napari waited for
 the GIL. :class:`FigureView` therefore draws in one *render process* shared by every view
-(spawned at the first draw, at a lower OS priority) and hands the finished RGBA image to the
+(started at the first draw, at a lower OS priority: :mod:`napari_semicl.analysis.render_server`)
+and hands the finished RGBA image to the
 Qt thread, which only paints it.
 
 The figure is described by a *snapshot*: a plain picklable object built on the Qt thread
@@ -21,13 +22,13 @@ render process that cannot start or keeps dying, falls back to one background re
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import pickle
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -36,13 +37,14 @@ from qtpy.QtCore import QSize, Qt, QTimer, Signal
 from qtpy.QtGui import QImage, QPainter
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
-from ..analysis.plots import lower_process_priority, new_figure, render_figure, render_in_process
+from ..analysis.plots import new_figure, render_figure, render_in_process
+from ..analysis.render_server import RenderClient, RenderProcessDied
 
 log = logging.getLogger(__name__)
 
 _EXECUTOR: ThreadPoolExecutor | None = None
 _EXECUTOR_LOCK = threading.Lock()
-_PROCESS: ProcessPoolExecutor | None = None
+_PROCESS: RenderClient | None = None
 _PROCESS_FAILURES = 0
 _KEYS = itertools.count()
 #: After this many render processes died or failed to start, views draw in the thread.
@@ -64,21 +66,27 @@ def _executor() -> ThreadPoolExecutor:
         return _EXECUTOR
 
 
-def _render_process() -> ProcessPoolExecutor | None:
+def _render_process() -> RenderClient | None:
     """The one render process of every FigureView (started at the first call; None once it
     failed :data:`MAX_PROCESS_FAILURES` times)."""
-    global _PROCESS
+    global _PROCESS, _PROCESS_FAILURES
     with _EXECUTOR_LOCK:
         if _PROCESS is None and _PROCESS_FAILURES < MAX_PROCESS_FAILURES:
-            import multiprocessing
-
-            # spawn, never fork: the viewer's process has Qt, OpenGL and threads
-            _PROCESS = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                           initializer=lower_process_priority)
+            try:
+                _PROCESS = RenderClient()
+            except OSError as exc:
+                _PROCESS_FAILURES += 1
+                log.warning("could not start the figure render process: %s", exc)
         return _PROCESS
 
 
-def _process_failed(pool: ProcessPoolExecutor, exc: BaseException) -> None:
+@atexit.register
+def _close_render_process() -> None:
+    if _PROCESS is not None:
+        _PROCESS.close(timeout=1.0)
+
+
+def _process_failed(pool: RenderClient, exc: BaseException) -> None:
     """Forget a render process that died (the next draw starts a new one)."""
     global _PROCESS, _PROCESS_FAILURES
     with _EXECUTOR_LOCK:
@@ -87,7 +95,7 @@ def _process_failed(pool: ProcessPoolExecutor, exc: BaseException) -> None:
         _PROCESS = None
         _PROCESS_FAILURES += 1
         failures = _PROCESS_FAILURES
-    pool.shutdown(wait=False, cancel_futures=True)
+    pool.close(timeout=0.5)
     if failures >= MAX_PROCESS_FAILURES:
         log.warning("the figure render process failed %d times (%s); figures are drawn in a thread now",
                     failures, exc)
@@ -204,7 +212,7 @@ class FigureView(QWidget):
         if pool is not None:
             try:
                 future = pool.submit(render_in_process, self._key, self._draw, snapshot, size)
-            except (BrokenProcessPool, RuntimeError, OSError) as exc:  # died, or cannot start
+            except RenderProcessDied as exc:  # it ended since the last draw
                 _process_failed(pool, exc)
             else:
                 future.add_done_callback(lambda f: self._deliver_from_process(pool, f, generation))
@@ -219,11 +227,11 @@ class FigureView(QWidget):
 
         _executor().submit(job)
 
-    def _deliver_from_process(self, pool: ProcessPoolExecutor, future: Future, generation: int) -> None:
-        """In the thread that collects the render process's results."""
+    def _deliver_from_process(self, pool: RenderClient, future: Future, generation: int) -> None:
+        """In the thread that reads the render process's answers."""
         try:
             rgba, info = future.result()
-        except BrokenProcessPool as exc:  # the process died: try again (a new one, or the thread)
+        except RenderProcessDied as exc:  # the process died: try again (a new one, or the thread)
             _process_failed(pool, exc)
             self._deliver(None, None, None, generation, retry=True)
         except Exception as exc:  # the draw failed: reported on the Qt thread
