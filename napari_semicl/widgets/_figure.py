@@ -147,6 +147,8 @@ class FigureView(QWidget):
         #: drawn by render_now and, without the render process, by the render thread
         self.figure = new_figure()
         self.in_process = bool(in_process) and _picklable(draw)
+        if self.in_process:
+            _render_process()  # started with the dock, so that it is ready for the first draw
         self._key = f"view-{next(_KEYS)}"
         self.info: Any = None
         self._image: QImage | None = None
