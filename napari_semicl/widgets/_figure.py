@@ -6,9 +6,8 @@ above the 100 ms the review docks may block the event loop. Drawn in a backgroun
 instead, matplotlib's Python still held the GIL for 100-200 ms per draw, and every draw of
 the training curves (once a second) stalled the viewer by 100-170 ms while napari waited for
 the GIL. :class:`FigureView` therefore draws in one *render process* shared by every view
-(started at the first draw, at a lower OS priority: :mod:`napari_semicl.analysis.render_server`)
-and hands the finished RGBA image to the
-Qt thread, which only paints it.
+(:mod:`napari_semicl.analysis.render_server`, started with the first view, at a lower OS
+priority) and hands the finished RGBA image to the Qt thread, which only paints it.
 
 The figure is described by a *snapshot*: a plain picklable object built on the Qt thread
 (copies of the data, never live widgets) and passed to ``draw(figure, snapshot)``, a
