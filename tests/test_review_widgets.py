@@ -219,3 +219,52 @@ def test_aleatoric_and_affinity_through_the_contract(trained, qtbot):
     assert feature.affinity.shape == (6, 6)
     feature._redraw(wait=True)  # the render process's figure, drawn here to look inside
     assert feature.view.figure.axes[-1].get_images()[0].get_array().shape == (6, 6)
+
+
+@pytest.mark.parametrize("method, suffix", [("plgcl", " patch entropy"), ("arco", " sampled pixels"),
+                                            ("aua", " aleatoric disagreement")])
+def test_method_review_layers_exist_before_training_and_are_refreshed_in_place(
+        method, suffix, make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """Adding a layer while training runs paused the viewer 0.1-1 s (bench ui): the layers a
+    method's review shows are created, empty, when Train is pressed, and the first review
+    writes into the same layer."""
+    from napari_semicl.io.sample import load_sample_volume
+
+    viewer = make_napari_viewer()
+    image, reference = load_sample_volume()
+    img = viewer.add_image(image.data[CROP].copy(), name="t1 crop", scale=image.scale)
+    painted = viewer.add_labels(np.zeros(img.data.shape, np.uint16), name="painted", scale=image.scale)
+    painted.data[PAINTED[0]] = reference.data[CROP][PAINTED[0]]
+    train = TrainWidget(viewer)
+    viewer.window.add_dock_widget(train, name="Train (semi-supervised)")
+    review = ReviewWidget(viewer)
+    viewer.window.add_dock_widget(review, name="Review")
+    small_network(train, monkeypatch)
+    train.set_pair(0, img, painted)
+    train.method_combo.setCurrentText(method)
+    train.iterations_spin.setValue(6)
+    train.patch_spin.setValue(64)
+    train.refresh_spin.setValue(2)
+    train.background_check.setChecked(True)
+    train.run_folder_edit.setText(str(tmp_path / "run"))
+    viewer.dims.set_current_step(0, PAINTED[0])
+    events = []
+    train.event_received.connect(events.append)
+    added = []
+    viewer.layers.events.inserted.connect(lambda e: added.append(e.value.name))
+    assert train.start_training()
+    name = "t1 crop" + suffix
+    assert name in viewer.layers  # before the first step
+    layer = viewer.layers[name]
+    created_at_train = list(added)
+    qtbot.waitUntil(lambda: any(isinstance(e, Finished) for e in events) and not train.is_training,
+                    timeout=240_000)
+    assert any(isinstance(e, Reviewed) for e in events), [type(e).__name__ for e in events]
+    assert viewer.layers[name] is layer and added == created_at_train  # no layer added since
+    reviewed = [e for e in events if isinstance(e, Reviewed)][-1]
+    assert reviewed.slice_index == PAINTED[0] != 0
+    assert layer.metadata["slice_index"] == reviewed.slice_index  # the review went into it
+    if suffix == " sampled pixels":  # as many points as the review sampled (none this early)
+        assert len(layer.data) == len(reviewed.arrays["sampled_pixels"])
+    else:
+        assert layer.data.max() > 0

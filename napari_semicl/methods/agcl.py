@@ -352,6 +352,7 @@ class AGCL(MeanTeacher):
     """
 
     name = "agcl"
+    review_layers = ("patch_entropy",)
 
     def __init__(self, config, student: nn.Module) -> None:
         super().__init__(config, student)

@@ -189,6 +189,7 @@ class ARCO(MeanTeacher):
     """
 
     name = "arco"
+    review_layers = ("sampled_pixels",)
     uses_teacher = True
     uses_unlabelled = True
 

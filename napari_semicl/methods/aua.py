@@ -423,6 +423,7 @@ class AUA(MeanTeacher):
     """
 
     name = "aua"
+    review_layers = ("aleatoric_disagreement",)
 
     def __init__(self, config, student: nn.Module) -> None:
         super().__init__(config, student)

@@ -76,6 +76,10 @@ class Method:
     name: ClassVar[str] = ""
     uses_teacher: ClassVar[bool] = False
     uses_unlabelled: ClassVar[bool] = False
+    #: Per-slice maps of :meth:`review_slice` that the GUI shows as layers of their own
+    #: ('patch_entropy', 'sampled_pixels', 'aleatoric_disagreement'): it creates them,
+    #: empty, when training starts (adding a napari layer pauses the viewer 0.1-1 s).
+    review_layers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config, student: nn.Module) -> None:
         self.config = config

@@ -240,6 +240,7 @@ class PLGCL(MeanTeacher):
     """
 
     name = "plgcl"
+    review_layers = ("patch_entropy",)
 
     def __init__(self, config, student: nn.Module) -> None:
         super().__init__(config, student)

@@ -49,6 +49,12 @@ def spatial_shape(layer: Layer) -> tuple[int, ...]:
     return shape[:-1] if getattr(layer, "rgb", False) else shape
 
 
+def slice_shape(layer: Layer, axis: int) -> tuple[int, ...]:
+    """(H, W) of one slice of ``layer`` along ``axis`` (a 2D image is one slice)."""
+    shape = spatial_shape(layer)
+    return shape if len(shape) == 2 else shape[:axis] + shape[axis + 1:]
+
+
 def has_geometry(metadata: dict | None) -> bool:
     """Whether ``metadata`` holds a NIfTI affine or header to write masks with."""
     return bool(metadata) and any(metadata.get(k) is not None for k in GEOMETRY_KEYS)

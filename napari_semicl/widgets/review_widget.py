@@ -277,11 +277,16 @@ class ReviewWidget(ReviewDock):
         # the empty pseudo-label layers now, not at the first refresh while training runs,
         # with the predictions' dtype so that refreshes write into them in place
         dtype = decode_classes(np.zeros(1, dtype=np.int64), trainer.dataset.class_values).dtype
+        # and the method's disagreement map of a reviewed slice, when it has one
+        disagreement = "aleatoric_disagreement" in getattr(trainer.method, "review_layers", ())
         for pair_index, (image, _) in enumerate(self.train_widget.run_layers):
-            if getattr(image, "multiscale", False) or self.pseudo_layer(pair_index) is not None:
+            if getattr(image, "multiscale", False):
                 continue
-            shape = _layers.spatial_shape(image)
-            self._pseudo_layer_for(pair_index, image, np.zeros(shape, dtype))
+            if self.pseudo_layer(pair_index) is None:
+                self._pseudo_layer_for(pair_index, image, np.zeros(_layers.spatial_shape(image), dtype))
+            if disagreement:
+                blank = np.zeros(_layers.slice_shape(image, self.axis), np.float32)
+                _review_layers.show_slice_map(self.viewer, image, blank, 0, self.axis)
 
     def _show_samples(self, event: Analysed) -> None:
         samples = event.arrays.get("aleatoric_samples")
