@@ -74,3 +74,12 @@ def test_reveal_slices_evenly_over_foreground():
     assert labelled_slice_indices(painted, 0).tolist() == [5, 10]
     with pytest.raises(DataError):
         choose_reveal_slices(np.zeros((4, 2, 2)), 2, 0)
+
+
+@pytest.mark.parametrize("values, dtype", [([0, 1, 255], np.uint8), ([0, 300], np.uint16), ([0, 70000], np.int32)])
+def test_decoded_labels_take_the_smallest_dtype_that_fits(values, dtype):
+    from napari_semicl.data import decode_classes, decoded_dtype
+
+    decoded = decode_classes(np.array([[0, len(values) - 1]]), values)
+    assert decoded_dtype(values) == decoded.dtype == dtype
+    assert decoded.tolist() == [[values[0], values[-1]]]

@@ -6,6 +6,7 @@ from .annotation import (
     AnnotatedPair,
     build_class_table,
     decode_classes,
+    decoded_dtype,
     encode_targets,
     labelled_slice_indices,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "SliceDataset",
     "build_class_table",
     "decode_classes",
+    "decoded_dtype",
     "encode_targets",
     "labelled_slice_indices",
     "normalise_image",

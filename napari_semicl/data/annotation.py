@@ -147,8 +147,12 @@ def encode_targets(labels: np.ndarray, class_values, unpainted: str = "ignore") 
     return lut[labels.astype(np.int64, copy=False)]
 
 
+def decoded_dtype(class_values) -> np.dtype:
+    """The dtype :func:`decode_classes` gives for ``class_values``: the smallest that fits."""
+    top = np.asarray(class_values).max()
+    return np.dtype(np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.int32)
+
+
 def decode_classes(class_indices: np.ndarray, class_values) -> np.ndarray:
     """Map network class indices back to label values (the smallest dtype that fits)."""
-    values = np.asarray(class_values)
-    dtype = np.uint8 if values.max() <= 255 else np.uint16 if values.max() <= 65535 else np.int32
-    return values.astype(dtype)[class_indices]
+    return np.asarray(class_values).astype(decoded_dtype(class_values))[class_indices]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from monai.data.utils import compute_importance_map
 
-from ..data.annotation import decode_classes
+from ..data.annotation import decoded_dtype
 from ..data.tiles import (
     SlidePair,
     TileGrid,
@@ -34,10 +34,6 @@ from ..data.tiles import (
 from ..io.wsi import build_pyramid_levels, create_label_pyramid, finish_ome_zarr
 
 log = logging.getLogger(__name__)
-
-
-def _label_dtype(class_values) -> np.dtype:
-    return decode_classes(np.zeros(1, dtype=np.int64), class_values).dtype
 
 
 @torch.no_grad()
@@ -99,7 +95,7 @@ def predict_level(
     weight = np.maximum(weight.astype(np.float32), 1e-6)
     k = len(class_values)
     values = np.asarray(class_values)
-    dtype = _label_dtype(class_values)
+    dtype = decoded_dtype(class_values)
     todo = set(grid.tiles()) if tiles is None else set(tiles)
     total, done = len(todo), 0
     band_h = tile + 2 * m
@@ -186,7 +182,7 @@ def predict_slide(
     shape = (int(src.shape[0]), int(src.shape[1]))
     grid = TileGrid(shape, tile)
     tissue = tissue_tiles(grid, tissue_mask(thumb, rgb=rgb), tissue_min)
-    group = create_label_pyramid(path, shape, dtype=_label_dtype(class_values), tile=tile, overwrite=overwrite)
+    group = create_label_pyramid(path, shape, dtype=decoded_dtype(class_values), tile=tile, overwrite=overwrite)
     info = predict_level(model, src, group["0"], class_values=class_values, lo=lo, hi=hi, rgb=rgb, device=device,
                          tile=tile, overlap=overlap, tiles=tissue, batch_size=batch_size, progress=progress)
     pyramid = build_pyramid_levels(group, labels=True)
@@ -199,7 +195,7 @@ def predict_slide(
 def predict_slide_pair(model, pair: SlidePair, path, *, class_values, device, overlap: int = 64,
                        batch_size: int = 1, progress=None):
     """:func:`predict_slide` with a training snapshot's level, grid, tissue and range."""
-    group = create_label_pyramid(path, pair.grid.shape, dtype=_label_dtype(class_values), tile=pair.grid.tile,
+    group = create_label_pyramid(path, pair.grid.shape, dtype=decoded_dtype(class_values), tile=pair.grid.tile,
                                  overwrite=True)
     info = predict_level(model, pair.levels[pair.level], group["0"], class_values=class_values, lo=pair.lo,
                          hi=pair.hi, rgb=pair.rgb, device=device, tile=pair.grid.tile, overlap=overlap,

@@ -35,7 +35,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..analysis import sample_disagreement, threshold_pseudo_labels
-from ..data.annotation import decode_classes
+from ..data.annotation import decode_classes, decoded_dtype
 from ..engine.events import Analysed, Preview, Reviewed, Started
 from . import _layers, _review_layers
 from ._link import ReviewDock, StatusLabel, go_to, slice_index_tuple, start_worker
@@ -276,7 +276,7 @@ class ReviewWidget(ReviewDock):
     def on_run_starting(self, trainer) -> None:
         # the empty pseudo-label layers now, not at the first refresh while training runs,
         # with the predictions' dtype so that refreshes write into them in place
-        dtype = decode_classes(np.zeros(1, dtype=np.int64), trainer.dataset.class_values).dtype
+        dtype = decoded_dtype(trainer.dataset.class_values)
         # and the method's disagreement map of a reviewed slice, when it has one
         disagreement = "aleatoric_disagreement" in getattr(trainer.method, "review_layers", ())
         for pair_index, (image, _) in enumerate(self.train_widget.run_layers):

@@ -761,9 +761,9 @@ class TrainWidget(QWidget):
         """
         import numpy as np
 
-        from ..data import decode_classes
+        from ..data import decoded_dtype
 
-        dtype = decode_classes(np.zeros(1, dtype=np.int64), trainer.dataset.class_values).dtype
+        dtype = decoded_dtype(trainer.dataset.class_values)
         wanted = set(getattr(trainer.method, "review_layers", ()))
         axis, k = trainer.config.data.axis, len(trainer.dataset.class_values)
         for image, _ in self._run_layers:
