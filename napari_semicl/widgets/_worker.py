@@ -15,13 +15,16 @@ import logging
 import threading
 from collections.abc import Callable, Generator
 
+from ..analysis.render_server import RENDER_NICE
+
 log = logging.getLogger(__name__)
 
 _frozen_runs = 0
 _freeze_lock = threading.Lock()
 
-#: How much lower than the Qt thread's the OS priority of background work is (nice steps).
-BACKGROUND_NICE = 10
+#: How much lower than the Qt thread's the OS priority of background work is (nice steps):
+#: the same as the render process's.
+BACKGROUND_NICE = RENDER_NICE
 
 
 def lower_thread_priority(steps: int = BACKGROUND_NICE) -> tuple[int, int] | None:
@@ -129,21 +132,20 @@ class RunControl:
 
 def iterate_training(trainer, control: RunControl) -> Generator:
     """Yield ``trainer.run()``'s events until it finishes or ``control.abandon`` is set."""
-    before = lower_thread_priority()
-    gen = trainer.run()
-    control._gen = gen
-    try:
-        for event in gen:
-            yield event
-            if control.abandon.is_set():
-                log.info("training abandoned at step %d; checkpointing", trainer.step)
-                control._gen = None
-                gen.close()
-                return
-        control._gen = None
-    finally:
-        restore_thread_priority(before)
-        control.done.set()
+    with background_priority():
+        gen = trainer.run()
+        control._gen = gen
+        try:
+            for event in gen:
+                yield event
+                if control.abandon.is_set():
+                    log.info("training abandoned at step %d; checkpointing", trainer.step)
+                    control._gen = None
+                    gen.close()
+                    return
+            control._gen = None
+        finally:
+            control.done.set()
 
 
 def start_training_worker(
