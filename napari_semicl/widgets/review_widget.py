@@ -5,8 +5,11 @@ threshold, accept (and undo) them slice by slice, and aleatoric samples of a sli
   whose certainty ``1 - normalised entropy`` is below the slider set to unknown (0), in an
   editable '<image> pseudo-labels' layer. Slices the user paints on in that layer are
   kept as corrected (refreshes leave them alone) until accepted.
-* Accept copies the current slice's pseudo-labels into the user's labels layer where the
-  user has not painted (one step on the dock's undo stack); the Train dock hands the new
+* Accept puts the current slice's pseudo-labels into the user's labels layer as a slice that
+  is complete under the run's semantics (:mod:`napari_semicl.analysis.accept`): with
+  'unpainted means background' the whole predicted slice (an already painted slice is
+  refused), else the confident pseudo-labels where the user has not painted. One step on the
+  dock's undo stack; the list says what each accept put in. The Train dock hands the new
   labels to the trainer at its next refresh, so the slice trains as a labelled one.
 * Entropy: the Train dock's '<image> entropy' layer (normalised to [0, 1]); the method's
   'aleatoric_disagreement' of the reviewed slice, when it has one, beside it.
@@ -35,8 +38,10 @@ from qtpy.QtWidgets import (
 )
 
 from ..analysis import sample_disagreement, threshold_pseudo_labels
+from ..analysis.accept import merge_accepted_slice
 from ..data.annotation import decode_classes, decoded_dtype
 from ..engine.events import Analysed, Preview, Reviewed, Started
+from ..errors import DataError
 from . import _layers, _review_layers
 from ._link import ReviewDock, StatusLabel, go_to, slice_index_tuple, start_worker
 
@@ -47,7 +52,7 @@ log = logging.getLogger(__name__)
 class _Accepted:
     """One accept on the undo stack: what the labels slice held before."""
 
-    labels: object  # the napari Labels layer
+    labels_name: str  # the napari Labels layer, by name (docks see proxies, new at each access)
     pair_index: int
     slice_index: int
     key: tuple
@@ -109,17 +114,20 @@ class ReviewWidget(ReviewDock):
                          returned=lambda arr, p=p, g=self._generation: self._show_pseudo(p, g, arr))
 
     def accept_slice(self, slice_index: int | None = None, pair_index: int | None = None) -> bool:
-        """Copy one slice's pseudo-labels into the user's labels layer (where unpainted).
+        """Accept one slice of pseudo-labels into the user's labels layer.
 
-        The slice then counts as labelled at the Train dock's next refresh (or Resume).
-        Returns False, with a notification, when there is nothing to accept.
+        Under the run's semantics (:func:`~napari_semicl.analysis.accept.merge_accepted_slice`):
+        with 'unpainted means background' the whole slice (the prediction, with the user's
+        corrections), else the confident pseudo-labels where the user has not painted. The
+        slice then counts as labelled at the Train dock's next refresh (or Resume). Returns
+        False, with a notification saying why, when nothing is accepted.
         """
         p = self.active_pair_index() if pair_index is None else pair_index
         labels, pseudo = self.run_labels(p), self.pseudo_layer(p)
         if labels is None:
             notifications.show_warning("The training pair has no labels layer to accept into.")
             return False
-        if pseudo is None:
+        if pseudo is None or p not in self._pred or p not in self._ent:
             notifications.show_warning("No pseudo-labels yet: train until the first refresh.")
             return False
         s = self.current_slice(p) if slice_index is None else int(slice_index)
@@ -127,32 +135,46 @@ class ReviewWidget(ReviewDock):
             return False
         key = slice_index_tuple(labels.data.ndim, self.axis, s)
         before = np.array(labels.data[key], copy=True)
-        proposal = np.asarray(pseudo.data[key])
-        merged = np.where(before != 0, before, proposal).astype(labels.data.dtype, copy=False)
-        added = int(np.count_nonzero((before == 0) & (proposal != 0)))
-        if added == 0:
-            notifications.show_info(f"Slice {s}: no pseudo-label above the threshold to accept.")
+        try:
+            result = merge_accepted_slice(
+                before, self._pred[p][key], 1.0 - self._ent[p][key], np.asarray(pseudo.data[key]),
+                self.threshold, unpainted=self.unpainted,
+            )
+        except DataError as exc:
+            notifications.show_info(f"Slice {s} not accepted: {exc}")
+            self.status_label.setText(f"Slice {s} not accepted: {exc}")
             return False
-        labels.data[key] = merged
+        labels.data[key] = result.labels
         labels.refresh()
-        entry = _Accepted(labels, p, s, key, before, added)
-        self._undo.append(entry)
+        self._undo.append(_Accepted(labels.name, p, s, key, before, result.added))
         self._corrected.get(p, set()).discard(s)
-        item = QListWidgetItem(f"slice {s}: {added} pixels accepted")
+        text = result.describe(s)
+        item = QListWidgetItem(text)
+        item.setToolTip(text)
         item.setData(Qt.UserRole, (p, s))
         self.accepted_list.addItem(item)
         self.undo_button.setEnabled(True)
-        self.status_label.setText(f"Slice {s} accepted: it trains as labelled from the next refresh.")
+        self.status_label.setText(f"Accepted {text}; it trains as labelled from the next refresh.")
         return True
+
+    @property
+    def unpainted(self) -> str:
+        """What 0 means on a painted slice for the run being reviewed ('ignore' or 'background')."""
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.config.data.unpainted
+        check = getattr(self.train_widget, "background_check", None)
+        return "background" if check is not None and check.isChecked() else "ignore"
 
     def undo_accept(self) -> bool:
         """Undo the last accept: the labels slice gets back what it held before."""
         if not self._undo:
             return False
         entry = self._undo.pop()
-        if entry.labels in self.viewer.layers:
-            entry.labels.data[entry.key] = entry.before
-            entry.labels.refresh()
+        labels = _layers._find(self.viewer, entry.labels_name, _layers.Labels)
+        if labels is not None:
+            labels.data[entry.key] = entry.before
+            labels.refresh()
         self.accepted_list.takeItem(self.accepted_list.count() - 1)
         self.undo_button.setEnabled(bool(self._undo))
         self.status_label.setText(f"Accept of slice {entry.slice_index} undone.")
@@ -192,8 +214,10 @@ class ReviewWidget(ReviewDock):
         buttons = QHBoxLayout()
         self.accept_button = QPushButton("Accept current slice")
         self.accept_button.setToolTip(
-            "Copy this slice's pseudo-labels (after your corrections in the pseudo-labels layer)\n"
-            "into your labels layer where you have not painted; it trains as labelled from the next refresh."
+            "Put this slice's pseudo-labels (after your corrections in the pseudo-labels layer) into your\n"
+            "labels layer; it trains as labelled from the next refresh. With 'unpainted means background'\n"
+            "the whole slice is accepted (uncertain pixels as predicted: check them); otherwise only the\n"
+            "pixels above the threshold, where you have not painted."
         )
         self.accept_button.clicked.connect(self._on_accept_clicked)
         self.undo_button = QPushButton("Undo accept")
