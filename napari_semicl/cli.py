@@ -329,7 +329,7 @@ def cmd_predict(args) -> int:
     device = next(model.parameters()).device
     pred = predict_volume(
         model, img.data, class_values=cfg.data.class_values, axis=cfg.data.axis, rgb=img.rgb,
-        normalise=cfg.data.normalise, device=device,
+        normalise=cfg.data.normalise, device=device, context_slices=cfg.data.context_slices,
         with_entropy=args.entropy is not None or bool(args.suggest),
     )
     path = write_labels(Path(args.out), pred.labels, metadata=img.metadata, overwrite=args.overwrite)

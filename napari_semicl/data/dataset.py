@@ -78,6 +78,29 @@ def to_slices(image: np.ndarray, axis: int, *, rgb: bool = False) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(image, axis + 1, 0))
 
 
+def with_context(slices: np.ndarray, context: int) -> np.ndarray:
+    """2.5D input: each slice with its ``context`` neighbours on either side as channels.
+
+    Parameters
+    ----------
+    slices : ndarray, (S, C, H, W)
+    context : int
+        Neighbours on each side; 0 returns ``slices`` unchanged. Past the first and the last
+        slice the edge slice is repeated.
+
+    Returns
+    -------
+    ndarray, (S, C * (2 * context + 1), H, W)
+        Channels ordered from slice ``s - context`` to ``s + context``.
+    """
+    if context <= 0:
+        return slices
+    n = slices.shape[0]
+    index = np.clip(np.arange(n)[:, None] + np.arange(-context, context + 1)[None], 0, n - 1)  # (S, 2c+1)
+    stacked = slices[index]  # (S, 2c+1, C, H, W)
+    return np.ascontiguousarray(stacked.reshape(n, -1, *slices.shape[2:]))
+
+
 def _label_slices(labels: np.ndarray, axis: int) -> np.ndarray:
     if labels.ndim == 2:
         return labels[None]
@@ -134,6 +157,7 @@ class SliceDataset:
                 if n_bad:
                     self.non_finite[p_idx] = n_bad
             img = to_slices(normalise_image(pair.image, data_config.normalise, rgb=pair.rgb), data_config.axis, rgb=pair.rgb)
+            img = with_context(img, data_config.context_slices if len(pair.spatial_shape) == 3 else 0)
             channels.add(img.shape[1])
             self.images.append(img)
             val = set(int(s) for s in pair.validation_slices)
@@ -173,6 +197,19 @@ class SliceDataset:
             log.warning("label values %s are not in the class table %s and are ignored",
                         sorted(self.unknown_values), self.class_values)
         self._painted_px = {}
+        #: (pair, slice) -> dense (H, W) int64 target of an unlabelled slice (IGNORE_INDEX
+        #: where unknown), set by the engine (e.g. the painted-slice prior); see sample_labelled
+        self.dense_targets: dict[tuple[int, int], np.ndarray] = {}
+        self._dense_items: list[tuple[int, int]] = []
+
+    def set_dense_targets(self, targets: dict[tuple[int, int], np.ndarray]) -> None:
+        """Give unlabelled slices dense targets (encoded, ``IGNORE_INDEX`` where unknown).
+
+        Labelled and validation slices are never given one: their own labels stay the only
+        target they train on."""
+        own = set(self.labelled) | set(self.validation)
+        self.dense_targets = {k: v for k, v in targets.items() if k not in own}
+        self._dense_items = sorted(self.dense_targets)
 
     # --- summary ----------------------------------------------------------------------
     @property
@@ -218,10 +255,20 @@ class SliceDataset:
             self._painted_px[key] = np.argwhere(tgt != IGNORE_INDEX)
         return self._painted_px[key]
 
-    def sample_labelled(self, n: int, rng: np.random.Generator):
-        """``n`` labelled crops: (n, C, P, P) float32 and (n, P, P) int64 targets."""
+    def sample_labelled(self, n: int, rng: np.random.Generator, dense_share: float = 0.0):
+        """``n`` labelled crops: (n, C, P, P) float32 and (n, P, P) int64 targets.
+
+        With ``dense_share`` > 0 and :attr:`dense_targets` set, each crop comes from a slice
+        with a dense target with that probability (a random crop of it), else from a
+        labelled slice (centred near a painted pixel)."""
         xs, ys = [], []
         for _ in range(n):
+            if self._dense_items and dense_share > 0 and rng.random() < dense_share:
+                key = self._dense_items[int(rng.integers(len(self._dense_items)))]
+                x, y = self._crop(self.images[key[0]][key[1]], self.dense_targets[key], None, rng)
+                xs.append(x)
+                ys.append(y)
+                continue
             p_idx, s_idx = self.labelled[int(rng.integers(len(self.labelled)))]
             px = self._painted_pixels(p_idx, s_idx)
             center = px[int(rng.integers(len(px)))] if len(px) else None
@@ -242,8 +289,9 @@ class SliceDataset:
             xs.append(x)
         return np.stack(xs)
 
-    def sample_batch(self, rng: np.random.Generator, device: torch.device, *, with_unlabelled: bool = True) -> Batch:
-        x_l, y_l = self.sample_labelled(self.cfg.batch_labelled, rng)
+    def sample_batch(self, rng: np.random.Generator, device: torch.device, *, with_unlabelled: bool = True,
+                     dense_share: float = 0.0) -> Batch:
+        x_l, y_l = self.sample_labelled(self.cfg.batch_labelled, rng, dense_share)
         x_u = self.sample_unlabelled(self.cfg.batch_unlabelled, rng) if with_unlabelled else None
         return Batch(
             torch.from_numpy(x_l).to(device),

@@ -407,8 +407,10 @@ class TileDataset:
         return self._painted_px[(p_idx, key)]
 
     # --- sampling ---------------------------------------------------------------------
-    def sample_labelled(self, n: int, rng: np.random.Generator):
-        """``n`` labelled crops: (n, C, P, P) float32 and (n, P, P) int64 targets."""
+    def sample_labelled(self, n: int, rng: np.random.Generator, dense_share: float = 0.0):
+        """``n`` labelled crops: (n, C, P, P) float32 and (n, P, P) int64 targets.
+
+        ``dense_share`` is accepted for the common interface; slides have no dense targets."""
         p = self.cfg.patch_size
         xs, ys = [], []
         for _ in range(n):

@@ -22,6 +22,7 @@ from ..methods.arco import ARCOConfig
 from ..methods.aua import AUAConfig
 from ..methods.mean_teacher import MeanTeacherConfig
 from ..methods.plgcl import PLGCLConfig
+from .prior import PriorConfig
 
 UNPAINTED_CHOICES = ("ignore", "background")
 NORMALISE_CHOICES = ("percentile", "zscore", "none")
@@ -66,6 +67,8 @@ class DataConfig:
     painted slices). ``class_values`` is the class table: label values in network-class
     order (filled from the annotations when empty). ``validation_slices`` maps a pair index
     (as a string, JSON keys are strings) to slice indices held out for live Dice.
+    ``context_slices``: 2.5D input, the network sees each slice of a volume with this many
+    neighbours on either side as extra channels (0: plain 2D slices; 2D images ignore it).
     """
 
     axis: int = 0
@@ -77,6 +80,7 @@ class DataConfig:
     class_values: list[int] = field(default_factory=list)
     class_names: dict[str, str] = field(default_factory=dict)
     validation_slices: dict[str, list[int]] = field(default_factory=dict)
+    context_slices: int = 0
 
     def validate(self, path: str = "data") -> None:
         _check_choice(f"{path}.unpainted", self.unpainted, UNPAINTED_CHOICES)
@@ -87,6 +91,8 @@ class DataConfig:
         _check_positive(f"{path}.batch_unlabelled", self.batch_unlabelled, allow_zero=True)
         if self.axis < 0:
             raise ConfigError(f"{path}.axis must be >= 0, got {self.axis}")
+        if not 0 <= self.context_slices <= 8:
+            raise ConfigError(f"{path}.context_slices must be in 0..8, got {self.context_slices}")
         if len(set(self.class_values)) != len(self.class_values):
             raise ConfigError(f"{path}.class_values has duplicates: {self.class_values}")
         if any(v < 0 for v in self.class_values):
@@ -131,6 +137,7 @@ class TrainConfig:
     agcl: AGCLConfig = field(default_factory=AGCLConfig)
     aua: AUAConfig = field(default_factory=AUAConfig)
     wsi: WSIConfig = field(default_factory=WSIConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
 
     def validate(self) -> "TrainConfig":
         """Check every value; return self. Raises :class:`ConfigError`."""
@@ -251,6 +258,7 @@ __all__ = [
     "MeanTeacherConfig",
     "ModelConfig",
     "OptimConfig",
+    "PriorConfig",
     "TrainConfig",
     "WSIConfig",
 ]

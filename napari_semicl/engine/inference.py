@@ -18,7 +18,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from ..data.annotation import decode_classes
-from ..data.dataset import normalise_image, to_slices
+from ..data.dataset import normalise_image, to_slices, with_context
 from ..errors import DataError
 from ..models.ops import argmax_classes
 
@@ -65,8 +65,13 @@ def predict_slices(
     overlap: float = 0.25,
     with_entropy: bool = False,
     notes: list | None = None,
+    fuse=None,
 ):
     """Class indices (S, H, W) int64 and optional normalised entropy of (S, C, H, W) slices.
+
+    ``fuse(start, stop, probs)``, when given, returns new class probabilities (B, K, H, W)
+    for slices ``[start, stop)`` before the argmax and the entropy (e.g. the painted-slice
+    prior's fusion, :meth:`napari_semicl.engine.prior.SlicePrior.fuser`).
 
     Each slice is covered by windows of the slice size rounded up to the network's size
     multiple (capped at ``max_window``), blended with Gaussian weights where they overlap.
@@ -103,6 +108,8 @@ def predict_slices(
                     x, roi, sw_batch_size=batch_size, predictor=model, overlap=overlap, mode="gaussian"
                 )
                 probs = logits.float().softmax(dim=1)
+                if fuse is not None:
+                    probs = fuse(start, start + probs.shape[0], probs)
                 labels[start:start + batch_size] = argmax_classes(probs).cpu().numpy()
                 if with_entropy:
                     k = probs.shape[1]
@@ -146,6 +153,7 @@ def predict_volume(
     device: torch.device,
     batch_size: int = 8,
     with_entropy: bool = False,
+    context_slices: int = 0,
 ) -> Prediction:
     """Predict a 2D image or 3D volume as the network saw it in training.
 
@@ -157,9 +165,14 @@ def predict_volume(
         The class table: network class i is label value ``class_values[i]``.
     axis : int
         Slicing axis used in training.
+    context_slices : int
+        2.5D: neighbours on either side stacked as channels, as in training
+        (``data.context_slices``; ignored for 2D images).
     """
     norm = normalise_image(image, normalise, rgb=rgb)
     slices = to_slices(norm, axis, rgb=rgb)
+    if image.ndim - (1 if rgb else 0) == 3:
+        slices = with_context(slices, context_slices)
     notes: list[str] = []
     idx, ent = predict_slices(model, slices, device=device, batch_size=batch_size, with_entropy=with_entropy,
                               notes=notes)

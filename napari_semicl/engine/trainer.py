@@ -55,6 +55,7 @@ from .events import (
 )
 from .inference import Prediction, is_out_of_memory, predict_slices, predict_volume
 from .metrics import dice_per_class
+from .prior import SlicePrior, dense_share
 from .review import run_analysis
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ class Trainer:
         self._previews: dict[int, list[Path]] = {}
         if self.method.uses_unlabelled and not self.dataset.unlabelled:
             self._notices.append(Notice("warning", "no unlabelled slice: the consistency term uses labelled slices"))
+        self.prior: SlicePrior | None = self._build_prior()
 
     # --- construction from a checkpoint ----------------------------------------------------
     @classmethod
@@ -167,6 +169,30 @@ class Trainer:
         if data.get("optimizer"):
             self.optimizer.load_state_dict(data["optimizer"])
         self.step = int(data.get("step", 0))
+
+    def _build_prior(self) -> SlicePrior | None:
+        """The painted-slice prior of the current dataset (``config.prior``), or None.
+
+        Volumes without one (scribbles, 2D images) are named in a notice; training goes on
+        without a prior for them."""
+        cfg = self.config.prior
+        if not cfg.active or isinstance(self.dataset, TileDataset):
+            return None
+        t0 = time.perf_counter()
+        prior = SlicePrior(self.pairs, self.dataset, cfg)
+        self._notices.extend(Notice("warning", note) for note in prior.notes)
+        if not any(p in prior for p in range(len(self.pairs))):
+            return None
+        if cfg.mode == "targets":
+            self.dataset.set_dense_targets(prior.dense_targets(self.dataset.unlabelled))
+        n_dense = len(getattr(self.dataset, "dense_targets", {}))
+        message = (f"painted-slice prior ({cfg.interpolation} interpolation, {time.perf_counter() - t0:.1f} s): "
+                   f"dense targets on {n_dense} unpainted slices")
+        if cfg.fuse:
+            message += "; the predicted mask falls back on it where the network is unsure"
+        log.info(message)
+        self._notices.append(Notice("info", message))
+        return prior
 
     # --- thread-safe controls -----------------------------------------------------------------
     def request_stop(self) -> None:
@@ -232,7 +258,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(fraction)
         self.model.train()
-        batch = self.dataset.sample_batch(self._rng, self.device, with_unlabelled=self.method.uses_unlabelled)
+        share = dense_share(self.config.prior, fraction) if self.prior is not None else 0.0
+        batch = self.dataset.sample_batch(self._rng, self.device, with_unlabelled=self.method.uses_unlabelled,
+                                          dense_share=share)
         losses = self.method.compute_losses(batch, step=self.step, generator=self._torch_gen)
         total = sum(losses.values())
         if not torch.isfinite(total):
@@ -257,6 +285,7 @@ class Trainer:
         dataset = make_dataset(pairs, copy.deepcopy(self.config.data), self.config.wsi)  # class table kept
         self.pairs, self.dataset = pairs, dataset
         self._annotations_version += 1
+        self.prior = self._build_prior()  # the new painted slices move the prior too
         if dataset.unknown_values:
             self._notices.append(Notice(
                 "warning",
@@ -428,7 +457,8 @@ class Trainer:
             return self._slide_previews(model)
         notes: list[str] = []
         for p_idx, img in enumerate(self.dataset.images):
-            idx, ent = predict_slices(model, img, device=self.device, with_entropy=True, notes=notes)
+            idx, ent = predict_slices(model, img, device=self.device, with_entropy=True, notes=notes,
+                                      fuse=self._fuser(p_idx))
             labels = self._to_pair_layout(decode_classes(idx, self.dataset.class_values), p_idx)
             events.append(Preview(self.step, "prediction", p_idx, labels))
             events.append(Preview(self.step, "entropy", p_idx, self._to_pair_layout(ent, p_idx)))
@@ -481,7 +511,8 @@ class Trainer:
         preds, refs = [], []
         for p_idx, s_idx in self.dataset.validation:
             img = self.dataset.images[p_idx][s_idx:s_idx + 1]
-            idx, _ = predict_slices(model, img, device=self.device)
+            fuse = self._fuser(p_idx, offset=s_idx)
+            idx, _ = predict_slices(model, img, device=self.device, fuse=fuse)
             ref = self.dataset.targets[p_idx][s_idx]
             pred = decode_classes(idx[0], self.dataset.class_values)
             if self.config.data.unpainted == "ignore":
@@ -493,12 +524,30 @@ class Trainer:
         mean = float(np.mean(list(per_class.values()))) if per_class else math.nan
         return {"dice": mean, "dice_per_class": per_class, "slices": len(self.dataset.validation)}
 
+    def _fuser(self, pair_index: int, offset: int = 0):
+        """The prior's fusion for slices of pair ``pair_index`` (starting at ``offset``), or None."""
+        fuse = None if self.prior is None else self.prior.fuser(pair_index)
+        if fuse is None or offset == 0:
+            return fuse
+        return lambda start, stop, probs: fuse(start + offset, stop + offset, probs)
+
+    def predict_pair(self, pair_index: int = 0, *, with_entropy: bool = False) -> Prediction:
+        """The mask of a training pair as the user gets it: the network's prediction, fused
+        with the painted-slice prior where there is one (:mod:`~napari_semicl.engine.prior`)."""
+        if isinstance(self.dataset, TileDataset):
+            raise DataError("slides are predicted tile by tile: use predict_slide_pair")
+        notes: list[str] = []
+        idx, ent = predict_slices(self.method.inference_model(), self.dataset.images[pair_index], device=self.device,
+                                  with_entropy=with_entropy, notes=notes, fuse=self._fuser(pair_index))
+        labels = self._to_pair_layout(decode_classes(idx, self.dataset.class_values), pair_index)
+        return Prediction(labels, None if ent is None else self._to_pair_layout(ent, pair_index), notes)
+
     def predict(self, image: np.ndarray, *, rgb: bool = False, with_entropy: bool = False) -> Prediction:
         """Predict any image with the trained network (the teacher when there is one)."""
         return predict_volume(
             self.method.inference_model(), image, class_values=self.dataset.class_values,
             axis=self.config.data.axis, rgb=rgb, normalise=self.config.data.normalise,
-            device=self.device, with_entropy=with_entropy,
+            device=self.device, with_entropy=with_entropy, context_slices=self.config.data.context_slices,
         )
 
     # --- persistence -------------------------------------------------------------------------

@@ -1,0 +1,244 @@
+"""Painted slices as a dense prior (METHODS.md §5): one component of the training loop.
+
+The few fully painted slices of a volume imply a dense shape: the "fill between slices"
+interpolation (:func:`napari_semicl.data.interpolation.interpolate_labels`). This module
+turns it into what the one training loop composes, whatever the method:
+
+* **Dense targets** (``prior.mode = 'targets'``): every unpainted, non-validation slice of a
+  volume gets the interpolated labels as a target, with the pixels near the interpolated
+  boundary left out (a band of ``boundary_px`` pixels per slice of distance to the nearest
+  painted slice: the farther from a painted slice, the less the shape is known). A share of
+  each step's labelled crops is drawn from these slices: ``dense_start`` at the first step,
+  falling linearly to ``dense_end`` at the end of the budget (dense early, sparse late, as
+  in Cai et al., CVPR 2023). The methods see them as labelled crops; their own terms
+  (consistency, contrast) run on the unlabelled crops as before. The painted slices keep
+  their own labels: the prior never reaches a painted slice's target, and validation slices
+  are left out of the interpolation.
+* **Fusion** (``prior.fuse``): the mask a user gets mixes the network's class
+  probabilities with the prior's, voxel by voxel::
+
+      alpha = c(d) + (1 - c(d)) * H_net            c(d) = exp(-d / confidence_length)
+      p     = alpha * p_prior + (1 - alpha) * p_net
+
+  with ``d`` the slice's distance (in slices) to the nearest painted slice, ``H_net`` the
+  network's normalised entropy and ``p_prior = softmax(scores / (temperature_px (1 + d)))``
+  over the interpolation's signed distances. Where the network is unsure, the prior wins;
+  near painted slices the prior wins; far from them a confident network decides. On painted
+  slices (``d = 0``) the result is the painted labels.
+
+Functions first; :class:`SlicePrior` holds the per-volume arrays in the dataset's slice
+layout (slicing axis first).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..data.annotation import IGNORE_INDEX
+from ..data.interpolation import interpolate_labels
+from ..errors import ConfigError, DataError
+from ..errors import check_choice as _check_choice
+
+log = logging.getLogger(__name__)
+
+PRIOR_MODES = ("off", "targets")
+INTERPOLATION_CHOICES = ("sdf", "flow")
+
+
+@dataclass
+class PriorConfig:
+    """How painted slices enter training as a dense prior (see the module doc).
+
+    mode : {'off', 'targets'}
+        'targets': dense targets from the interpolation on unpainted slices; 'off': none.
+    interpolation : {'sdf', 'flow'}
+        How the prior fills between painted slices (signed-distance blend, or the same
+        after optical-flow registration of the image slices).
+    dense_start, dense_end : float in [0, 1]
+        Share of the labelled crops drawn from interpolated slices at the first and at the
+        last step (linear in between).
+    boundary_px : float
+        Pixels left out of a dense target on each side of the interpolated boundary, per
+        slice of distance to the nearest painted slice.
+    fuse : bool
+        Mix the prior into the predicted mask (see the module doc).
+    confidence_length : float
+        Slices: the prior's weight in the fusion is ``exp(-d / confidence_length)``.
+    temperature_px : float
+        Pixels: softness of the prior's class probabilities at distance 0 (grows as 1 + d).
+    """
+
+    mode: str = "off"
+    interpolation: str = "sdf"
+    dense_start: float = 0.5
+    dense_end: float = 0.1
+    boundary_px: float = 1.0
+    fuse: bool = True
+    confidence_length: float = 2.0
+    temperature_px: float = 1.0
+
+    def validate(self, path: str = "prior") -> None:
+        _check_choice(f"{path}.mode", self.mode, PRIOR_MODES)
+        _check_choice(f"{path}.interpolation", self.interpolation, INTERPOLATION_CHOICES)
+        for name in ("dense_start", "dense_end"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{path}.{name} must be in [0, 1], got {value}")
+        for name in ("boundary_px", "confidence_length", "temperature_px"):
+            value = getattr(self, name)
+            if not value >= 0 or (name != "boundary_px" and value == 0):
+                raise ConfigError(f"{path}.{name} must be {'>= 0' if name == 'boundary_px' else '> 0'}, got {value}")
+
+    @property
+    def active(self) -> bool:
+        """Whether any part of the prior is used (targets or fusion)."""
+        return self.mode != "off"
+
+
+def dense_share(config: PriorConfig, fraction: float) -> float:
+    """Share of labelled crops drawn from interpolated slices at ``fraction`` of the budget."""
+    f = min(max(float(fraction), 0.0), 1.0)
+    return config.dense_start + (config.dense_end - config.dense_start) * f
+
+
+def prior_weight(slice_distance: np.ndarray, length: float) -> np.ndarray:
+    """c(d) = exp(-d / length): 1 on painted slices, falling with the distance to them."""
+    return np.exp(-np.asarray(slice_distance, np.float32) / np.float32(length)).astype(np.float32)
+
+
+def prior_probabilities(scores: torch.Tensor, slice_distance: torch.Tensor, temperature_px: float) -> torch.Tensor:
+    """Soft class probabilities of the prior: softmax over classes of scores / T(d).
+
+    scores : (B, K, H, W) signed distances (pixels, positive inside); slice_distance : (B,)
+    in slices; T(d) = temperature_px * (1 + d).
+    """
+    t = (temperature_px * (1.0 + slice_distance.float())).view(-1, 1, 1, 1)
+    return (scores.float() / t).softmax(dim=1)
+
+
+def fuse_probabilities(p_net: torch.Tensor, p_prior: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """alpha * p_prior + (1 - alpha) * p_net with alpha = w + (1 - w) H_net (module doc).
+
+    p_net, p_prior : (B, K, H, W) probabilities; weight : (B,) the prior's weight c(d).
+    """
+    k = p_net.shape[1]
+    ent = -(p_net * p_net.clamp_min(1e-12).log()).sum(dim=1, keepdim=True) / math.log(k)
+    w = weight.float().view(-1, 1, 1, 1)
+    alpha = w + (1.0 - w) * ent.clamp(0, 1)
+    return alpha * p_prior + (1.0 - alpha) * p_net
+
+
+def dense_target(scores: np.ndarray, class_index: np.ndarray, distance: float, boundary_px: float) -> np.ndarray:
+    """(H, W) int64 target of one interpolated slice: the argmax class (as network class
+    index, ``class_index[k]`` for the prior's class k), ``IGNORE_INDEX`` within
+    ``boundary_px * distance`` pixels of the interpolated boundary.
+
+    scores : (K, H, W) signed distances of the prior's classes.
+    """
+    order = np.sort(scores, axis=0)
+    margin = (order[-1] - order[-2]) / 2.0 if scores.shape[0] > 1 else np.full(scores.shape[1:], np.inf)
+    target = class_index[np.argmax(scores, axis=0)].astype(np.int64)
+    target[margin < boundary_px * distance] = IGNORE_INDEX
+    return target
+
+
+class SlicePrior:
+    """The interpolated prior of every annotated volume of a :class:`SliceDataset`.
+
+    Parameters
+    ----------
+    pairs : list of AnnotatedPair
+    dataset : SliceDataset
+        Its slicing axis, class table, labelled and validation slices.
+    config : PriorConfig
+
+    Attributes
+    ----------
+    notes : list of str
+        Why a volume has no prior (scribbles, a 2D image, no painted slice): said to the user.
+    """
+
+    def __init__(self, pairs, dataset, config: PriorConfig) -> None:
+        self.config = config
+        self.axis = int(dataset.cfg.axis)
+        self.class_values = list(dataset.class_values)
+        self.notes: list[str] = []
+        #: pair index -> (scores (S, K_prior, H, W) float32, class index (K_prior,), distance (S,))
+        self._volumes: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        validation: dict[int, list[int]] = {}
+        for p, s in dataset.validation:
+            validation.setdefault(p, []).append(s)
+        for p, pair in enumerate(pairs):
+            if pair.labels is None:
+                continue
+            if len(pair.spatial_shape) != 3:
+                continue  # a 2D image has no slices to fill between
+            try:
+                self._volumes[p] = self._build(pair, validation.get(p, []), dataset.cfg.unpainted)
+            except DataError as exc:
+                self.notes.append(f"'{pair.name}': no prior from the painted slices: {exc}")
+
+    def _build(self, pair, validation_slices, unpainted: str):
+        labels = np.asarray(pair.labels)
+        if validation_slices:  # held out: the prior must not see them
+            labels = labels.copy()
+            index = [slice(None)] * labels.ndim
+            index[self.axis] = list(validation_slices)
+            labels[tuple(index)] = 0
+        image = None
+        if self.config.interpolation == "flow" and not pair.rgb:
+            image = np.asarray(pair.image, np.float32)
+        interp = interpolate_labels(labels, axis=self.axis, spacing=pair.spacing, method=self.config.interpolation,
+                                    image=image, unpainted=unpainted)
+        missing = [v for v in interp.class_values if v not in self.class_values]
+        if missing:
+            raise DataError(f"label values {missing} are not in this run's class table {self.class_values}")
+        class_index = np.array([self.class_values.index(v) for v in interp.class_values], np.int64)
+        scores = np.ascontiguousarray(np.moveaxis(interp.scores, 1 + self.axis, 0))  # (S, K, H, W)
+        return scores, class_index, interp.slice_distance.astype(np.float32)
+
+    # --- queries ------------------------------------------------------------------------
+    def __contains__(self, pair_index: int) -> bool:
+        return pair_index in self._volumes
+
+    def slice_distance(self, pair_index: int) -> np.ndarray:
+        return self._volumes[pair_index][2]
+
+    def dense_targets(self, unlabelled) -> dict[tuple[int, int], np.ndarray]:
+        """Targets of the given unlabelled (pair, slice) items that have a prior."""
+        out = {}
+        for p, s in unlabelled:
+            if p not in self._volumes:
+                continue
+            scores, class_index, dist = self._volumes[p]
+            if dist[s] == 0:
+                continue  # a painted slice (never an unlabelled one, but be safe)
+            out[(p, s)] = dense_target(scores[s], class_index, float(dist[s]), self.config.boundary_px)
+        return out
+
+    def fuser(self, pair_index: int):
+        """``fuse(start, stop, probs)`` for :func:`~napari_semicl.engine.inference.predict_slices`:
+        the fused probabilities of slices ``[start, stop)`` of the pair; None without a prior."""
+        if pair_index not in self._volumes or not self.config.fuse:
+            return None
+        scores, class_index, dist = self._volumes[pair_index]
+        weight = prior_weight(dist, self.config.confidence_length)
+        n_classes = len(self.class_values)
+
+        def fuse(start: int, stop: int, probs: torch.Tensor) -> torch.Tensor:
+            device = probs.device
+            s = torch.from_numpy(scores[start:stop]).to(device)
+            d = torch.from_numpy(dist[start:stop]).to(device)
+            p_small = prior_probabilities(s, d, self.config.temperature_px)
+            p_prior = torch.zeros_like(probs)
+            p_prior[:, torch.from_numpy(class_index).to(device)] = p_small.to(probs.dtype)
+            if p_prior.shape[1] != n_classes:  # pragma: no cover - guarded by the class table
+                raise DataError("the prior's classes do not fit the network's")
+            return fuse_probabilities(probs, p_prior, torch.from_numpy(weight[start:stop]).to(device))
+
+        return fuse

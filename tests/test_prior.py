@@ -1,0 +1,217 @@
+"""The painted-slice prior in the one training loop (engine/prior.py) and 2.5D input:
+dense targets and fusion against hand computation, the prior kept off painted and validation
+slices, and every method training with it on a real volume (the bundled sample)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from napari_semicl.data import AnnotatedPair
+from napari_semicl.data.annotation import IGNORE_INDEX
+from napari_semicl.data.dataset import with_context
+from napari_semicl.data.interpolation import interpolate_labels
+from napari_semicl.data.reveal import reveal_slices
+from napari_semicl.engine import TrainConfig, Trainer, load_predictor, run_sync
+from napari_semicl.engine.inference import predict_volume
+from napari_semicl.engine.prior import (
+    PriorConfig,
+    dense_share,
+    dense_target,
+    fuse_probabilities,
+    prior_probabilities,
+    prior_weight,
+)
+from napari_semicl.errors import ConfigError
+from napari_semicl.io.sample import load_sample_volume
+from napari_semicl.methods import available_methods
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+CPU = torch.device("cpu")
+
+
+# --- the pieces against hand computation ------------------------------------------------------
+def test_dense_share_falls_linearly_from_start_to_end():
+    cfg = PriorConfig(mode="targets", dense_start=0.6, dense_end=0.2)
+    assert dense_share(cfg, 0.0) == pytest.approx(0.6)
+    assert dense_share(cfg, 0.5) == pytest.approx(0.4)
+    assert dense_share(cfg, 1.0) == pytest.approx(0.2)
+    assert dense_share(cfg, 3.0) == pytest.approx(0.2)
+
+
+def test_prior_weight_is_one_on_painted_slices_and_falls_exponentially():
+    np.testing.assert_allclose(prior_weight(np.array([0.0, 2.0, 4.0]), 2.0), [1.0, math.exp(-1), math.exp(-2)], rtol=1e-6)
+
+
+def test_dense_target_leaves_out_a_band_that_widens_with_distance():
+    # binary scores along a row: signed distance -3.5 .. +3.5 (foreground on the right)
+    sdf = np.arange(-3.5, 4.0, 1.0, dtype=np.float32)[None]  # (1, 8)
+    scores = np.stack([-sdf, sdf])  # background = minus the foreground
+    class_index = np.array([0, 1])
+    near = dense_target(scores, class_index, distance=1.0, boundary_px=1.0)  # |sdf| < 1 ignored
+    np.testing.assert_array_equal(near[0], [0, 0, 0, IGNORE_INDEX, IGNORE_INDEX, 1, 1, 1])
+    far = dense_target(scores, class_index, distance=3.0, boundary_px=1.0)  # |sdf| < 3 ignored
+    np.testing.assert_array_equal(far[0], [0, *[IGNORE_INDEX] * 6, 1])
+    # the prior's classes map onto the network's class indices
+    mapped = dense_target(scores, np.array([0, 2]), distance=0.0, boundary_px=1.0)
+    np.testing.assert_array_equal(mapped[0], [0, 0, 0, 0, 2, 2, 2, 2])
+
+
+def test_prior_probabilities_soften_with_distance():
+    scores = torch.tensor([[-2.0], [2.0]]).view(1, 2, 1, 1).repeat(2, 1, 1, 1)
+    p = prior_probabilities(scores, torch.tensor([0.0, 3.0]), temperature_px=1.0)
+    assert p[0, 1].item() == pytest.approx(1 / (1 + math.exp(-4.0)), rel=1e-5)  # T = 1
+    assert p[1, 1].item() == pytest.approx(1 / (1 + math.exp(-1.0)), rel=1e-5)  # T = 4
+
+
+def test_fusion_follows_the_rule():
+    p_prior = torch.tensor([0.9, 0.1]).view(1, 2, 1, 1)
+    certain = torch.tensor([0.0, 1.0]).view(1, 2, 1, 1)
+    uniform = torch.tensor([0.5, 0.5]).view(1, 2, 1, 1)
+    # a certain network far from painted slices (w = 0) decides; on a painted slice (w = 1) the prior
+    torch.testing.assert_close(fuse_probabilities(certain, p_prior, torch.tensor([0.0])), certain)
+    torch.testing.assert_close(fuse_probabilities(certain, p_prior, torch.tensor([1.0])), p_prior)
+    # an unsure network (entropy 1) falls back on the prior whatever the distance
+    torch.testing.assert_close(fuse_probabilities(uniform, p_prior, torch.tensor([0.0])), p_prior)
+    # in between: alpha = w + (1 - w) H
+    p_net = torch.tensor([0.2, 0.8]).view(1, 2, 1, 1)
+    h = -(0.2 * math.log(0.2) + 0.8 * math.log(0.8)) / math.log(2)
+    alpha = 0.3 + 0.7 * h
+    expected = alpha * p_prior + (1 - alpha) * p_net
+    torch.testing.assert_close(fuse_probabilities(p_net, p_prior, torch.tensor([0.3])), expected)
+
+
+def test_prior_config_is_checked():
+    with pytest.raises(ConfigError, match="prior.mode"):
+        PriorConfig(mode="dense").validate()
+    with pytest.raises(ConfigError, match="prior.dense_start"):
+        PriorConfig(dense_start=1.5).validate()
+    with pytest.raises(ConfigError, match="prior.confidence_length"):
+        PriorConfig(confidence_length=0).validate()
+    cfg = TrainConfig()
+    cfg.prior.mode = "targets"
+    assert TrainConfig.from_json(cfg.to_json()).prior.mode == "targets"
+
+
+def test_with_context_stacks_neighbours_and_repeats_the_edges():
+    slices = np.arange(4, dtype=np.float32).reshape(4, 1, 1, 1) * np.ones((1, 1, 2, 2), np.float32)
+    out = with_context(slices, 1)
+    assert out.shape == (4, 3, 2, 2)
+    np.testing.assert_array_equal(out[:, :, 0, 0], [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 3]])
+    assert with_context(slices, 0) is slices
+
+
+# --- in the training loop, on the bundled real volume -------------------------------------------
+@pytest.fixture(scope="module")
+def brain():
+    image, reference = load_sample_volume()
+    return image.data[28:52].astype(np.float32), reference.data[28:52]
+
+
+def _config(method: str, iterations: int = 3, **prior) -> TrainConfig:
+    cfg = TrainConfig(method=method, iterations=iterations, refresh_every=1000, seed=0)
+    cfg.data.patch_size = 32
+    cfg.data.batch_labelled = 2
+    cfg.data.batch_unlabelled = 2
+    cfg.data.unpainted = "background"
+    cfg.model.base_channels = 8
+    cfg.model.depth = 2
+    cfg.prior.mode = "targets"
+    for k, v in prior.items():
+        setattr(cfg.prior, k, v)
+    return cfg
+
+
+PAINTED = [3, 11, 20]
+VALIDATION = 7
+
+
+def test_the_prior_never_reaches_painted_or_validation_slices(brain):
+    image, reference = brain
+    painted = reveal_slices(reference, [*PAINTED, VALIDATION], 0)
+    pair = AnnotatedPair(image, painted, validation_slices=(VALIDATION,))
+    trainer = Trainer(_config("supervised"), [pair], device=CPU)
+    ds = trainer.dataset
+    assert set(ds.dense_targets).isdisjoint(ds.labelled) and (0, VALIDATION) not in ds.dense_targets
+    assert {s for _, s in ds.dense_targets} == set(range(image.shape[0])) - {*PAINTED, VALIDATION}
+    # the validation slice is not an input of the interpolation: its prior is the fill
+    # between its painted neighbours, as if it had never been painted
+    alone = interpolate_labels(reveal_slices(reference, PAINTED, 0), axis=0)
+    np.testing.assert_array_equal(trainer.prior.slice_distance(0), alone.slice_distance)
+    target = ds.dense_targets[(0, 8)]
+    expected = np.searchsorted(ds.class_values, alone.labels[8])
+    known = target != IGNORE_INDEX
+    # thin tissue classes: a band of 3 px (3 slices from the nearest painted one) leaves out
+    # much of the slice, 1 px next to a painted slice much less
+    assert 0.1 < known.mean() < (ds.dense_targets[(0, 10)] != IGNORE_INDEX).mean()
+    np.testing.assert_array_equal(target[known], expected[known])
+    # painted slices train on their own labels only
+    np.testing.assert_array_equal(ds.target(0, 3), np.searchsorted(ds.class_values, reference[3]))
+
+
+def test_fused_prediction_keeps_painted_slices_and_is_never_below_an_unsure_network(brain):
+    image, reference = brain
+    painted = reveal_slices(reference, PAINTED, 0)
+    trainer = Trainer(_config("supervised", iterations=2), [AnnotatedPair(image, painted)], device=CPU)
+    run_sync(trainer.run(previews=False))
+    fused = trainer.predict_pair(0, with_entropy=True)
+    assert fused.labels.shape == image.shape and fused.entropy.shape == image.shape
+    for s in PAINTED:
+        np.testing.assert_array_equal(fused.labels[s], reference[s])
+    # after two steps the network is unsure: the mask is the prior's almost everywhere
+    prior = interpolate_labels(painted, axis=0).labels
+    assert (fused.labels == prior).mean() > 0.95
+    trainer.prior.config.fuse = False
+    raw = trainer.predict_pair(0).labels
+    assert (raw == prior).mean() < (fused.labels == prior).mean()
+
+
+@pytest.mark.parametrize("method", sorted(available_methods()))
+def test_every_method_trains_with_the_prior(brain, method):
+    image, reference = brain
+    painted = reveal_slices(reference, PAINTED, 0)
+    cfg = _config(method, iterations=3)
+    if method == "plgcl":
+        cfg.plgcl.warmup_steps = 1
+    if method == "aua":
+        pass  # stage 2 starts at round(0.6 * 3) = 2: both stages run
+    trainer = Trainer(cfg, [AnnotatedPair(image, painted)], device=CPU)
+    assert trainer.prior is not None and trainer.dataset.dense_targets
+    finished = run_sync(trainer.run(previews=False))
+    assert finished.reason == "budget" and trainer.step == 3
+    assert all(np.isfinite(v) for h in trainer.history for v in h.values())
+    pred = trainer.predict_pair(0)
+    for s in PAINTED:
+        np.testing.assert_array_equal(pred.labels[s], reference[s])
+
+
+def test_scribbles_get_no_prior_and_a_notice(brain):
+    image, reference = brain
+    painted = reveal_slices(reference, PAINTED, 0, shift=1)  # background painted as 1
+    painted[3, :5] = 0  # a partly painted slice: a scribble
+    cfg = _config("supervised")
+    cfg.data.unpainted = "ignore"
+    trainer = Trainer(cfg, [AnnotatedPair(image, painted, name="brain")], device=CPU)
+    assert trainer.prior is None and not trainer.dataset.dense_targets
+    events = list(trainer.run(previews=False))
+    texts = [e.text for e in events if type(e).__name__ == "Notice"]
+    assert any("no prior" in t and "scribble" in t for t in texts)
+
+
+def test_context_slices_train_predict_and_reload(brain, tmp_path):
+    image, reference = brain
+    painted = reveal_slices(reference, PAINTED, 0)
+    cfg = _config("supervised", iterations=2)
+    cfg.data.context_slices = 1
+    trainer = Trainer(cfg, [AnnotatedPair(image, painted)], device=CPU, out_dir=tmp_path)
+    assert trainer.config.model.in_channels == 3 and trainer.dataset.images[0].shape[1] == 3
+    run_sync(trainer.run(previews=False))
+    direct = trainer.predict(image).labels
+    model, saved = load_predictor(tmp_path / "checkpoint.pt", device=CPU)
+    assert saved.data.context_slices == 1 and saved.model.in_channels == 3
+    again = predict_volume(model, image, class_values=saved.data.class_values, axis=0, device=CPU,
+                           context_slices=saved.data.context_slices).labels
+    np.testing.assert_array_equal(direct, again)
