@@ -26,7 +26,6 @@ Label convention: 0 is background/unlabelled.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -598,10 +597,3 @@ def _write_tiff_pyramid(file: pathlib.Path, levels, *, rgb: bool, tile: int, nam
             tw.write(_tiles_of(level, tile, rgb), shape=tuple(level.shape), dtype=level.dtype,
                      tile=(tile, tile), photometric=photometric, compression=compression,
                      subfiletype=1)
-
-
-def pyramid_json(slide: Slide) -> str:
-    """A one-line JSON summary of a slide (levels, shapes, downsamples), for logs."""
-    return json.dumps({"name": slide.name, "rgb": slide.rgb,
-                       "levels": [list(map(int, lv.shape)) for lv in slide.levels],
-                       "downsamples": slide.downsamples})
