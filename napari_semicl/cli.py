@@ -290,7 +290,7 @@ def _train_slides(args, out: Path, labels: list) -> int:
         for slide in opened:
             slide.close()
     metrics = {**_final_metrics(trainer, finished), "predictions": outputs}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    _write_json_atomic(out / "metrics.json", metrics)
     print(json.dumps({"out": str(out), "checkpoint": finished.checkpoint, **metrics}, indent=2))
     return 0 if finished.reason in ("budget", "stopped") else 1
 

@@ -3,7 +3,8 @@
 # (no virtualenv is created: activate your own napari env first if you use one).
 #
 # Usage:
-#   bash scripts/install.sh          # steps 1-2: torch, then `pip install -e ".[testing]"`
+#   bash scripts/install.sh          # steps 1-2: torch, then `pip install -e ".[testing]"`, then
+#                                    # `pyenv rehash` where pyenv is (else the CLI's full path)
 #   bash scripts/install.sh --gui    # also the system packages for Xvfb/OpenGL/Qt (apt-get)
 #   source scripts/install.sh        # only defines the functions (used by run_app.sh, run_tests.sh)
 #
@@ -260,9 +261,32 @@ semicl_install_package() {
     fi
 }
 
+# After step 2: make the `napari-semicl` script reachable. pyenv only puts a new console script
+# on the PATH once its shims are rebuilt (`pyenv rehash`); run that when pyenv is here. If the
+# command is still not found, print its full path (and `python -m napari_semicl`, which always
+# works). Never fails the install.
+semicl_make_cli_reachable() {
+    semicl_pick_python || return 1
+    if command -v pyenv >/dev/null 2>&1; then
+        semicl_run pyenv rehash || semicl_log "warning: pyenv rehash failed"
+        hash -r 2>/dev/null || true
+    fi
+    if semicl_dry_run; then return 0; fi
+    local script
+    script="$(semicl_scripts_dir)/napari-semicl"
+    if command -v napari-semicl >/dev/null 2>&1; then return 0; fi
+    if [[ -x "$script" ]]; then
+        semicl_log "napari-semicl is not on your PATH; run it as $script"
+    else
+        semicl_log "napari-semicl script not found in $(semicl_scripts_dir)"
+    fi
+    semicl_log "or as: $SEMICL_PY -m napari_semicl"
+    return 0
+}
+
 # Steps 1-2.
 semicl_install_python() {
-    semicl_install_torch && semicl_install_package
+    semicl_install_torch && semicl_install_package && semicl_make_cli_reachable
 }
 
 # Prints the apt packages whose library/program is missing (one per line, unique).

@@ -5,6 +5,10 @@
 - ``requires_shared(subdir)``: returns ``SHARED_DATA / subdir`` or skips the test when absent.
   Tests marked ``@pytest.mark.shared_data`` (optionally ``("acdc", ...)``) skip the same way.
 - torch runs on 2 threads and every test starts from the same seeds.
+- GUI tests (marked ``gui``, or using ``make_napari_viewer``/``qtbot``/``qapp``) are skipped
+  with a message naming Xvfb when there is no usable display: on Linux no ``DISPLAY`` (or one
+  that does not open, or has no GLX), anywhere ``QT_QPA_PLATFORM=offscreen`` (no OpenGL).
+  Without this, Qt aborts the whole pytest process when it creates its application.
 
 Nothing here imports napari or Qt: GUI tests import them themselves and use napari's
 ``make_napari_viewer`` fixture (napari's pytest plugin is registered when napari is installed).
@@ -12,8 +16,11 @@ Nothing here imports napari or Qt: GUI tests import them themselves and use napa
 
 from __future__ import annotations
 
+import functools
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +78,81 @@ def _configure_torch() -> None:
 # At conftest import, i.e. before any test module is collected.
 _configure_torch()
 _seed_everything()
+
+
+#: Fixtures that create a Qt application (and so need a display).
+GUI_FIXTURES = frozenset({"make_napari_viewer", "make_napari_viewer_proxy", "qtbot", "qapp"})
+NO_DISPLAY = "no display: run under Xvfb, e.g. bash scripts/run_tests.sh"
+#: Qt platforms without OpenGL (vispy's canvas needs it).
+_NO_GL_PLATFORMS = {"offscreen", "minimal", "minimalegl", "vnc"}
+
+# Run in a child process: opens the X display and asks for GLX, without Qt (a failure there
+# must not take the test process with it). Exit 0 = usable; otherwise prints why.
+_X_PROBE = r"""
+import ctypes, ctypes.util, sys
+def load(soname, short):
+    for name in (soname, ctypes.util.find_library(short)):
+        if name:
+            try:
+                return ctypes.CDLL(name)
+            except OSError:
+                pass
+    print(f"{soname} cannot be loaded"); sys.exit(1)
+x11 = load("libX11.so.6", "X11")
+x11.XOpenDisplay.restype = ctypes.c_void_p
+x11.XOpenDisplay.argtypes = [ctypes.c_char_p]
+x11.XCloseDisplay.argtypes = [ctypes.c_void_p]
+dpy = x11.XOpenDisplay(sys.argv[1].encode())
+if not dpy:
+    print(f"the X display {sys.argv[1]!r} does not open"); sys.exit(1)
+gl = load("libGL.so.1", "GL")
+gl.glXQueryExtension.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]
+error, event = ctypes.c_int(), ctypes.c_int()
+ok = gl.glXQueryExtension(dpy, ctypes.byref(error), ctypes.byref(event))
+x11.XCloseDisplay(dpy)
+if not ok:
+    print(f"the X display {sys.argv[1]!r} has no GLX (OpenGL); start Xvfb with +extension GLX"); sys.exit(1)
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def display_problem() -> str | None:
+    """Why Qt + OpenGL cannot run here, or None when they can (as far as can be told without Qt)."""
+    platform = os.environ.get("QT_QPA_PLATFORM", "").split(":")[0].strip().lower()
+    if platform in _NO_GL_PLATFORMS:
+        return f"QT_QPA_PLATFORM={platform} has no OpenGL"
+    if not sys.platform.startswith("linux"):
+        return None  # macOS and Windows always have a window system
+    if platform.startswith("wayland"):
+        return None if os.environ.get("WAYLAND_DISPLAY") else "QT_QPA_PLATFORM=wayland but WAYLAND_DISPLAY is not set"
+    display = os.environ.get("DISPLAY")
+    if not display:
+        return "DISPLAY is not set"
+    try:
+        probe = subprocess.run([sys.executable, "-c", _X_PROBE, display], capture_output=True, text=True,
+                               timeout=30)
+    except subprocess.TimeoutExpired:
+        return f"the X display {display!r} does not answer"
+    if probe.returncode != 0:
+        lines = (probe.stdout.strip() or probe.stderr.strip()).splitlines()
+        return lines[-1] if lines else f"the display probe failed (exit {probe.returncode})"
+    return None
+
+
+def is_gui_test(item: pytest.Item) -> bool:
+    return item.get_closest_marker("gui") is not None or bool(GUI_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gui_items = [item for item in items if is_gui_test(item)]
+    if not gui_items:
+        return
+    problem = display_problem()
+    if problem is None:
+        return
+    skip = pytest.mark.skip(reason=f"{NO_DISPLAY} ({problem})")
+    for item in gui_items:
+        item.add_marker(skip)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 
 from ..engine import evaluate_segmentation
 from ..errors import DataError
-from ..io import ImageData, read_image, read_labels
+from ..io import ImageData, atomic_path, read_image, read_labels
 
 
 @dataclass
@@ -89,8 +88,5 @@ class ResultsFile:
 
     def write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(self.data, fh, indent=2)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for sharing
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps(self.data, indent=2), encoding="utf-8")

@@ -7,14 +7,13 @@ in it runs. The config is stored as JSON text inside the file and beside it as c
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError
+from ..io.atomic import atomic_path
 
 FORMAT = "napari-semicl/1"
 
@@ -23,16 +22,8 @@ def save_checkpoint(path: str | Path, payload: dict) -> Path:
     """Write ``payload`` (tensors, numbers, strings, lists, dicts) atomically to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({"format": FORMAT, **payload}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, **payload}, tmp)
     return path
 
 

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import pathlib
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 
@@ -59,15 +60,41 @@ def full_suffix(path: str | os.PathLike) -> str:
     return pathlib.Path(name).suffix
 
 
-def _default_file_mode() -> int:
-    """The mode a newly created file gets under the current umask."""
+def _current_umask() -> int:
+    """The process umask (read once, at import)."""
     # os.umask can only be read by setting it; restore it at once.
     umask = os.umask(0o022)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
-_NEW_FILE_MODE = _default_file_mode()
+_UMASK = _current_umask()
+_NEW_FILE_MODE = 0o666 & ~_UMASK
+
+
+def _remove(path: pathlib.Path) -> None:
+    """Delete a file or a folder tree; nothing if it is already gone."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _replace_folder(tmp: pathlib.Path, path: pathlib.Path) -> None:
+    """Rename the folder ``tmp`` onto ``path``, moving an existing ``path`` aside first."""
+    if not os.path.lexists(path):
+        os.replace(tmp, path)
+        return
+    aside = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    os.rmdir(aside)  # only the unique name is wanted
+    os.replace(path, aside)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(aside, path)
+        raise
+    _remove(aside)
 
 
 def _fsync_file(path: pathlib.Path) -> None:
@@ -102,7 +129,7 @@ def _refuse_existing(path: pathlib.Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(
-    path: str | os.PathLike, *, overwrite: bool = True
+    path: str | os.PathLike, *, overwrite: bool = True, directory: bool = False
 ) -> Iterator[pathlib.Path]:
     """Yield a temporary path to write to; move it onto ``path`` on success.
 
@@ -121,12 +148,18 @@ def atomic_path(
     overwrite : bool, optional
         If False, raise :class:`FileExistsError` when ``path`` exists
         (checked before writing and again just before the rename).
+    directory : bool, optional
+        Write a folder (an OME-Zarr group, say) rather than a file. The
+        temporary folder is renamed onto ``path``; an existing ``path`` is
+        first moved aside and deleted only once the new folder is in place
+        (two renames, so not atomic, but never a half-written ``path``; a
+        failure between them puts the old one back).
 
     Yields
     ------
     pathlib.Path
-        The temporary file, already created (empty) so that its name is
-        reserved.
+        The temporary file (or folder), already created (empty) so that its
+        name is reserved.
 
     Raises
     ------
@@ -146,23 +179,29 @@ def atomic_path(
         )
     suffix = full_suffix(path)
     stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{suffix}", dir=folder)
-    os.close(fd)
-    tmp = pathlib.Path(tmp_name)
+    if directory:
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{stem}.", suffix=f".tmp{suffix}", dir=folder))
+    else:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{suffix}", dir=folder)
+        os.close(fd)
+        tmp = pathlib.Path(tmp_name)
     try:
         yield tmp
-        _fsync_file(tmp)
-        if path.exists():
-            mode = path.stat().st_mode & 0o7777
-        else:
-            mode = _NEW_FILE_MODE
-        os.chmod(tmp, mode)
         if not overwrite:
             _refuse_existing(path)
-        os.replace(tmp, path)
+        if directory:
+            os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private
+            _replace_folder(tmp, path)
+        else:
+            _fsync_file(tmp)
+            if path.exists():
+                mode = path.stat().st_mode & 0o7777
+            else:
+                mode = _NEW_FILE_MODE
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        _remove(tmp)
         raise
     _fsync_folder(folder)
     logger.debug("Wrote %s atomically", path)
@@ -173,6 +212,7 @@ def atomic_write(
     write_fn: Callable[[pathlib.Path], object],
     *,
     overwrite: bool = True,
+    directory: bool = False,
 ) -> pathlib.Path:
     """Call ``write_fn(tmp_path)`` and move the result onto ``path`` atomically.
 
@@ -186,6 +226,8 @@ def atomic_write(
         value is ignored.
     overwrite : bool, optional
         If False, refuse to replace an existing ``path``.
+    directory : bool, optional
+        ``write_fn`` writes a folder (see :func:`atomic_path`).
 
     Returns
     -------
@@ -202,6 +244,6 @@ def atomic_write(
     atomic_path : the context manager this wraps.
     """
     path = pathlib.Path(path)
-    with atomic_path(path, overwrite=overwrite) as tmp:
+    with atomic_path(path, overwrite=overwrite, directory=directory) as tmp:
         write_fn(tmp)
     return path

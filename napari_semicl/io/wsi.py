@@ -26,7 +26,6 @@ Label convention: 0 is background/unlabelled.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -36,7 +35,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from .atomic import full_suffix
+from .atomic import atomic_path, full_suffix
 from .errors import ReadError, WriteError
 
 __all__ = [
@@ -547,8 +546,6 @@ def write_pyramid(path: str | os.PathLike, levels: Sequence, *, rgb: bool = Fals
     WriteError
         Unsupported extension, existing path without ``overwrite``, or an I/O failure.
     """
-    import tifffile
-
     path = pathlib.Path(path)
     suffix = _suffix(path)
     if tile % 16:
@@ -556,53 +553,47 @@ def write_pyramid(path: str | os.PathLike, levels: Sequence, *, rgb: bool = Fals
     if path.exists() and not overwrite:
         raise WriteError(f"{path} exists; pass overwrite (--overwrite) or choose another name.")
     name = name or _stem(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    is_zarr = suffix.endswith(".zarr") or path.suffix.lower() == ".zarr"
+    if not is_zarr and not suffix.endswith((".tif", ".tiff")):
+        raise WriteError(
+            f"Cannot write a pyramid to {path.name}: use .ome.tif (pyramidal OME-TIFF) or .zarr (OME-Zarr)."
+        )
     try:
-        if suffix.endswith(".zarr") or path.suffix.lower() == ".zarr":
-            import zarr
-
-            group = zarr.open_group(str(tmp), mode="w", zarr_format=2)
-            for lv, level in enumerate(levels):
-                arr = group.create_array(str(lv), shape=tuple(level.shape), dtype=level.dtype,
-                                         chunks=(tile, tile, *level.shape[2:]), fill_value=0)
-                for y in range(0, level.shape[0], tile):
-                    for x in range(0, level.shape[1], tile):
-                        arr[y:y + tile, x:x + tile] = np.asarray(level[y:y + tile, x:x + tile])
-            group.attrs.update(_ome_zarr_attrs(len(levels), rgb, name, labels))
-        elif suffix.endswith((".tif", ".tiff")):
-            photometric = "rgb" if rgb else "minisblack"
-            level0 = levels[0]
-            meta = {"axes": "YXS" if rgb else "YX", "Name": name}
-            with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
-                tw.write(_tiles_of(level0, tile, rgb), shape=tuple(level0.shape), dtype=level0.dtype,
-                         tile=(tile, tile), photometric=photometric, compression=compression,
-                         subifds=len(levels) - 1, metadata=meta)
-                for level in levels[1:]:
-                    tw.write(_tiles_of(level, tile, rgb), shape=tuple(level.shape), dtype=level.dtype,
-                             tile=(tile, tile), photometric=photometric, compression=compression,
-                             subfiletype=1)
-        else:
-            raise WriteError(
-                f"Cannot write a pyramid to {path.name}: use .ome.tif (pyramidal OME-TIFF) or .zarr (OME-Zarr)."
-            )
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        os.replace(tmp, path)
-    except WriteError:
-        raise
+        with atomic_path(path, overwrite=overwrite, directory=is_zarr) as tmp:
+            if is_zarr:
+                _write_zarr_pyramid(tmp, levels, rgb=rgb, tile=tile, name=name, labels=labels)
+            else:
+                _write_tiff_pyramid(tmp, levels, rgb=rgb, tile=tile, name=name, compression=compression)
     except OSError as exc:
         raise WriteError(f"Cannot write {path}: {exc.strerror or exc}. Check the folder and free disk space.") from exc
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
     log.info("pyramid of %d levels written to %s", len(levels), path)
     return path
 
 
-def pyramid_json(slide: Slide) -> str:
-    """A one-line JSON summary of a slide (levels, shapes, downsamples), for logs."""
-    return json.dumps({"name": slide.name, "rgb": slide.rgb,
-                       "levels": [list(map(int, lv.shape)) for lv in slide.levels],
-                       "downsamples": slide.downsamples})
+def _write_zarr_pyramid(folder: pathlib.Path, levels, *, rgb: bool, tile: int, name: str, labels: bool) -> None:
+    import zarr
+
+    group = zarr.open_group(str(folder), mode="w", zarr_format=2)
+    for lv, level in enumerate(levels):
+        arr = group.create_array(str(lv), shape=tuple(level.shape), dtype=level.dtype,
+                                 chunks=(tile, tile, *level.shape[2:]), fill_value=0)
+        for y in range(0, level.shape[0], tile):
+            for x in range(0, level.shape[1], tile):
+                arr[y:y + tile, x:x + tile] = np.asarray(level[y:y + tile, x:x + tile])
+    group.attrs.update(_ome_zarr_attrs(len(levels), rgb, name, labels))
+
+
+def _write_tiff_pyramid(file: pathlib.Path, levels, *, rgb: bool, tile: int, name: str, compression) -> None:
+    import tifffile
+
+    photometric = "rgb" if rgb else "minisblack"
+    level0 = levels[0]
+    meta = {"axes": "YXS" if rgb else "YX", "Name": name}
+    with tifffile.TiffWriter(file, bigtiff=True, ome=True) as tw:
+        tw.write(_tiles_of(level0, tile, rgb), shape=tuple(level0.shape), dtype=level0.dtype,
+                 tile=(tile, tile), photometric=photometric, compression=compression,
+                 subifds=len(levels) - 1, metadata=meta)
+        for level in levels[1:]:
+            tw.write(_tiles_of(level, tile, rgb), shape=tuple(level.shape), dtype=level.dtype,
+                     tile=(tile, tile), photometric=photometric, compression=compression,
+                     subfiletype=1)

@@ -1,0 +1,149 @@
+"""One atomic write (``io.atomic.atomic_path``) under every file the package replaces.
+
+Each writer is made to fail halfway through; the file (or folder) that was there before must
+be left as it was, with no temporary file beside it.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+import napari_semicl
+from napari_semicl import cli
+from napari_semicl.bench.common import ResultsFile
+from napari_semicl.engine import load_checkpoint, save_checkpoint
+from napari_semicl.io.errors import WriteError
+from napari_semicl.io import atomic_path
+from napari_semicl.io.wsi import write_pyramid
+
+PACKAGE = pathlib.Path(napari_semicl.__file__).parent
+
+
+def _names(folder: pathlib.Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+class _FailingLevel:
+    """A level that reads like a numpy array until its second row of tiles."""
+
+    def __init__(self, array: np.ndarray, tile: int) -> None:
+        self.array, self.tile = array, tile
+        self.shape, self.dtype = array.shape, array.dtype
+
+    def __getitem__(self, key):
+        if key[0].start >= self.tile:
+            raise _Boom("the source went away")
+        return self.array[key]
+
+
+def test_atomic_path_folder_replaces_the_old_folder_only_on_success(tmp_path):
+    target = tmp_path / "group.zarr"
+    with atomic_path(target, directory=True) as tmp:
+        assert tmp.is_dir() and tmp.parent == tmp_path and tmp.name.endswith(".zarr")
+        (tmp / "a").write_text("old")
+    assert (target / "a").read_text() == "old"
+
+    with pytest.raises(_Boom), atomic_path(target, directory=True) as tmp:
+        (tmp / "a").write_text("half")
+        raise _Boom
+    assert (target / "a").read_text() == "old"
+    assert _names(tmp_path) == {"group.zarr"}
+
+    with atomic_path(target, directory=True) as tmp:
+        (tmp / "b").write_text("new")
+    assert _names(target) == {"b"}
+    assert _names(tmp_path) == {"group.zarr"}
+
+    with pytest.raises(FileExistsError):
+        with atomic_path(target, directory=True, overwrite=False):
+            pass
+    assert _names(tmp_path) == {"group.zarr"}
+
+
+def test_failed_checkpoint_leaves_the_old_one(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "model.pt", {"weights": torch.ones(3)})
+    before = path.read_bytes()
+
+    def half_then_fail(obj, f, *args, **kwargs):
+        pathlib.Path(f).write_bytes(b"half a checkpoint")
+        raise _Boom("disk full")
+
+    monkeypatch.setattr(torch, "save", half_then_fail)
+    with pytest.raises(_Boom):
+        save_checkpoint(path, {"weights": torch.zeros(3)})
+    assert path.read_bytes() == before
+    assert _names(tmp_path) == {"model.pt"}
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["weights"], torch.ones(3))
+
+
+@pytest.mark.parametrize("name", ["he.ome.tif", "he.zarr"])
+def test_failed_pyramid_leaves_the_old_one(tmp_path, name):
+    tile = 16
+    first = np.full((2 * tile, 2 * tile), 7, np.uint8)
+    path = write_pyramid(tmp_path / name, [first], tile=tile)
+    listing = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    content = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    with pytest.raises(_Boom):
+        write_pyramid(path, [_FailingLevel(np.zeros_like(first), tile)], tile=tile, overwrite=True)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == listing
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == content
+
+    with pytest.raises(WriteError, match="exists"):
+        write_pyramid(path, [first], tile=tile)
+    second = write_pyramid(path, [np.zeros_like(first)], tile=tile, overwrite=True)
+    assert _names(tmp_path) == {name} and second == path
+
+
+def test_failed_results_write_leaves_the_old_file(tmp_path):
+    out = tmp_path / "results.json"
+    res = ResultsFile(out, {"protocol": "p"})
+    before = out.read_text()
+    res.data["bad"] = object()  # not JSON: the write fails after the temporary file exists
+    with pytest.raises(TypeError):
+        res.write()
+    assert out.read_text() == before
+    assert _names(tmp_path) == {"results.json"}
+    assert out.stat().st_mode & 0o044 == 0o044  # readable by others, as results are shared
+
+
+def test_failed_metrics_write_leaves_the_old_file(tmp_path):
+    out = tmp_path / "metrics.json"
+    cli._write_json_atomic(out, {"dice": 0.5})
+    with pytest.raises(TypeError):
+        cli._write_json_atomic(out, {"dice": object()})
+    assert json.loads(out.read_text()) == {"dice": 0.5}
+    assert _names(tmp_path) == {"metrics.json"}
+
+
+def test_train_slides_writes_metrics_atomically():
+    """``cli._train_slides`` goes through the same helper as the other subcommands."""
+    import inspect
+
+    source = inspect.getsource(cli._train_slides)
+    assert "_write_json_atomic(out / \"metrics.json\"" in source
+    assert ".write_text(" not in source
+
+
+def test_only_io_atomic_renames_files():
+    """No module but io/atomic.py replaces files itself (``os.replace``/``os.rename``/``mkstemp``)."""
+    offenders = []
+    for module in sorted(PACKAGE.rglob("*.py")):
+        if module == PACKAGE / "io" / "atomic.py":
+            continue
+        for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr in {"replace", "rename", "mkstemp"}:
+                if isinstance(node.value, ast.Name) and node.value.id in {"os", "tempfile"}:
+                    offenders.append(f"{module.relative_to(PACKAGE)}:{node.lineno} {node.value.id}.{node.attr}")
+    assert not offenders, "use napari_semicl.io.atomic.atomic_path instead: " + ", ".join(offenders)
