@@ -84,6 +84,12 @@ def _build_config(args) -> TrainConfig:
         cfg.wsi.tile_size = args.tile_size
     if getattr(args, "sampler", None) is not None:
         cfg.arco.sampler = args.sampler
+    if getattr(args, "prior", None) is not None:
+        cfg.prior.mode = args.prior
+    if getattr(args, "interpolation", None) is not None:
+        cfg.prior.interpolation = args.interpolation
+    if getattr(args, "context_slices", None) is not None:
+        cfg.data.context_slices = args.context_slices
     return cfg.validate()
 
 
@@ -250,7 +256,7 @@ def cmd_train(args) -> int:
     trainer = _make_trainer(args, cfg, pairs, out)
     finished = _train_or_fail(trainer)
     for i, img in enumerate(images):
-        pred = trainer.predict(img.data, rgb=img.rgb)
+        pred = trainer.predict_pair(i)  # fused with the painted-slice prior where there is one
         name = "prediction" if len(images) == 1 else f"prediction_{i}_{img.name}"
         path = write_labels(out / f"{name}{_mask_suffix(img)}", pred.labels, metadata=img.metadata, overwrite=True)
         log.info("prediction written to %s", path)
@@ -488,6 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tile-size", type=int, help="whole-slide images: tile grid size at that level (default 512)")
     t.add_argument("--sampler", choices=["ns", "sg", "sag", "index"],
                    help="ARCO pixel sampler (method arco; default sag, or the --config's)")
+    t.add_argument("--prior", choices=["off", "targets"],
+                   help="painted slices as a dense prior (fully painted slices; docs/prior.md): 'targets' trains "
+                        "on the shape interpolated between them and falls back on it where the network is unsure")
+    t.add_argument("--interpolation", choices=["sdf", "flow"], help="how the prior fills between painted slices")
+    t.add_argument("--context-slices", type=int,
+                   help="2.5D: neighbouring slices on either side the network sees as channels (default 0)")
     t.add_argument("--config", help="a config.json to start from (flags override it)")
     t.add_argument("--resume", help="a checkpoint, or a run folder (its last checkpoint), to continue training from")
     t.add_argument("--out", required=True, help="output folder")

@@ -215,3 +215,27 @@ def test_context_slices_train_predict_and_reload(brain, tmp_path):
     again = predict_volume(model, image, class_values=saved.data.class_values, axis=0, device=CPU,
                            context_slices=saved.data.context_slices).labels
     np.testing.assert_array_equal(direct, again)
+
+
+def test_cli_trains_with_the_prior_and_context(tmp_path):
+    from napari_semicl.cli import main
+    from napari_semicl.io import read_labels, write_labels
+    from napari_semicl.io.sample import SAMPLE_IMAGE_FILE, sample_data_dir
+
+    image, reference = load_sample_volume()
+    painted = reveal_slices(reference.data, [30, 40, 50], 0)
+    labels = write_labels(tmp_path / "painted.nii.gz", painted, metadata=image.metadata)
+    out = tmp_path / "run"
+    code = main(["-q", "train", "--image", str(sample_data_dir() / SAMPLE_IMAGE_FILE), "--labels", str(labels),
+                 "--iterations", "2", "--patch-size", "32", "--unpainted", "background", "--prior", "targets",
+                 "--context-slices", "1", "--out", str(out)])
+    assert code == 0
+    import json
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["prior"]["mode"] == "targets" and config["data"]["context_slices"] == 1
+    pred = read_labels(out / "prediction.nii.gz", like=image).data
+    for s in (30, 40, 50):  # painted slices come back as painted
+        np.testing.assert_array_equal(pred[s], reference.data[s])
+    assert main(["-q", "predict", "--checkpoint", str(out / "checkpoint.pt"), "--image",
+                 str(sample_data_dir() / SAMPLE_IMAGE_FILE), "--out", str(tmp_path / "again.nii.gz")]) == 0
