@@ -575,8 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--labelled-names", help="comma-separated names of the labelled volumes (instead of evenly spaced)")
     c.add_argument("--limit-test", type=int, help="only the first N test volumes")
     for q in (w, c):
-        q.add_argument("--methods", required=True, help="comma-separated: registered methods, rf, full")
-        budget = q.add_mutually_exclusive_group(required=True)
+        q.add_argument("--methods", required=True,
+                       help="comma-separated: registered methods, rf, full (and within-volume: interp, interp_flow)")
+        budget = q.add_mutually_exclusive_group(required=q is c)  # within-volume: baselines alone need none
         budget.add_argument("--budget-s", type=float, help="wall-clock training budget per method")
         budget.add_argument("--budget-steps", type=int, help="step budget per method (robust on a busy machine)")
     s_ = bsub.add_parser("speed", help="step time, FLOP/s, inference throughput and memory")

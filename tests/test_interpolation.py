@@ -226,3 +226,25 @@ def test_left_atrium_at_five_slices_is_a_strong_prior():
     out = interpolate_labels(reveal_slices(ref, revealed, axis), axis=axis, spacing=case.image.scale)
     keep = np.setdiff1d(np.arange(ref.shape[axis]), revealed)
     assert score(out.labels, ref, keep_slices=keep, axis=axis)["dice"] > 0.8
+
+
+def test_bench_within_volume_runs_the_interpolation_baselines_without_a_budget(tmp_path, capsys):
+    import json
+
+    folder = tmp_path / "cones"
+    folder.mkdir()
+    for i in range(2):
+        ref = np.zeros((12, 40, 40), np.uint8)
+        for s in range(1, 11):
+            ref[s] = disc((40, 40), (20, 16 + i), 4 + s)
+        img = (ref * 100.0 + 10).astype(np.float32)
+        nib.save(nib.Nifti1Image(img.T, np.eye(4)), str(folder / f"cone{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(ref.T, np.eye(4)), str(folder / f"cone{i}_gt.nii.gz"))
+    out = tmp_path / "interp.json"
+    code = main(["-q", "bench", "within-volume", "--data", str(folder), "--k", "3", "--methods", "interp,interp_flow",
+                 "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    for name in ("interp", "interp_flow"):
+        assert [r["name"] for r in data["methods"][name]["per_volume"]] == ["cone0", "cone1"]
+        assert data["methods"][name]["dice"] > 0.9 and data["methods"][name]["steps"] is None
