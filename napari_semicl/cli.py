@@ -5,6 +5,8 @@
         (IMG may be a whole-slide image: pyramidal TIFF/SVS/OME-TIFF or OME-Zarr, predicted
         tile by tile into MASK = *.ome.tif or *.zarr; or a folder of equal-size tiles)
     napari-semicl evaluate --pred P --reference R
+    napari-semicl interpolate --labels PAINTED --image IMG --out MASK [--axis N] [--method sdf|flow]
+        (fill between fully painted slices, as 3D Slicer / ITK-SNAP do; no training)
     napari-semicl demo [--out DIR]      (the whole loop on the bundled sample volume)
 
 Errors a user can cause print one line, ``napari-semicl: error: ...``, and exit with 2.
@@ -363,6 +365,32 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_interpolate(args) -> int:
+    import time
+
+    from .data.interpolation import interpolate_labels
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise CliError(f"{out} already exists: pass --overwrite or choose another name")
+    img = read_image(args.image)
+    if img.rgb:
+        raise DataError(f"{Path(args.image).name} is an RGB image: interpolation needs a grey image or volume")
+    labels = read_labels(args.labels, like=img)
+    axis = int(np.argmin(labels.data.shape)) if args.axis is None else args.axis
+    spacing = img.scale if img.metadata.get("format") == "nifti" else None
+    t0 = time.perf_counter()
+    result = interpolate_labels(labels.data, axis=axis, spacing=spacing, method=args.method, image=img.data,
+                                unpainted=args.unpainted, shrink=args.shrink)
+    seconds = time.perf_counter() - t0
+    path = write_labels(out, result.labels, metadata=img.metadata, overwrite=args.overwrite)
+    print(f"{len(result.painted)} painted slice(s) along axis {result.axis}: {result.painted.tolist()}; "
+          f"classes {result.class_values} (background {result.class_values[0]})")
+    print(f"interpolated ({result.method}, fall-off {result.shrink:.2f} px/slice) in {seconds:.2f} s")
+    print(f"mask written to {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .io.sample import load_sample_volume
 
@@ -522,6 +550,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--voxels", action="store_true", help="distances in voxels even if spacing is known")
     e.set_defaults(func=cmd_evaluate)
 
+    ip = sub.add_parser("interpolate", help="fill between fully painted slices (no training), like 3D Slicer")
+    ip.add_argument("--labels", required=True, help="painted labels: a few whole slices")
+    ip.add_argument("--image", required=True, help="the image: gives the geometry, and the intensities for --method flow")
+    ip.add_argument("--out", required=True, help="mask file (.nii.gz, .nii, .tif), written with the image's geometry")
+    ip.add_argument("--axis", type=int, help="slicing axis (default: the axis with the fewest slices)")
+    ip.add_argument("--method", choices=["sdf", "flow"], default="sdf",
+                    help="sdf: blend signed distance maps; flow: warp them along the image by optical flow first")
+    ip.add_argument("--unpainted", choices=["background", "ignore"], default="background",
+                    help="background (default): 0 is background on painted slices; ignore: 0 is unpainted, so "
+                         "painted slices must be painted in every pixel")
+    ip.add_argument("--shrink", type=float,
+                    help="fall-off past the outermost painted slice, in-plane pixels per slice (default 3 x slice "
+                         "spacing / pixel size)")
+    ip.add_argument("--overwrite", action="store_true", help="replace an existing mask")
+    ip.set_defaults(func=cmd_interpolate)
+
     d = sub.add_parser("demo", help="the whole loop on the bundled sample volume, headless")
     d.add_argument("--out", default="semicl_out")
     d.add_argument("--reveal", type=int, default=3, help="reference slices revealed as 'painted'")
@@ -543,8 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--labelled-names", help="comma-separated names of the labelled volumes (instead of evenly spaced)")
     c.add_argument("--limit-test", type=int, help="only the first N test volumes")
     for q in (w, c):
-        q.add_argument("--methods", required=True, help="comma-separated: registered methods, rf, full")
-        budget = q.add_mutually_exclusive_group(required=True)
+        q.add_argument("--methods", required=True,
+                       help="comma-separated: registered methods, rf, full (and within-volume: interp, interp_flow)")
+        budget = q.add_mutually_exclusive_group(required=q is c)  # within-volume: baselines alone need none
         budget.add_argument("--budget-s", type=float, help="wall-clock training budget per method")
         budget.add_argument("--budget-steps", type=int, help="step budget per method (robust on a busy machine)")
     s_ = bsub.add_parser("speed", help="step time, FLOP/s, inference throughput and memory")

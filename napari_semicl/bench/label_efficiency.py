@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from ..data import AnnotatedPair
+from ..data.interpolation import interpolate_labels
 from ..data.reveal import choose_reveal_slices, reveal_slices
 from ..engine import Finished, TrainConfig, Trainer, describe_device, pick_device
 from ..errors import DataError
@@ -21,7 +22,9 @@ from .rf import rf_segment
 
 log = logging.getLogger(__name__)
 
-BASELINES = ("rf", "full")
+BASELINES = ("rf", "full", "interp", "interp_flow")
+#: Baselines without training: fill between the revealed slices (data.interpolation), by method.
+INTERPOLATION_BASELINES = {"interp": "sdf", "interp_flow": "flow"}
 
 
 def split_spec(spec: str) -> tuple[str, dict]:
@@ -103,6 +106,10 @@ def within_volume(data_dir, *, k: int, methods, budget_s: float | None, seed: in
             if method == "rf":
                 pred, info = rf_segment(case.image.data, painted, painted_slices=revealed, axis=axis, seed=seed)
                 row = {"train_s": info["total_s"], "steps": None}
+            elif method in INTERPOLATION_BASELINES:  # revealed slices are whole slices: 'background' semantics
+                pred = interpolate_labels(painted, axis=axis, spacing=case.image.scale, image=case.image.data,
+                                          method=INTERPOLATION_BASELINES[method], unpainted="background").labels
+                row = {"train_s": time.perf_counter() - t0, "steps": None}
             else:
                 labels = ref if method == "full" else painted
                 name, overrides = split_spec(method)

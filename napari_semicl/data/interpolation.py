@@ -190,7 +190,7 @@ def _normalise(image: np.ndarray) -> np.ndarray:
     return np.clip((image.astype(np.float32) - low) / scale, 0, 1)
 
 
-def _flow_warper(image: np.ndarray, radius: int):
+def _flow_warper(image: np.ndarray, radius: int, *, prefilter: bool = False, num_warp: int = 4):
     """A function warp(maps, source, target): ``maps`` (C, Y, X) of slice ``source`` moved
     onto slice ``target`` by optical flow between the image slices (cached per pair)."""
     from skimage.registration import optical_flow_ilk
@@ -205,11 +205,24 @@ def _flow_warper(image: np.ndarray, radius: int):
         key = (source, target)
         if key not in cache:
             # flow v with image[source](x + v(x)) ~ image[target](x)
-            cache[key] = optical_flow_ilk(img[target], img[source], radius=radius, prefilter=True)
+            cache[key] = optical_flow_ilk(img[target], img[source], radius=radius, num_warp=num_warp, prefilter=prefilter)
         coords = grid + cache[key]
         return np.stack([ndimage.map_coordinates(m, coords, order=1, mode="nearest") for m in maps])
 
     return warp
+
+
+def _propagate(warp, maps: np.ndarray, source: int, targets, *, chain: bool) -> dict:
+    """``maps`` of slice ``source`` warped onto each of ``targets`` (in order, moving away
+    from ``source``): directly, or slice by slice along the chain of neighbours."""
+    out, current, previous = {}, maps, source
+    for s in targets:
+        if chain:
+            current, previous = warp(current, previous, s), s
+            out[s] = current
+        else:
+            out[s] = warp(maps, source, s)
+    return out
 
 
 # --------------------------------------------------------------------------- interpolation
@@ -235,7 +248,8 @@ def interpolate_labels(
     image: np.ndarray | None = None,
     unpainted: str = "background",
     background_value: int | None = None,
-    flow_radius: int = 7,
+    flow_radius: int = 4,
+    flow_chain: bool = True,
 ) -> Interpolation:
     """Fill the slices between fully painted slices, the way 3D Slicer and ITK-SNAP do.
 
@@ -267,6 +281,9 @@ def interpolate_labels(
         most common value on the complete slices.
     flow_radius : int
         Window radius of the optical flow (``method='flow'``), in pixels.
+    flow_chain : bool
+        ``method='flow'``: register neighbouring slices and carry each map along, slice by
+        slice (True), or register each slice directly to the painted slice (False).
 
     Returns
     -------
@@ -341,14 +358,12 @@ def interpolate_labels(
     fg_scores = np.empty((len(foreground), n, *plane), np.float32)
     warp = _flow_warper(image if not flat else labels, flow_radius) if (method == "flow" and not flat) else None
 
-    def moved(i: int, target: int) -> np.ndarray:
-        m = maps[i]
-        return warp(m, int(painted[i]), target) if warp is not None else m
-
     # past the outermost painted slices: the nearest map minus `shrink` per slice
-    for i, outside in ((0, range(0, painted[0])), (len(painted) - 1, range(painted[-1] + 1, n))):
+    for i, outside in ((0, range(int(painted[0]) - 1, -1, -1)), (len(painted) - 1, range(int(painted[-1]) + 1, n))):
+        p = int(painted[i])
+        moved = _propagate(warp, maps[i], p, outside, chain=flow_chain) if warp is not None else None
         for s in outside:
-            fg_scores[:, s] = moved(i, s) - shrink * abs(s - int(painted[i]))
+            fg_scores[:, s] = (moved[s] if moved is not None else maps[i]) - shrink * abs(s - p)
     for i in range(len(painted)):
         fg_scores[:, painted[i]] = maps[i]
     # between painted slices a and b: blend by position
@@ -368,11 +383,11 @@ def interpolate_labels(
             t = (np.arange(a + 1, b, dtype=np.float32) - a) / gap
             fg_scores[:, a + 1: b] = ((1 - t)[None, :, None, None] * left[:, None] + t[None, :, None, None] * right[:, None])
         else:
+            forward = _propagate(warp, left, a, range(a + 1, b), chain=flow_chain)
+            backward = _propagate(warp, right, b, range(b - 1, a, -1), chain=flow_chain)
             for s in range(a + 1, b):
                 t = (s - a) / gap
-                lw = warp(left, a, s)
-                rw = warp(right, b, s)
-                fg_scores[:, s] = (1 - t) * lw + t * rw
+                fg_scores[:, s] = (1 - t) * forward[s] + t * backward[s]
 
     scores = np.empty((1 + len(foreground), n, *plane), np.float32)
     scores[1:] = fg_scores

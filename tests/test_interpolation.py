@@ -1,0 +1,250 @@
+"""Fill between painted slices (napari_semicl.data.interpolation) and ``napari-semicl interpolate``."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_semicl.cli import main
+from napari_semicl.data.interpolation import Interpolation, complete_slice_indices, interpolate_labels
+from napari_semicl.data.reveal import choose_reveal_slices, reveal_slices
+from napari_semicl.errors import ConfigError, DataError
+from napari_semicl.io import write_labels
+from napari_semicl.io.sample import SAMPLE_IMAGE_FILE, load_sample_volume, sample_data_dir
+
+from conftest import requires_shared
+
+
+def disc(shape, centre, radius):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+def radius_of(mask) -> float:
+    """Radius of a disc from its area."""
+    return float(np.sqrt(mask.sum() / np.pi))
+
+
+@pytest.fixture
+def cone():
+    """Discs of radius 4 on slice 2 and radius 16 on slice 14 (grows 1 px a slice)."""
+    lab = np.zeros((20, 48, 48), np.uint8)
+    lab[2] = disc((48, 48), (24, 24), 4)
+    lab[14] = disc((48, 48), (24, 24), 16)
+    return lab
+
+
+def test_growing_disc_has_the_intermediate_radius(cone):
+    out = interpolate_labels(cone, axis=0)
+    assert isinstance(out, Interpolation)
+    assert out.painted.tolist() == [2, 14] and out.class_values == [0, 1] and out.axis == 0
+    for s in range(3, 14):
+        assert radius_of(out.labels[s] == 1) == pytest.approx(4 + (s - 2), abs=1.0), s
+    assert out.labels.shape == cone.shape and out.labels.dtype == cone.dtype
+    assert out.scores.shape == (2, *cone.shape) and out.scores.dtype == np.float32
+    assert out.slice_distance.dtype == np.float32
+    assert out.slice_distance[[0, 2, 8, 14, 19]].tolist() == [2, 0, 6, 0, 5]
+
+
+def test_scores_argmax_is_the_labels_and_painted_slices_are_exact(cone):
+    cone = cone.copy()
+    cone[14, 0, 0] = 1  # a single stray pixel: a one-pixel object scores +0.5
+    out = interpolate_labels(cone, axis=0)
+    values = np.array(out.class_values)[np.argmax(out.scores, axis=0)]
+    np.testing.assert_array_equal(values, out.labels)
+    np.testing.assert_array_equal(out.labels[[2, 14]], cone[[2, 14]])
+    assert out.scores[1, 14, 0, 0] == pytest.approx(0.5)
+    assert out.scores[1, 14, 0, 1] == pytest.approx(-0.5)
+    np.testing.assert_allclose(out.scores[0], -out.scores[1])
+
+
+def test_two_classes_interpolate_separately():
+    lab = np.zeros((9, 40, 60), np.uint8)
+    lab[0] = disc((40, 60), (20, 15), 5) * 3
+    lab[8] = disc((40, 60), (20, 15), 9) * 3
+    lab[0][disc((40, 60), (20, 45), 8)] = 7
+    lab[8][disc((40, 60), (20, 45), 4)] = 7
+    out = interpolate_labels(lab, axis=0)
+    assert out.class_values == [0, 3, 7] and out.scores.shape == (3, *lab.shape)
+    mid = out.labels[4]
+    assert radius_of(mid == 3) == pytest.approx(7, abs=1.0)
+    assert radius_of(mid == 7) == pytest.approx(6, abs=1.0)
+    assert set(np.unique(mid[:, :30])) == {0, 3} and set(np.unique(mid[:, 30:])) == {0, 7}
+
+
+def test_a_class_painted_on_one_side_only_shrinks_away():
+    lab = np.zeros((11, 40, 40), np.uint8)
+    lab[0] = disc((40, 40), (20, 20), 10)
+    lab[10, 2:5, 2:5] = 2  # class 1 is absent on slice 10
+    lab[0, 35:38, 35:38] = 2
+    out = interpolate_labels(lab, axis=0, shrink=1.0)
+    areas = [(out.labels[s] == 1).sum() for s in range(11)]
+    assert all(a >= b for a, b in zip(areas, areas[1:])) and areas[9] < areas[0] and areas[10] == 0
+
+
+def test_any_axis_gives_the_same_result(cone):
+    ref = interpolate_labels(cone, axis=0)
+    moved = np.moveaxis(cone, 0, 2)
+    out = interpolate_labels(moved, axis=2)
+    assert out.axis == 2 and out.painted.tolist() == [2, 14]
+    np.testing.assert_array_equal(out.labels, np.moveaxis(ref.labels, 0, 2))
+    np.testing.assert_allclose(out.scores, np.moveaxis(ref.scores, 1, 3))
+    np.testing.assert_array_equal(out.slice_distance, ref.slice_distance)
+
+
+def test_past_the_outermost_slice_the_shape_shrinks_and_vanishes():
+    lab = np.zeros((12, 40, 40), np.uint8)
+    lab[3] = disc((40, 40), (20, 20), 9)
+    out = interpolate_labels(lab, axis=0, shrink=3.0)  # a single painted slice
+    areas = [int((out.labels[s] == 1).sum()) for s in range(12)]
+    assert areas[3] == lab[3].sum()
+    assert areas[2] < areas[3] and areas[1] < areas[2] and areas[0] == 0  # 9 - 3*3 = 0
+    assert areas[4] == areas[2] and areas[7] == 0 and areas[11] == 0
+    assert radius_of(out.labels[2] == 1) == pytest.approx(6, abs=1.0)
+
+
+def test_anisotropic_spacing_changes_the_fall_off():
+    lab = np.zeros((6, 40, 40), np.uint8)
+    lab[0] = disc((40, 40), (20, 20), 12)
+    iso = interpolate_labels(lab, axis=0, spacing=(1.0, 1.0, 1.0))
+    thick = interpolate_labels(lab, axis=0, spacing=(2.0, 1.0, 1.0))
+    assert iso.shrink == pytest.approx(3.0) and thick.shrink == pytest.approx(6.0)
+    assert (iso.labels[1] == 1).sum() > (thick.labels[1] == 1).sum() > 0
+    assert (thick.labels[2] == 1).sum() == 0 and (iso.labels[2] == 1).sum() > 0
+
+
+def test_in_plane_spacing_measures_distances_in_pixels_of_the_finer_axis():
+    lab = np.zeros((3, 20, 40), np.uint8)
+    lab[0, 5:15, 10:30] = 1
+    out = interpolate_labels(lab, axis=0, spacing=(1.0, 2.0, 1.0), shrink=0.0)
+    # a pixel next to the edge along Y is 2 in-plane pixels (of 1 unit) away from the inside
+    assert out.scores[1, 0, 4, 20] == pytest.approx(-1.5)
+    assert out.scores[1, 0, 10, 9] == pytest.approx(-0.5)
+
+
+def test_ignore_mode_refuses_scribbles_with_a_message(cone):
+    lab = cone + 1  # whole slices painted: background 1, object 2 ...
+    lab[[i for i in range(20) if i not in (2, 14)]] = 0
+    lab[7, 3:6, 3:6] = 2  # ... and a scribble on slice 7
+    with pytest.raises(DataError, match=r"slice\(s\) 7 .*scribbles have no interpolation"):
+        interpolate_labels(lab, axis=0, unpainted="ignore")
+
+
+def test_ignore_mode_with_whole_slices_uses_the_painted_background(cone):
+    lab = np.zeros_like(cone)
+    lab[[2, 14]] = cone[[2, 14]] + 1  # background painted as 1, the disc as 2
+    assert complete_slice_indices(lab, 0, "ignore").tolist() == [2, 14]
+    out = interpolate_labels(lab, axis=0, unpainted="ignore")
+    assert out.class_values == [1, 2]
+    np.testing.assert_array_equal(out.labels, interpolate_labels(cone, axis=0).labels + 1)
+    assert 0 not in out.labels
+    explicit = interpolate_labels(lab, axis=0, unpainted="ignore", background_value=2)
+    assert explicit.class_values == [2, 1]
+
+
+def test_two_dimensional_labels_come_back_unchanged():
+    lab = disc((30, 30), (15, 15), 6).astype(np.uint16) * 4
+    out = interpolate_labels(lab)
+    np.testing.assert_array_equal(out.labels, lab)
+    assert out.scores.shape == (2, 30, 30) and out.painted.tolist() == [0] and out.slice_distance.tolist() == [0]
+
+
+def test_bad_input_is_refused_clearly(cone):
+    with pytest.raises(DataError, match="no complete slice"):
+        interpolate_labels(np.zeros((4, 5, 5), np.uint8), axis=0)
+    with pytest.raises(DataError, match="axis 3"):
+        interpolate_labels(cone, axis=3)
+    with pytest.raises(ConfigError, match="method"):
+        interpolate_labels(cone, method="magic")
+    with pytest.raises(DataError, match="needs the image"):
+        interpolate_labels(cone, method="flow")
+
+
+def test_flow_follows_a_moving_object():
+    """The painted disc moves; the image shows where it is on every slice."""
+    n, shape = 9, (48, 48)
+    image = np.zeros((n, *shape), np.float32)
+    truth = np.zeros((n, *shape), np.uint8)
+    for s in range(n):
+        centre = (24, 12 + 3 * s) if s <= 4 else (24, 24)
+        truth[s] = disc(shape, centre, 7)
+        image[s] = truth[s] * 100.0 + 10
+    painted = np.zeros_like(truth)
+    painted[[0, 8]] = truth[[0, 8]]
+    flow = interpolate_labels(painted, axis=0, method="flow", image=image)
+    sdf = interpolate_labels(painted, axis=0)
+    np.testing.assert_array_equal(flow.labels[[0, 8]], truth[[0, 8]])
+
+    def dice(a, b):
+        return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+    mid = range(1, 8)
+    assert np.mean([dice(flow.labels[s], truth[s]) for s in mid]) > np.mean([dice(sdf.labels[s], truth[s]) for s in mid])
+    assert np.mean([dice(flow.labels[s], truth[s]) for s in mid]) > 0.85
+
+
+def test_cli_interpolate_writes_a_mask_with_the_image_geometry(tmp_path, capsys):
+    image, reference = load_sample_volume()
+    painted = reveal_slices(reference.data, [20, 35, 50], 0)
+    labels = write_labels(tmp_path / "painted.nii.gz", painted, metadata=image.metadata)
+    src = sample_data_dir() / SAMPLE_IMAGE_FILE
+    mask = tmp_path / "mask.nii.gz"
+    capsys.readouterr()
+    code = main(["-q", "interpolate", "--labels", str(labels), "--image", str(src), "--out", str(mask), "--axis", "0"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "[20, 35, 50]" in printed and "mask written to" in printed
+    written = nib.load(mask)
+    assert written.shape == nib.load(src).shape
+    np.testing.assert_allclose(written.affine, nib.load(src).affine)
+    data = np.asanyarray(written.dataobj).transpose(2, 1, 0)  # back to napari's (k, j, i) order
+    np.testing.assert_array_equal(data[[20, 35, 50]], painted[[20, 35, 50]])
+    assert set(np.unique(data)) == {0, 1, 2, 3} and (data[27] != 0).any()
+
+
+def test_cli_interpolate_errors_are_one_line(tmp_path, capsys):
+    image, reference = load_sample_volume()
+    scribble = np.zeros_like(reference.data)
+    scribble[30, 10:20, 10:20] = 1
+    labels = write_labels(tmp_path / "scribble.nii.gz", scribble, metadata=image.metadata)
+    src = sample_data_dir() / SAMPLE_IMAGE_FILE
+    capsys.readouterr()
+    code = main(["-q", "interpolate", "--labels", str(labels), "--image", str(src), "--out",
+                 str(tmp_path / "m.nii.gz"), "--unpainted", "ignore"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "scribbles have no interpolation" in err[0], err
+    assert not (tmp_path / "m.nii.gz").exists()
+
+
+@pytest.mark.shared_data
+def test_left_atrium_at_five_slices_is_a_strong_prior():
+    from napari_semicl.bench.common import find_cases, score, thinnest_axis
+
+    case = find_cases(requires_shared("la/train"), limit=1)[0]
+    ref = case.reference.data
+    axis = thinnest_axis(ref.shape)
+    revealed = choose_reveal_slices(ref, 5, axis)
+    out = interpolate_labels(reveal_slices(ref, revealed, axis), axis=axis, spacing=case.image.scale)
+    keep = np.setdiff1d(np.arange(ref.shape[axis]), revealed)
+    assert score(out.labels, ref, keep_slices=keep, axis=axis)["dice"] > 0.8
+
+
+def test_bench_within_volume_runs_the_interpolation_baselines_without_a_budget(tmp_path, capsys):
+    import json
+
+    folder = tmp_path / "cones"
+    folder.mkdir()
+    for i in range(2):
+        ref = np.zeros((12, 40, 40), np.uint8)
+        for s in range(1, 11):
+            ref[s] = disc((40, 40), (20, 16 + i), 4 + s)
+        img = (ref * 100.0 + 10).astype(np.float32)
+        nib.save(nib.Nifti1Image(img.T, np.eye(4)), str(folder / f"cone{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(ref.T, np.eye(4)), str(folder / f"cone{i}_gt.nii.gz"))
+    out = tmp_path / "interp.json"
+    code = main(["-q", "bench", "within-volume", "--data", str(folder), "--k", "3", "--methods", "interp,interp_flow",
+                 "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    for name in ("interp", "interp_flow"):
+        assert [r["name"] for r in data["methods"][name]["per_volume"]] == ["cone0", "cone1"]
+        assert data["methods"][name]["dice"] > 0.9 and data["methods"][name]["steps"] is None
