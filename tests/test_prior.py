@@ -239,3 +239,16 @@ def test_cli_trains_with_the_prior_and_context(tmp_path):
         np.testing.assert_array_equal(pred[s], reference.data[s])
     assert main(["-q", "predict", "--checkpoint", str(out / "checkpoint.pt"), "--image",
                  str(sample_data_dir() / SAMPLE_IMAGE_FILE), "--out", str(tmp_path / "again.nii.gz")]) == 0
+
+
+def test_scores_agree_with_the_labels_for_any_voxel_size(brain):
+    # a regression: isotropic voxels of 2 mm were measured in pixels, then divided by 2
+    # again, so thin structures scored 0 and lost the argmax on their own painted slice
+    _, reference = brain
+    painted = reveal_slices(reference, PAINTED, 0)
+    for spacing in (None, (2.0, 2.0, 2.0), (3.0, 1.0, 1.0), (1.0, 0.5, 1.0)):
+        out = interpolate_labels(painted, axis=0, spacing=spacing)
+        values = np.asarray(out.class_values)
+        np.testing.assert_array_equal(values[out.scores.argmax(axis=0)], out.labels)
+        for s in PAINTED:
+            np.testing.assert_array_equal(out.labels[s], reference[s])

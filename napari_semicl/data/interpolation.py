@@ -179,8 +179,10 @@ def _plane_geometry(spacing, ndim: int, axis: int) -> tuple[tuple | None, float,
         plane = tuple(s for a, s in enumerate(spacing) if a != axis)
         through = spacing[axis]
     unit = min(plane)
-    sampling = plane if max(plane) / unit > 1.0001 else None
-    return sampling, unit, through / unit
+    # the distance transform measures in the spacing's units (mm) and _signed_distance
+    # divides by ``unit``: pass the sampling always, or isotropic pixels of size != 1 would
+    # be counted in pixels and divided again
+    return plane, unit, through / unit
 
 
 # --------------------------------------------------------------------------- flow
