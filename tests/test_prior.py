@@ -252,3 +252,17 @@ def test_scores_agree_with_the_labels_for_any_voxel_size(brain):
         np.testing.assert_array_equal(values[out.scores.argmax(axis=0)], out.labels)
         for s in PAINTED:
             np.testing.assert_array_equal(out.labels[s], reference[s])
+
+
+def test_bench_knows_recommended_and_dotted_overrides():
+    from napari_semicl.bench.label_efficiency import apply_overrides, bench_config, check_methods
+    from napari_semicl.engine import recommended_config
+
+    cfg = bench_config("recommended", None, 3, 2, budget_steps=7)
+    rec = recommended_config()
+    assert (cfg.method, cfg.prior.mode, cfg.data.unpainted) == (rec.method, rec.prior.mode, "background")
+    assert (cfg.budget, cfg.iterations, cfg.seed, cfg.data.axis) == ("iterations", 7, 3, 2)
+    cfg = bench_config("mean_teacher", None, 0, 0, budget_steps=5)
+    apply_overrides(cfg, "mean_teacher", {"prior.mode": "targets", "data.context_slices": "1", "ema_alpha": "0.9"})
+    assert (cfg.prior.mode, cfg.data.context_slices, cfg.mean_teacher.ema_alpha) == ("targets", 1, 0.9)
+    assert check_methods(["recommended", "interp", "supervised:prior.mode=targets"])

@@ -14,7 +14,7 @@ import numpy as np
 from ..data import AnnotatedPair
 from ..data.interpolation import interpolate_labels
 from ..data.reveal import choose_reveal_slices, reveal_slices
-from ..engine import Finished, TrainConfig, Trainer, describe_device, pick_device
+from ..engine import Finished, TrainConfig, Trainer, describe_device, pick_device, recommended_config
 from ..errors import DataError
 from ..methods import available_methods
 from .common import Case, ResultsFile, find_cases, score, thinnest_axis
@@ -23,6 +23,8 @@ from .rf import rf_segment
 log = logging.getLogger(__name__)
 
 BASELINES = ("rf", "full", "interp", "interp_flow")
+#: The Train dock's default for fully painted slices (:func:`~napari_semicl.engine.recommended_config`).
+RECOMMENDED = "recommended"
 #: Baselines without training: fill between the revealed slices (data.interpolation), by method.
 INTERPOLATION_BASELINES = {"interp": "sdf", "interp_flow": "flow"}
 
@@ -36,10 +38,14 @@ def split_spec(spec: str) -> tuple[str, dict]:
 
 
 def apply_overrides(cfg: TrainConfig, method: str, overrides: dict) -> None:
-    section = getattr(cfg, method, None)
+    """Set ``overrides`` ({key: text}) in the method's config section; a dotted key
+    ('prior.mode', 'data.context_slices') names another section of the config."""
     for key, raw in overrides.items():
+        where, _, name = key.rpartition(".")
+        section = getattr(cfg, where or method, None)
+        key = name
         if section is None or not hasattr(section, key):
-            raise DataError(f"{method} has no setting {key!r}")
+            raise DataError(f"{where or method} has no setting {key!r}")
         current = getattr(section, key)
         value = type(current)(raw) if current is not None and not isinstance(current, bool) else raw
         if isinstance(current, bool):
@@ -49,7 +55,7 @@ def apply_overrides(cfg: TrainConfig, method: str, overrides: dict) -> None:
 
 
 def check_methods(methods) -> list[str]:
-    valid = [*available_methods(), *BASELINES]
+    valid = [*available_methods(), *BASELINES, RECOMMENDED]
     bad = [m for m in methods if split_spec(m)[0] not in valid]
     if bad:
         raise DataError(f"unknown method(s) {bad}; choose from {valid}")
@@ -59,11 +65,14 @@ def check_methods(methods) -> list[str]:
 def bench_config(method: str, budget_s: float | None, seed: int, axis: int, *, patch_size: int = 128,
                  budget_steps: int | None = None) -> TrainConfig:
     """The benchmark's config: a wall-clock budget (or a step budget, which is immune to a
-    noisy shared machine), fully painted slices, no previews."""
+    noisy shared machine), fully painted slices, no previews. ``method`` 'recommended' is
+    the Train dock's default configuration for fully painted slices."""
+    cfg = recommended_config() if method == RECOMMENDED else TrainConfig(method=method)
+    cfg.seed, cfg.refresh_every = seed, 10**9
     if budget_steps:
-        cfg = TrainConfig(method=method, budget="iterations", iterations=budget_steps, seed=seed, refresh_every=10**9)
+        cfg.budget, cfg.iterations = "iterations", budget_steps
     elif budget_s:
-        cfg = TrainConfig(method=method, budget="minutes", minutes=budget_s / 60.0, seed=seed, refresh_every=10**9)
+        cfg.budget, cfg.minutes = "minutes", budget_s / 60.0
     else:
         raise DataError("give a budget: seconds or steps")
     cfg.data.unpainted = "background"
@@ -116,8 +125,9 @@ def within_volume(data_dir, *, k: int, methods, budget_s: float | None, seed: in
                 cfg = bench_config("supervised" if name == "full" else name, budget_s, seed, axis, patch_size=patch_size,
                                    budget_steps=budget_steps)
                 apply_overrides(cfg, cfg.method, overrides)
-                trainer, finished = train_network(cfg, [AnnotatedPair(case.image.data, labels, name=case.name)], device)
-                pred = trainer.predict(case.image.data).labels
+                pair = AnnotatedPair(case.image.data, labels, name=case.name, spacing=_spacing(case))
+                trainer, finished = train_network(cfg, [pair], device)
+                pred = trainer.predict_pair(0).labels  # fused with the painted-slice prior where it is on
                 row = {"train_s": finished.seconds, "steps": finished.step}
             row.update(score(pred, ref, spacing=_spacing(case), keep_slices=keep, axis=axis))
             row.update({"name": case.name, "revealed": revealed, "wall_s": time.perf_counter() - t0})

@@ -4,7 +4,7 @@ No Qt and no napari are imported anywhere in this package.
 """
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import DataConfig, MeanTeacherConfig, ModelConfig, OptimConfig, TrainConfig
+from .config import DataConfig, MeanTeacherConfig, ModelConfig, OptimConfig, TrainConfig, recommended_config
 from .device import describe_device, pick_device
 from .events import (
     Analysed,
@@ -28,7 +28,7 @@ from .trainer import Trainer, load_predictor, run_sync
 __all__ = [
     "Analysed", "Checkpointed", "DataConfig", "DataUpdated", "Evaluated", "Finished", "MeanTeacherConfig",
     "ModelConfig", "Notice", "OptimConfig", "Prediction", "Preview", "ReviewSlice", "Reviewed", "Started", "StepDone",
-    "Stop", "TrainConfig", "Trainer", "UpdateData", "describe_device", "evaluate_segmentation",
+    "Stop", "TrainConfig", "Trainer", "UpdateData", "describe_device", "evaluate_segmentation", "recommended_config",
     "load_checkpoint", "load_predictor", "pick_device", "predict_volume", "run_sync",
     "save_checkpoint",
 ]

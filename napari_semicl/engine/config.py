@@ -190,6 +190,18 @@ class TrainConfig:
         return cls.from_dict(data)
 
 
+def recommended_config() -> TrainConfig:
+    """The configuration the Train dock starts from for fully painted slices, and what
+    ``bench ... --methods recommended`` measures (docs/prior.md gives the figures behind the
+    choice): supervised training with the painted-slice prior (dense targets from the
+    interpolation between the painted slices, and the mask fused with that prior where the
+    network is unsure)."""
+    cfg = TrainConfig(method="supervised")
+    cfg.data.unpainted = "background"
+    cfg.prior.mode = "targets"
+    return cfg
+
+
 def _from_dict(cls: type, data: Any, path: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'} must be an object, got {type(data).__name__}")
@@ -260,5 +272,6 @@ __all__ = [
     "OptimConfig",
     "PriorConfig",
     "TrainConfig",
+    "recommended_config",
     "WSIConfig",
 ]
