@@ -51,6 +51,7 @@ from superqt import QCollapsible
 
 from ..engine import TrainConfig, Trainer, describe_device, pick_device
 from ..engine.device import gui_thread_count
+from ..engine.validation import ValidationMarks
 from ..engine.events import (
     Checkpointed,
     DataUpdated,
@@ -129,7 +130,7 @@ class TrainWidget(QWidget):
         self._running = False
         self._stopping = False
         self._run_layers: list[tuple[Image, Labels | None]] = []  # layers of the current trainer
-        self._validation: dict[int, tuple[Image, set[int]]] = {}  # id(image layer) -> slices
+        self._validation = ValidationMarks()  # keyed by _layers.layer_key(image)
         self._class_names: dict[int, str] = {}
         self._filling_table = False
         #: torch CPU threads while training (all cores but one, so the Qt thread keeps one)
@@ -360,11 +361,11 @@ class TrainWidget(QWidget):
         except SemiclError as exc:
             notifications.show_warning(str(exc))
             return None
-        _, slices = self._validation.setdefault(id(image), (image, set()))
+        key = _layers.layer_key(image)
         if mark:
-            slices.add(index)
+            self._validation.mark(key, image.name, index)
         else:
-            slices.discard(index)
+            self._validation.unmark(key, index)
         self._update_validation_label()
         return index
 
@@ -676,15 +677,15 @@ class TrainWidget(QWidget):
         return pairs[0]
 
     def _validation_of(self, image: Image) -> set[int]:
-        entry = self._validation.get(id(image))
-        return set(entry[1]) if entry is not None and entry[0] is image else set()
+        return set(self._validation.slices(_layers.layer_key(image)))
 
     def _update_validation_label(self) -> None:
-        parts = [
-            f"{image.name}: {', '.join(str(s) for s in sorted(slices))}"
-            for image, slices in self._validation.values() if slices and image in self.viewer.layers
-        ]
-        self.validation_label.setText("; ".join(parts) if parts else "none")
+        keys = set()
+        for layer in self.viewer.layers:
+            key = _layers.layer_key(layer)
+            self._validation.rename(key, layer.name)
+            keys.add(key)
+        self.validation_label.setText(self._validation.describe(keys))
 
     # ------------------------------------------------------------------ classes
     def _set_class_values(self, values) -> None:
