@@ -125,3 +125,25 @@ def test_validation_marks_through_the_plugin_dock(crop_viewer, qtbot, tmp_path, 
     assert widget.dice_label.text().startswith("Validation Dice 0.") or widget.dice_label.text().startswith(
         "Validation Dice 1.")
     assert "(1 slice(s))" in widget.dice_label.text()
+
+
+@pytest.mark.parametrize("method", ["plgcl", "arco"])
+def test_review_layers_fill_in_the_plugin_dock(crop_viewer, qtbot, tmp_path, monkeypatch, method):
+    """Issue 17, item 2: PLGCL's patch entropy and ARCO's sampled pixels of the slice in view."""
+    viewer, image, reference, painted = crop_viewer
+    paint(painted, reference, PAINTED)
+    widget = open_train_dock(viewer, tmp_path, monkeypatch, iterations=12, method=method)
+    widget.method_settings.control("warmup_steps").setValue(1)
+    if method == "arco":
+        widget.method_settings.control("confidence").setValue(0.3)  # a young teacher is unsure
+    viewer.layers.selection.active = image
+    viewer.dims.set_current_step(0, IN_VIEW)
+    assert widget.start_training()
+    events = train_to_end(widget, qtbot)
+    reviewed = [e for e in events if type(e).__name__ == "Reviewed"]
+    assert [(e.pair_index, e.slice_index) for e in reviewed] == [(0, IN_VIEW)] * 2  # refreshes at 5, 10
+    assert f"slice {IN_VIEW}" in widget.review_label.text()
+    if method == "plgcl":
+        assert viewer.layers[f"{image.name} patch entropy"].data.max() > 0
+    else:
+        assert len(viewer.layers[f"{image.name} sampled pixels"].data) > 0

@@ -218,7 +218,7 @@ class ReviewDock(QWidget):
             return 0
         active = self.viewer.layers.selection.active
         for i, (image, labels) in enumerate(self.train_widget.run_layers):
-            if active is not None and (active is image or active is labels):
+            if _layers.same_layer(active, image) or _layers.same_layer(active, labels):
                 return i
         return 0
 

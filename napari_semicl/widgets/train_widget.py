@@ -672,7 +672,7 @@ class TrainWidget(QWidget):
             return None
         active = self.viewer.layers.selection.active
         for image, labels in pairs:
-            if active is not None and (active is image or active is labels):
+            if _layers.same_layer(active, image) or _layers.same_layer(active, labels):
                 return image, labels
         return pairs[0]
 
@@ -849,7 +849,7 @@ class TrainWidget(QWidget):
         if trainer is None or active is None:
             return
         image = active[0]
-        index = next((i for i, (im, _) in enumerate(self._run_layers) if im is image), None)
+        index = next((i for i, (im, _) in enumerate(self._run_layers) if _layers.same_layer(im, image)), None)
         if index is None or image not in self.viewer.layers:
             return
         try:
