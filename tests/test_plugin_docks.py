@@ -147,3 +147,29 @@ def test_review_layers_fill_in_the_plugin_dock(crop_viewer, qtbot, tmp_path, mon
         assert viewer.layers[f"{image.name} patch entropy"].data.max() > 0
     else:
         assert len(viewer.layers[f"{image.name} sampled pixels"].data) > 0
+
+
+def test_resume_trains_the_budget_more(crop_viewer, qtbot, tmp_path, monkeypatch):
+    """Issue 17, item 4: after a stop, Resume trains the dock's budget *more* steps, and says so."""
+    viewer, image, reference, painted = crop_viewer
+    paint(painted, reference, PAINTED)
+    widget = open_train_dock(viewer, tmp_path, monkeypatch, iterations=1000, refresh=1000)
+    assert widget.start_training()
+    trainer = widget.trainer
+    qtbot.waitUntil(lambda: trainer.step >= 2, timeout=60_000)
+    widget.stop_button.click()
+    qtbot.waitUntil(lambda: not widget.is_training, timeout=60_000)
+    stopped_at = trainer.step
+    assert 2 <= stopped_at < 1000
+
+    widget.iterations_spin.setValue(3)
+    assert "3 more steps" in widget.resume_button.toolTip()
+    assert "+3 steps" in widget.resume_button.text()
+    widget.resume_button.click()
+    events = train_to_end(widget, qtbot)
+    assert [e.reason for e in events if isinstance(e, Finished)] == ["budget"]
+    assert trainer.step == stopped_at + 3
+
+    widget.budget_combo.setCurrentText("minutes")
+    widget.minutes_spin.setValue(2.5)
+    assert "2.5 more minutes" in widget.resume_button.toolTip()

@@ -560,17 +560,16 @@ class TrainWidget(QWidget):
         self.stop_button.setToolTip("Stop after the current step and keep the model")
         self.stop_button.clicked.connect(self._on_stop_clicked)
         self.resume_button = QPushButton("Resume")
-        self.resume_button.setToolTip("Continue the last run with the current labels")
         self.resume_button.clicked.connect(self._on_resume_clicked)
         for button in (self.train_button, self.stop_button, self.resume_button):
             run_row.addWidget(button)
         layout.addLayout(run_row)
         self.resume_checkpoint_button = QPushButton("Resume from checkpoint...")
-        self.resume_checkpoint_button.setToolTip(
-            "Continue a saved run (checkpoint.pt in its run folder) on the chosen layers; "
-            "the run's annotations are autosaved in its 'annotations' folder"
-        )
         self.resume_checkpoint_button.clicked.connect(self._on_resume_checkpoint_clicked)
+        for signal in (self.iterations_spin.valueChanged, self.minutes_spin.valueChanged,
+                       self.budget_combo.currentTextChanged):
+            signal.connect(self._update_resume_text)
+        self._update_resume_text()
         layout.addWidget(self.resume_checkpoint_button)
 
         self.progress_bar = QProgressBar()
@@ -974,6 +973,23 @@ class TrainWidget(QWidget):
         self._method_settings_layout.addWidget(self.method_settings)
         self.method_settings_box.setTitle(f"{method} settings")
         self.method_settings_box.setVisible(True)
+
+    def resume_budget_text(self) -> str:
+        """What Resume (and Resume from checkpoint) trains: '300 more steps' or '5.0 more minutes'.
+
+        The engine counts the budget from where a run starts (:meth:`Trainer.run`)."""
+        if self.budget_combo.currentText() == "minutes":
+            return f"{self.minutes_spin.value():g} more minutes"
+        return f"{self.iterations_spin.value()} more steps"
+
+    def _update_resume_text(self, *_args) -> None:
+        more = self.resume_budget_text()
+        self.resume_button.setText(f"Resume (+{more.replace(' more', '')})")
+        self.resume_button.setToolTip(f"Continue the last run with the current labels: {more}")
+        self.resume_checkpoint_button.setToolTip(
+            f"Continue a saved run (checkpoint.pt in its run folder) on the chosen layers for {more}; "
+            "the run's annotations are autosaved in its 'annotations' folder"
+        )
 
     def _on_budget_changed(self, text: str) -> None:
         self.iterations_spin.setVisible(text == "iterations")
