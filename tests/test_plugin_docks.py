@@ -173,3 +173,27 @@ def test_resume_trains_the_budget_more(crop_viewer, qtbot, tmp_path, monkeypatch
     widget.budget_combo.setCurrentText("minutes")
     widget.minutes_spin.setValue(2.5)
     assert "2.5 more minutes" in widget.resume_button.toolTip()
+
+
+def test_docks_opened_after_training_show_the_last_run(crop_viewer, qtbot, tmp_path, monkeypatch):
+    """Issue 17, item 6: review docks opened after a run show its pseudo-labels, suggestions and
+    the whole curve; no Dice axis without a validation slice."""
+    viewer, image, reference, painted = crop_viewer
+    paint(painted, reference, PAINTED)
+    widget = open_train_dock(viewer, tmp_path, monkeypatch, iterations=10)
+    assert widget.start_training()
+    events = train_to_end(widget, qtbot)
+    assert [e.reason for e in events if isinstance(e, Finished)] == ["budget"]
+
+    review = open_dock(viewer, REVIEW)
+    review.set_threshold(0.0)  # a 10-step network is unsure everywhere: show every pixel
+    suggest = open_dock(viewer, "Annotate next")
+    curves = open_dock(viewer, CURVES)
+    pseudo_name = f"{image.name} pseudo-labels"
+    qtbot.waitUntil(lambda: pseudo_name in viewer.layers and viewer.layers[pseudo_name].data.any(), timeout=30_000)
+    assert "appear" not in review.status_label.text()
+    qtbot.waitUntil(lambda: len(suggest.suggestions) > 0, timeout=30_000)
+    steps, total = curves.history.series("total")
+    assert list(steps) == list(range(1, 11))  # every step of the run, not only those after opening
+    curves.redraw(wait=True)
+    assert len(curves.figure.axes) == 1  # losses only: no empty Dice axis

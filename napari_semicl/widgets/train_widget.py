@@ -49,6 +49,8 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
+from ..analysis import TrainingHistory
+from ..analysis.plots import DICE
 from ..engine import TrainConfig, Trainer, describe_device, pick_device
 from ..engine.device import gui_thread_count
 from ..engine.validation import ValidationMarks
@@ -132,6 +134,9 @@ class TrainWidget(QWidget):
         self._run_layers: list[tuple[Image, Labels | None]] = []  # layers of the current trainer
         self._validation = ValidationMarks()  # keyed by _layers.layer_key(image)
         self._class_names: dict[int, str] = {}
+        #: losses and validation Dice of the current trainer's runs (the curves dock draws it)
+        self.history = TrainingHistory()
+        self._latest: dict = {}  # the newest events worth showing again (see replay_events)
         self._filling_table = False
         #: torch CPU threads while training (all cores but one, so the Qt thread keeps one)
         self.num_threads = gui_thread_count()
@@ -163,6 +168,18 @@ class TrainWidget(QWidget):
     def run_layers(self) -> list:
         """(image layer, labels layer or None) of each pair of the current trainer."""
         return list(self._run_layers)
+
+    def replay_events(self) -> list:
+        """The current trainer's newest state as events, for docks opened after it ran: its
+        last Started, the last Preview of each kind and pair, the last Reviewed of each
+        pair and the last Evaluated, in that order (empty before the first Train)."""
+        latest = self._latest
+        out = [latest["started"]] if "started" in latest else []
+        out += [latest[k] for k in sorted(k for k in latest if k[0] == "preview")]
+        out += [latest[k] for k in sorted(k for k in latest if k[0] == "reviewed")]
+        if "evaluated" in latest:
+            out.append(latest["evaluated"])
+        return out
 
     def add_pair(self) -> _PairRow:
         """Add a pair row, defaulting to the first image (and labels) not yet chosen."""
@@ -300,6 +317,8 @@ class TrainWidget(QWidget):
     def _begin(self, trainer: Trainer) -> None:
         """Show and launch a freshly built trainer."""
         self._trainer = trainer
+        self.history.clear()
+        self._latest.clear()
         self._run_layers = self.pairs()
         self._prepare_output_layers(trainer)
         self.run_starting.emit(trainer)
@@ -797,7 +816,25 @@ class TrainWidget(QWidget):
     def _on_event(self, event) -> None:
         """One trainer event, on the Qt thread: handled here, then passed on to the docks."""
         self._handle_event(event)
+        self._remember(event)
         self.event_received.emit(event)
+
+    def _remember(self, event) -> None:
+        """Keep what a dock opened later must show (:meth:`replay_events`, :attr:`history`)."""
+        if isinstance(event, StepDone):
+            self.history.add(event.step, event.losses)
+        elif isinstance(event, Evaluated):
+            self._latest["evaluated"] = event
+            dice = event.metrics.get("dice")
+            if dice is not None and not (isinstance(dice, float) and math.isnan(dice)):
+                self.history.add(event.step, {DICE: dice})
+        elif isinstance(event, Started):
+            self._latest["started"] = event
+        elif isinstance(event, Preview):
+            # prediction before entropy: the pseudo-labels are made when the entropy comes
+            self._latest[("preview", event.pair_index, event.kind != "prediction", event.kind)] = event
+        elif isinstance(event, Reviewed):
+            self._latest[("reviewed", event.pair_index)] = event
 
     def _handle_event(self, event) -> None:
         if isinstance(event, StepDone):
