@@ -504,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add_training_options(p, *, method_default=None):
         p.add_argument("--method", choices=available_methods(), default=method_default,
                        help="learning method (default: supervised, or the --config's)")
-        p.add_argument("--iterations", type=int, help="training steps")
+        p.add_argument("--iterations", type=int, help="training steps (with --resume: steps more)")
         p.add_argument("--minutes", type=float, help="wall-clock budget instead of --iterations")
         p.add_argument("--seed", type=int)
         p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
@@ -529,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--context-slices", type=int,
                    help="2.5D: neighbouring slices on either side the network sees as channels (default 0)")
     t.add_argument("--config", help="a config.json to start from (flags override it)")
-    t.add_argument("--resume", help="a checkpoint, or a run folder (its last checkpoint), to continue training from")
+    t.add_argument("--resume", help="a checkpoint, or a run folder (its last checkpoint), to continue training from; "
+                   "the budget (--iterations / --minutes, else the checkpoint's) is trained on top of its steps")
     t.add_argument("--out", required=True, help="output folder")
     t.set_defaults(func=cmd_train)
 

@@ -497,9 +497,9 @@ def test_a_run_killed_mid_step_keeps_checkpoint_and_annotations_and_resumes(wher
                  "--resume", str(out), "--iterations", "5", "--out", str(out)])
     assert code == 0
     resumed = load_checkpoint(out / "checkpoint.pt")
-    assert resumed["step"] == 5  # continued from step 3 (or 2) to the 5-step budget
+    assert resumed["step"] == data["step"] + 5  # continued from step 3 (or 2) for 5 more steps
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 5 and metrics["reason"] == "budget"
+    assert metrics["steps"] == data["step"] + 5 and metrics["reason"] == "budget"
 
 
 KILLED_EXPORT = textwrap.dedent("""

@@ -277,7 +277,7 @@ def test_dock_resumes_a_saved_run_and_continues_its_steps(checkpoints, make_napa
     assert widget.resume_from_checkpoint(checkpoints["good"])
     qtbot.waitUntil(lambda: not widget.is_training, timeout=120_000)
     assert not errors
-    assert widget.trainer.step == 4  # continued from step 2 to the dock's budget of 4
-    assert load_checkpoint(Path(tmp_path / "run" / "checkpoint.pt"))["step"] == 4
+    assert widget.trainer.step == 6  # continued from step 2 for the dock's budget: 4 more steps
+    assert load_checkpoint(Path(tmp_path / "run" / "checkpoint.pt"))["step"] == 6
     assert f"{img.name} prediction" in [layer.name for layer in viewer.layers]
     np.testing.assert_array_equal(load_annotations(tmp_path / "run")[0]["labels"], lab.data)

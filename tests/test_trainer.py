@@ -82,8 +82,8 @@ def test_stop_ends_within_one_step_and_keeps_the_model(brain, tmp_path):
     assert steps == [1, 2, 3]
     assert event.reason == "stopped" and event.step == 3
     assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "config.json").exists()
-    # resume continues from step 3
-    trainer.config.iterations = 5
+    # resume continues from step 3 for the budget's steps more (issue 17: 2 more, not "to 2")
+    trainer.config.iterations = 2
     finished = run_sync(trainer.run())
     assert finished.step == 5 and finished.reason == "budget"
     # a new trainer from the checkpoint continues too, with the same weights

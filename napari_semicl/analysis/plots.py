@@ -70,12 +70,12 @@ def render_in_process(key: str, draw: Callable[[Figure, Any], Any], snapshot: An
 
 
 def draw_curves(fig: Figure, snap: dict) -> None:
-    """Fill ``fig`` with the losses (left axis) and validation Dice (right axis) of ``snap``."""
+    """Fill ``fig`` with the losses (left axis) and validation Dice (right axis, only when
+    ``snap`` has a Dice series) of ``snap``."""
     fig.clear()
     # fixed margins: a layout engine (tight/constrained) re-runs on every draw
     fig.subplots_adjust(left=0.15, right=0.86, bottom=0.15, top=0.97)
     ax = fig.add_subplot(1, 1, 1)
-    ax2 = ax.twinx()
     series = snap["series"]
     for name, (steps, values) in series.items():
         if name != DICE:
@@ -84,18 +84,24 @@ def draw_curves(fig: Figure, snap: dict) -> None:
         ax.set_yscale("log")
     ax.set_xlabel("step", fontsize=8)
     ax.set_ylabel("loss", fontsize=8)
+    axes = [ax]
     steps, dice = series.get(DICE, ((), ()))
-    if len(steps):
+    if len(steps):  # the Dice axis only when there is a validation Dice to show
+        ax2 = ax.twinx()
         ax2.plot(steps, dice, "k.-", label=DICE)
         ax2.set_ylim(0, 1)
         ax2.set_ylabel("Dice", fontsize=8)
-    ax2.yaxis.set_label_position("right")
-    ax2.yaxis.tick_right()
-    lines = ax.get_legend_handles_labels()
-    more = ax2.get_legend_handles_labels()
-    if lines[0] or more[0]:
-        ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper right", framealpha=0.6)
-    for a in (ax, ax2):
+        ax2.yaxis.set_label_position("right")
+        ax2.yaxis.tick_right()
+        axes.append(ax2)
+    handles, labels = [], []
+    for a in axes:
+        h, lab = a.get_legend_handles_labels()
+        handles += h
+        labels += lab
+    if handles:
+        ax.legend(handles, labels, fontsize=7, loc="upper right", framealpha=0.6)
+    for a in axes:
         a.tick_params(labelsize=7)
 
 

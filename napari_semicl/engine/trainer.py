@@ -344,9 +344,10 @@ class Trainer:
     def run(self, *, previews: bool = True) -> Generator:
         """Train until the budget is spent or a stop is asked; yields events.
 
-        With ``budget='iterations'`` a fresh run goes to ``iterations`` steps and a resumed
-        one that already reached them adds ``iterations`` more; with ``'minutes'`` each call
-        trains for ``minutes`` of wall-clock time. ``previews=False`` skips the whole-volume
+        The budget is always counted from where this call starts: ``iterations`` more steps
+        (``budget='iterations'``) or ``minutes`` more of wall-clock time (``'minutes'``). A
+        fresh trainer starts at step 0, so its first call trains ``iterations`` steps; a
+        resumed one (after a stop, or from a checkpoint) trains that many more. ``previews=False`` skips the whole-volume
         predictions of the refreshes (the CLI predicts once at the end itself). Returns (and yields last) a
         :class:`Finished` event.
         """
@@ -356,7 +357,7 @@ class Trainer:
         t0 = time.monotonic()
         start_step = self.step
         if cfg.budget == "iterations":
-            target = cfg.iterations if self.step < cfg.iterations else self.step + cfg.iterations
+            target = self.step + cfg.iterations  # N more steps, wherever this call starts
             budget_s = None
         else:
             target, budget_s = None, cfg.minutes * 60.0

@@ -42,6 +42,21 @@ def role(layer: Layer) -> str | None:
     return layer.metadata.get(ROLE_KEY) if isinstance(layer.metadata, dict) else None
 
 
+def layer_key(layer: Layer) -> str:
+    """A stable identifier of ``layer``: its ``unique_id`` (kept across renames), else its name.
+
+    Never key state on ``id(layer)`` or compare layers with ``is``: napari hands plugin docks
+    a proxy viewer whose layers are new proxy objects at every access.
+    """
+    key = getattr(layer, "unique_id", None)
+    return str(key) if key is not None else f"name:{layer.name}"
+
+
+def same_layer(a: Layer | None, b: Layer | None) -> bool:
+    """Whether ``a`` and ``b`` are the same layer (through napari's proxies too)."""
+    return a is not None and b is not None and layer_key(a) == layer_key(b)
+
+
 def spatial_shape(layer: Layer) -> tuple[int, ...]:
     """Spatial shape of an Image (without the RGB channel axis) or Labels layer."""
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data

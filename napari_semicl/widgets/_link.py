@@ -166,6 +166,20 @@ class ReviewDock(QWidget):
         self.train_widget = train_widget
         train_widget.event_received.connect(self._on_train_event)
         train_widget.run_starting.connect(self._on_run_starting)
+        # a dock opened after (or during) a run shows where it is: once its UI is built
+        QTimer.singleShot(0, self._replay)
+
+    def _replay(self) -> None:
+        """Hand the Train dock's newest state (:meth:`TrainWidget.replay_events`) to
+        :meth:`on_train_event`; later events then come live."""
+        if self.train_widget is None:
+            return
+        try:
+            events = self.train_widget.replay_events()
+        except RuntimeError:  # the Train dock was deleted meanwhile
+            return
+        for event in events:
+            self._on_train_event(event)
 
     def disconnect_train_widget(self) -> None:
         if self.train_widget is not None:
@@ -218,7 +232,7 @@ class ReviewDock(QWidget):
             return 0
         active = self.viewer.layers.selection.active
         for i, (image, labels) in enumerate(self.train_widget.run_layers):
-            if active is not None and (active is image or active is labels):
+            if _layers.same_layer(active, image) or _layers.same_layer(active, labels):
                 return i
         return 0
 

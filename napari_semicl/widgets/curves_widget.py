@@ -1,6 +1,7 @@
 """The "Training curves" dock: every loss by name and the validation Dice against steps.
 
-Events only append to a :class:`~napari_semicl.analysis.TrainingHistory`; a timer redraws
+The Train dock keeps the run's :class:`~napari_semicl.analysis.TrainingHistory` (so a dock
+opened later draws the whole run); events only mark the figure out of date; a timer redraws
 the figure at most once per ``REDRAW_MS`` when something changed, and the drawing itself
 runs in the render process of :class:`~napari_semicl.widgets._figure.FigureView`, so the Qt
 thread only copies the series and paints the finished image.
@@ -8,13 +9,11 @@ thread only copies the series and paints the finished image.
 
 from __future__ import annotations
 
-import math
-
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QCheckBox, QVBoxLayout
 
 from ..analysis import TrainingHistory
-from ..analysis.plots import DICE, draw_curves
+from ..analysis.plots import DICE, draw_curves  # noqa: F401 - DICE: the Dice series name, re-exported
 from ..engine.events import Evaluated, StepDone
 from ._figure import FigureView
 from ._link import ReviewDock, StatusLabel
@@ -33,7 +32,7 @@ class CurvesWidget(ReviewDock):
     """
 
     def __init__(self, napari_viewer, train_widget=None) -> None:
-        self.history = TrainingHistory()
+        self._own_history = TrainingHistory()  # empty until linked to a Train dock
         self._dirty = False
         self._status = ""
         super().__init__(napari_viewer, train_widget)
@@ -42,6 +41,20 @@ class CurvesWidget(ReviewDock):
         self._timer.setInterval(REDRAW_MS)
         self._timer.timeout.connect(self._on_timer)
         self._timer.start()
+
+    @property
+    def history(self) -> TrainingHistory:
+        """The Train dock's history of the current run (all its steps, also those before
+        this dock was opened); empty without a Train dock."""
+        train = self.train_widget
+        return self._own_history if train is None else train.history
+
+    def _replay(self) -> None:
+        self._dirty = True  # the whole history so far, at the next tick
+        steps = self.history.series("total")[0]
+        if len(steps):
+            self._status = f"steps {steps[0]}-{steps[-1]} of the current run"
+        super()._replay()
 
     def snapshot(self) -> dict:
         """A copy of what the figure shows (built on the Qt thread, drawn in the render process)."""
@@ -71,17 +84,14 @@ class CurvesWidget(ReviewDock):
         layout.addWidget(self.status_label)
 
     def on_train_event(self, event) -> None:
+        # the Train dock records the values in its history (before passing the event on)
         if isinstance(event, StepDone):
-            self.history.add(event.step, event.losses)
             self._dirty = True
             # shown with the next redraw: one repaint a second, not one per step (every repaint
             # composites the whole window; with software OpenGL that alone costs 20-70 ms)
             self._status = f"step {event.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in event.losses.items())
         elif isinstance(event, Evaluated):
-            dice = event.metrics.get("dice")
-            if dice is not None and not (isinstance(dice, float) and math.isnan(dice)):
-                self.history.add(event.step, {DICE: dice})
-                self._dirty = True
+            self._dirty = True
 
     def _on_timer(self) -> None:
         if self._dirty and self.isVisible() and not self.view.busy:

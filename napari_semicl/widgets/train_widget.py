@@ -49,8 +49,11 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
+from ..analysis import TrainingHistory
+from ..analysis.plots import DICE
 from ..engine import TrainConfig, Trainer, describe_device, pick_device
 from ..engine.device import gui_thread_count
+from ..engine.validation import ValidationMarks
 from ..engine.events import (
     Checkpointed,
     DataUpdated,
@@ -129,8 +132,11 @@ class TrainWidget(QWidget):
         self._running = False
         self._stopping = False
         self._run_layers: list[tuple[Image, Labels | None]] = []  # layers of the current trainer
-        self._validation: dict[int, tuple[Image, set[int]]] = {}  # id(image layer) -> slices
+        self._validation = ValidationMarks()  # keyed by _layers.layer_key(image)
         self._class_names: dict[int, str] = {}
+        #: losses and validation Dice of the current trainer's runs (the curves dock draws it)
+        self.history = TrainingHistory()
+        self._latest: dict = {}  # the newest events worth showing again (see replay_events)
         self._filling_table = False
         #: torch CPU threads while training (all cores but one, so the Qt thread keeps one)
         self.num_threads = gui_thread_count()
@@ -162,6 +168,18 @@ class TrainWidget(QWidget):
     def run_layers(self) -> list:
         """(image layer, labels layer or None) of each pair of the current trainer."""
         return list(self._run_layers)
+
+    def replay_events(self) -> list:
+        """The current trainer's newest state as events, for docks opened after it ran: its
+        last Started, the last Preview of each kind and pair, the last Reviewed of each
+        pair and the last Evaluated, in that order (empty before the first Train)."""
+        latest = self._latest
+        out = [latest["started"]] if "started" in latest else []
+        out += [latest[k] for k in sorted(k for k in latest if k[0] == "preview")]
+        out += [latest[k] for k in sorted(k for k in latest if k[0] == "reviewed")]
+        if "evaluated" in latest:
+            out.append(latest["evaluated"])
+        return out
 
     def add_pair(self) -> _PairRow:
         """Add a pair row, defaulting to the first image (and labels) not yet chosen."""
@@ -299,6 +317,8 @@ class TrainWidget(QWidget):
     def _begin(self, trainer: Trainer) -> None:
         """Show and launch a freshly built trainer."""
         self._trainer = trainer
+        self.history.clear()
+        self._latest.clear()
         self._run_layers = self.pairs()
         self._prepare_output_layers(trainer)
         self.run_starting.emit(trainer)
@@ -360,11 +380,11 @@ class TrainWidget(QWidget):
         except SemiclError as exc:
             notifications.show_warning(str(exc))
             return None
-        _, slices = self._validation.setdefault(id(image), (image, set()))
+        key = _layers.layer_key(image)
         if mark:
-            slices.add(index)
+            self._validation.mark(key, image.name, index)
         else:
-            slices.discard(index)
+            self._validation.unmark(key, index)
         self._update_validation_label()
         return index
 
@@ -559,17 +579,16 @@ class TrainWidget(QWidget):
         self.stop_button.setToolTip("Stop after the current step and keep the model")
         self.stop_button.clicked.connect(self._on_stop_clicked)
         self.resume_button = QPushButton("Resume")
-        self.resume_button.setToolTip("Continue the last run with the current labels")
         self.resume_button.clicked.connect(self._on_resume_clicked)
         for button in (self.train_button, self.stop_button, self.resume_button):
             run_row.addWidget(button)
         layout.addLayout(run_row)
         self.resume_checkpoint_button = QPushButton("Resume from checkpoint...")
-        self.resume_checkpoint_button.setToolTip(
-            "Continue a saved run (checkpoint.pt in its run folder) on the chosen layers; "
-            "the run's annotations are autosaved in its 'annotations' folder"
-        )
         self.resume_checkpoint_button.clicked.connect(self._on_resume_checkpoint_clicked)
+        for signal in (self.iterations_spin.valueChanged, self.minutes_spin.valueChanged,
+                       self.budget_combo.currentTextChanged):
+            signal.connect(self._update_resume_text)
+        self._update_resume_text()
         layout.addWidget(self.resume_checkpoint_button)
 
         self.progress_bar = QProgressBar()
@@ -671,20 +690,20 @@ class TrainWidget(QWidget):
             return None
         active = self.viewer.layers.selection.active
         for image, labels in pairs:
-            if active is not None and (active is image or active is labels):
+            if _layers.same_layer(active, image) or _layers.same_layer(active, labels):
                 return image, labels
         return pairs[0]
 
     def _validation_of(self, image: Image) -> set[int]:
-        entry = self._validation.get(id(image))
-        return set(entry[1]) if entry is not None and entry[0] is image else set()
+        return set(self._validation.slices(_layers.layer_key(image)))
 
     def _update_validation_label(self) -> None:
-        parts = [
-            f"{image.name}: {', '.join(str(s) for s in sorted(slices))}"
-            for image, slices in self._validation.values() if slices and image in self.viewer.layers
-        ]
-        self.validation_label.setText("; ".join(parts) if parts else "none")
+        keys = set()
+        for layer in self.viewer.layers:
+            key = _layers.layer_key(layer)
+            self._validation.rename(key, layer.name)
+            keys.add(key)
+        self.validation_label.setText(self._validation.describe(keys))
 
     # ------------------------------------------------------------------ classes
     def _set_class_values(self, values) -> None:
@@ -797,7 +816,25 @@ class TrainWidget(QWidget):
     def _on_event(self, event) -> None:
         """One trainer event, on the Qt thread: handled here, then passed on to the docks."""
         self._handle_event(event)
+        self._remember(event)
         self.event_received.emit(event)
+
+    def _remember(self, event) -> None:
+        """Keep what a dock opened later must show (:meth:`replay_events`, :attr:`history`)."""
+        if isinstance(event, StepDone):
+            self.history.add(event.step, event.losses)
+        elif isinstance(event, Evaluated):
+            self._latest["evaluated"] = event
+            dice = event.metrics.get("dice")
+            if dice is not None and not (isinstance(dice, float) and math.isnan(dice)):
+                self.history.add(event.step, {DICE: dice})
+        elif isinstance(event, Started):
+            self._latest["started"] = event
+        elif isinstance(event, Preview):
+            # prediction before entropy: the pseudo-labels are made when the entropy comes
+            self._latest[("preview", event.pair_index, event.kind != "prediction", event.kind)] = event
+        elif isinstance(event, Reviewed):
+            self._latest[("reviewed", event.pair_index)] = event
 
     def _handle_event(self, event) -> None:
         if isinstance(event, StepDone):
@@ -848,7 +885,7 @@ class TrainWidget(QWidget):
         if trainer is None or active is None:
             return
         image = active[0]
-        index = next((i for i, (im, _) in enumerate(self._run_layers) if im is image), None)
+        index = next((i for i, (im, _) in enumerate(self._run_layers) if _layers.same_layer(im, image)), None)
         if index is None or image not in self.viewer.layers:
             return
         try:
@@ -973,6 +1010,23 @@ class TrainWidget(QWidget):
         self._method_settings_layout.addWidget(self.method_settings)
         self.method_settings_box.setTitle(f"{method} settings")
         self.method_settings_box.setVisible(True)
+
+    def resume_budget_text(self) -> str:
+        """What Resume (and Resume from checkpoint) trains: '300 more steps' or '5.0 more minutes'.
+
+        The engine counts the budget from where a run starts (:meth:`Trainer.run`)."""
+        if self.budget_combo.currentText() == "minutes":
+            return f"{self.minutes_spin.value():g} more minutes"
+        return f"{self.iterations_spin.value()} more steps"
+
+    def _update_resume_text(self, *_args) -> None:
+        more = self.resume_budget_text()
+        self.resume_button.setText(f"Resume (+{more.replace(' more', '')})")
+        self.resume_button.setToolTip(f"Continue the last run with the current labels: {more}")
+        self.resume_checkpoint_button.setToolTip(
+            f"Continue a saved run (checkpoint.pt in its run folder) on the chosen layers for {more}; "
+            "the run's annotations are autosaved in its 'annotations' folder"
+        )
 
     def _on_budget_changed(self, text: str) -> None:
         self.iterations_spin.setVisible(text == "iterations")
