@@ -209,6 +209,13 @@ class SlicePrior:
     def slice_distance(self, pair_index: int) -> np.ndarray:
         return self._volumes[pair_index][2]
 
+    def mask(self, pair_index: int) -> np.ndarray | None:
+        """(S, H, W) network class indices of the interpolated shape (slice layout), or None."""
+        if pair_index not in self._volumes:
+            return None
+        scores, class_index, _ = self._volumes[pair_index]
+        return class_index[np.argmax(scores, axis=1)]
+
     def dense_targets(self, unlabelled) -> dict[tuple[int, int], np.ndarray]:
         """Targets of the given unlabelled (pair, slice) items that have a prior."""
         out = {}

@@ -532,6 +532,14 @@ class Trainer:
             return fuse
         return lambda start, stop, probs: fuse(start + offset, stop + offset, probs)
 
+    def prior_mask(self, pair_index: int = 0) -> np.ndarray | None:
+        """The painted-slice prior's mask of a training pair (label values, the pair's
+        layout), or None without a prior: what the user sees before the first refresh."""
+        idx = None if self.prior is None else self.prior.mask(pair_index)
+        if idx is None:
+            return None
+        return self._to_pair_layout(decode_classes(idx, self.dataset.class_values), pair_index)
+
     def predict_pair(self, pair_index: int = 0, *, with_entropy: bool = False) -> Prediction:
         """The mask of a training pair as the user gets it: the network's prediction, fused
         with the painted-slice prior where there is one (:mod:`~napari_semicl.engine.prior`)."""

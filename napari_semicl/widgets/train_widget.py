@@ -69,6 +69,7 @@ from ..errors import SemiclError
 from ..methods import available_methods
 from . import _layers
 from ._method_settings import MethodSettingsForm
+from ._prior_controls import PriorControls
 from ._worker import start_training_worker
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,7 @@ class TrainWidget(QWidget):
         cfg.data.unpainted = "background" if self.background_check.isChecked() else "ignore"
         cfg.data.class_names = {str(v): n for v, n in self._class_names.items() if n}
         cfg.optim.lr = self.lr_spin.value()
+        self.prior_controls.apply(cfg)
         cfg.mean_teacher.ema_alpha = self.ema_spin.value()
         cfg.mean_teacher.consistency = self.consistency_spin.value()
         cfg.mean_teacher.rampup_steps = self.rampup_spin.value()
@@ -491,6 +493,8 @@ class TrainWidget(QWidget):
             "Otherwise unpainted pixels are ignored (scribbles)."
         )
         form.addRow("", self.background_check)
+        self.prior_controls = PriorControls(self)
+        form.addRow(self.prior_controls)
         folder_row = QHBoxLayout()
         self.run_folder_edit = QLineEdit()
         self.run_folder_edit.setPlaceholderText(f"automatic: {DEFAULT_RUNS_ROOT}/<date-time>")
@@ -785,11 +789,15 @@ class TrainWidget(QWidget):
         dtype = decoded_dtype(trainer.dataset.class_values)
         wanted = set(getattr(trainer.method, "review_layers", ()))
         axis, k = trainer.config.data.axis, len(trainer.dataset.class_values)
-        for image, _ in self._run_layers:
+        for pair_index, (image, _) in enumerate(self._run_layers):
             if image.multiscale:
                 continue  # a slide: its prediction pyramid arrives with the first refresh
             shape = _layers.spatial_shape(image)
-            _layers.show_prediction(self.viewer, image, np.zeros(shape, dtype=dtype))
+            # with the painted-slice prior the user sees the filled shape at once; training refines it
+            first = trainer.prior_mask(pair_index)
+            if first is None or first.shape != tuple(shape):
+                first = np.zeros(shape, dtype=dtype)
+            _layers.show_prediction(self.viewer, image, first.astype(dtype, copy=False))
             _layers.show_entropy(self.viewer, image, np.zeros(shape, dtype=np.float32))
             if "patch_entropy" in wanted:
                 maps = np.zeros((k, *_layers.slice_shape(image, axis)), np.float32)

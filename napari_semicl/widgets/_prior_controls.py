@@ -1,0 +1,160 @@
+"""The Train dock's painted-slice prior controls: "Fill between slices", the prior setting
+and the 2.5D context.
+
+* **Fill between slices** interpolates the shape between the fully painted slices
+  (:func:`napari_semicl.data.interpolation.interpolate_labels`, in a worker thread) and
+  shows it at once in the image's prediction layer, before any training. Scribbles (partly
+  painted slices without 'unpainted means background') have no interpolation: the message
+  says so.
+* **Learn from the shape between painted slices** sets ``prior.mode`` ('targets' or 'off'):
+  training starts from that shape and the mask falls back on it where the network is unsure
+  (:mod:`napari_semicl.engine.prior`).
+* **Context slices** sets ``data.context_slices`` (2.5D input).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from napari.utils import notifications
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QSpinBox, QWidget
+
+from ..data.interpolation import interpolate_labels
+from ..engine.prior import INTERPOLATION_CHOICES
+from ..errors import SemiclError
+from . import _layers
+from ._link import start_worker
+
+log = logging.getLogger(__name__)
+
+
+def fill_pairs(pairs, *, axis: int, unpainted: str, method: str) -> list:
+    """Interpolate every annotated 3D pair (snapshots); returns [(pair index, labels or
+    None, message)]. Runs in a worker thread: numpy only."""
+    out = []
+    for i, pair in enumerate(pairs):
+        if pair.labels is None or len(pair.spatial_shape) != 3:
+            out.append((i, None, f"'{pair.name}': nothing to fill (a volume with painted slices is needed)"))
+            continue
+        t0 = time.perf_counter()
+        try:
+            image = None if pair.rgb or method != "flow" else np.asarray(pair.image, np.float32)
+            interp = interpolate_labels(pair.labels, axis=axis, spacing=pair.spacing, method=method, image=image,
+                                        unpainted=unpainted)
+        except SemiclError as exc:
+            out.append((i, None, f"'{pair.name}': {exc}"))
+            continue
+        seconds = time.perf_counter() - t0
+        n = pair.labels.shape[axis] - len(interp.painted)
+        out.append((i, interp.labels, f"'{pair.name}': {n} slices filled between {len(interp.painted)} painted "
+                                      f"slices in {seconds:.1f} s (prediction layer)"))
+    return out
+
+
+class PriorControls(QWidget):
+    """The prior's rows of the Train dock (see the module doc).
+
+    Parameters
+    ----------
+    train_widget : TrainWidget
+        Its chosen pairs, slicing axis and 'unpainted means background' setting.
+    """
+
+    def __init__(self, train_widget) -> None:
+        super().__init__(train_widget)
+        self.train_widget = train_widget
+        self.busy = False
+        form = QFormLayout(self)
+        form.setContentsMargins(0, 0, 0, 0)
+        row = QHBoxLayout()
+        self.prior_check = QCheckBox("Learn from the shape between painted slices")
+        self.prior_check.setChecked(True)
+        self.prior_check.setToolTip(
+            "Fully painted slices: train on the shape interpolated between them (dense early, your slices\n"
+            "later) and fall back on that shape where the network is unsure. Measured better than training\n"
+            "without it (docs/prior.md). Scribbles have no interpolation and train without it."
+        )
+        self.fill_button = QPushButton("Fill between slices")
+        self.fill_button.setToolTip(
+            "Interpolate the shape between the fully painted slices now (as 3D Slicer's and ITK-SNAP's\n"
+            "'fill between slices') into the prediction layer; training then refines it."
+        )
+        self.fill_button.clicked.connect(self._on_fill_clicked)
+        row.addWidget(self.prior_check, 1)
+        row.addWidget(self.fill_button)
+        form.addRow(row)
+        options = QHBoxLayout()
+        self.interpolation_combo = QComboBox()
+        self.interpolation_combo.addItems(list(INTERPOLATION_CHOICES))
+        self.interpolation_combo.setToolTip(
+            "sdf: blend of the painted slices' signed distance maps; flow: the same after registering\n"
+            "the image slices by optical flow (slower)"
+        )
+        self.context_spin = QSpinBox()
+        self.context_spin.setRange(0, 8)
+        self.context_spin.setToolTip(
+            "2.5D: neighbouring slices on either side the network sees as extra channels (0 = 2D slices)"
+        )
+        options.addWidget(QLabel("Interpolation"))
+        options.addWidget(self.interpolation_combo)
+        options.addWidget(QLabel("Context slices"))
+        options.addWidget(self.context_spin)
+        options.addStretch(1)
+        form.addRow(options)
+
+    # --- config -------------------------------------------------------------------------
+    def apply(self, cfg) -> None:
+        """Write the controls into a TrainConfig."""
+        cfg.prior.mode = "targets" if self.prior_check.isChecked() else "off"
+        cfg.prior.interpolation = self.interpolation_combo.currentText()
+        cfg.data.context_slices = self.context_spin.value()
+
+    # --- fill ---------------------------------------------------------------------------
+    def fill_between_slices(self, *, wait: bool = False) -> bool:
+        """Interpolate the chosen pairs into their prediction layers (in a worker unless
+        ``wait``). Returns False, with a notification, when there is nothing to fill."""
+        tw = self.train_widget
+        try:
+            cfg = tw.build_config()
+            pairs = tw.snapshot(cfg.wsi)
+        except (SemiclError, ValueError) as exc:
+            notifications.show_warning(f"Cannot fill between slices: {exc}")
+            return False
+        images = [image.name for image, _ in tw.pairs()]  # by name: the dock may hold layer proxies
+        args = (pairs,)
+        kwargs = {"axis": cfg.data.axis, "unpainted": cfg.data.unpainted, "method": cfg.prior.interpolation}
+        if wait:
+            self._show(images, fill_pairs(*args, **kwargs))
+            return True
+        self.busy = True
+        self.fill_button.setEnabled(False)
+        start_worker(fill_pairs, *args, returned=lambda out: self._show(images, out), errored=self._on_error, **kwargs)
+        return True
+
+    def _show(self, images, results) -> None:
+        self.busy = False
+        self.fill_button.setEnabled(True)
+        messages = []
+        for i, labels, message in results:
+            messages.append(message)
+            image = _layers._find(self.train_widget.viewer, images[i], _layers.Image) if i < len(images) else None
+            if labels is not None and image is not None:
+                _layers.show_prediction(self.train_widget.viewer, image, labels)
+        text = "; ".join(messages)
+        log.info("fill between slices: %s", text)
+        if any(labels is not None for _, labels, _ in results):
+            notifications.show_info(f"Filled between slices: {text}")
+        else:
+            notifications.show_warning(f"Nothing filled: {text}")
+        self.train_widget.status_label.setText(text)
+
+    def _on_error(self, exc: Exception) -> None:
+        self.busy = False
+        self.fill_button.setEnabled(True)
+        log.warning("fill between slices failed", exc_info=(type(exc), exc, exc.__traceback__))
+        notifications.show_error(f"Fill between slices failed: {exc}")
+
+    def _on_fill_clicked(self) -> None:
+        self.fill_between_slices()

@@ -1,0 +1,79 @@
+"""The Train dock's painted-slice prior as napari opens the dock (Plugins menu): Fill between
+slices before any training, the filled shape shown when Train is pressed, scribbles refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("one_torch_thread")]
+
+napari = pytest.importorskip("napari")
+
+from napari_semicl.data.interpolation import interpolate_labels  # noqa: E402
+from napari_semicl.data.reveal import reveal_slices  # noqa: E402
+from napari_semicl.engine.events import Finished  # noqa: E402
+from napari_semicl.io.sample import load_sample_volume  # noqa: E402
+
+CROP = slice(28, 52)
+PAINTED = [2, 11, 20]
+
+
+@pytest.fixture
+def dock(make_napari_viewer):
+    viewer = make_napari_viewer()
+    image, reference = load_sample_volume()
+    img = viewer.add_image(image.data[CROP].copy(), name="t1", scale=image.scale)
+    ref = reference.data[CROP].copy()
+    viewer.add_labels(reveal_slices(ref, PAINTED, 0).astype(np.uint16), name="painted", scale=image.scale)
+    _, train = viewer.window.add_plugin_dock_widget("napari-semicl", "Train (semi-supervised)")
+    train.set_pair(0, viewer.layers["t1"], viewer.layers["painted"])
+    train.background_check.setChecked(True)
+    return viewer, img, ref, train
+
+
+def test_fill_between_slices_shows_the_interpolation_before_training(dock, qtbot):
+    viewer, img, ref, train = dock
+    controls = train.prior_controls
+    assert controls.prior_check.isChecked()  # on by default (docs/prior.md)
+    controls.fill_button.click()
+    qtbot.waitUntil(lambda: not controls.busy, timeout=20_000)
+    pred = viewer.layers["t1 prediction"]
+    expected = interpolate_labels(reveal_slices(ref, PAINTED, 0), axis=0, spacing=img.scale).labels
+    np.testing.assert_array_equal(pred.data, expected)
+    assert "slices filled between 3 painted slices" in train.status_label.text()
+    assert not train.is_training
+
+
+def test_scribbles_are_refused_with_a_message(dock, qtbot):
+    viewer, img, ref, train = dock
+    train.background_check.setChecked(False)  # 0 = unpainted: painted slices are scribbles
+    assert train.prior_controls.fill_between_slices(wait=True)
+    assert "scribbles have no interpolation" in train.status_label.text()
+    assert "t1 prediction" not in [layer.name for layer in viewer.layers]
+
+
+def test_train_with_the_prior_starts_from_the_filled_shape(dock, qtbot, tmp_path, monkeypatch):
+    from test_widgets import small_network
+
+    viewer, img, ref, train = dock
+    small_network(train, monkeypatch)
+    train.prior_controls.context_spin.setValue(1)
+    train.iterations_spin.setValue(3)
+    train.patch_spin.setValue(32)
+    train.refresh_spin.setValue(1000)
+    train.run_folder_edit.setText(str(tmp_path / "run"))
+    cfg = train.build_config()
+    assert cfg.prior.mode == "targets" and cfg.data.context_slices == 1
+    finished = []
+    train.event_received.connect(lambda e: finished.append(e) if isinstance(e, Finished) else None)
+    assert train.start_training()
+    # at Train, before any step: the filled shape
+    expected = interpolate_labels(reveal_slices(ref, PAINTED, 0), axis=0, spacing=img.scale).labels
+    np.testing.assert_array_equal(viewer.layers["t1 prediction"].data, expected)
+    qtbot.waitUntil(lambda: bool(finished) and not train.is_training, timeout=120_000)
+    assert finished[0].reason == "budget"
+    assert train.trainer.prior is not None and train.trainer.config.model.in_channels == 3
+    final = viewer.layers["t1 prediction"].data
+    for s in PAINTED:  # the fused mask keeps the painted slices
+        np.testing.assert_array_equal(final[s], ref[s])
