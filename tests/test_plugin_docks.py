@@ -268,3 +268,17 @@ def test_a_reference_mask_is_not_chosen_to_train_on(crop_viewer, qtbot):
     train.set_pair(0, image, gt)  # still possible by hand
     assert [lab.name for _, lab in train.pairs()] == [gt.name]
 
+
+def test_method_settings_are_readable_in_the_dock(crop_viewer, qtbot):
+    """Issue 17, item 7: PLGCL's settings are words with a tooltip, not bare symbols."""
+    viewer = crop_viewer[0]
+    train = open_dock(viewer, TRAIN)
+    train.method_combo.setCurrentText("plgcl")
+    form = train.method_settings
+    layout = form.layout()
+    for name in ("beta", "gamma", "tau", "zeta", "eps", "patch_size"):
+        control = form.control(name)
+        label = layout.labelForField(control)
+        assert label.text() not in (name, name.replace("_", " ")), label.text()
+        assert control.toolTip().startswith(f"{name}: ") and len(control.toolTip()) > 20
+    assert "entropy" in layout.labelForField(form.control("patch_size")).text().lower()
