@@ -1,8 +1,9 @@
 """Make the screenshots of docs/quickstart.md (needs a display: run it under Xvfb).
 
-    xvfb-run -a -s "-screen 0 1600x1200x24" python docs/make_screenshots.py
+    xvfb-run -a -s "-screen 0 1600x1000x24 +extension GLX" python docs/make_screenshots.py
 
-Opens napari with the Train and Export docks and the sample volume, "paints" two axial
+Opens napari at 1600 x 1000 with the sample volume and the Train and Export docks, opened the
+way the Plugins menu opens them (``add_plugin_dock_widget``), "paints" two axial
 slices by copying the reference labels into the 'painted' layer (what painting with the
 brush does), marks a third painted slice for validation, trains Mean Teacher for a short
 budget and saves ``docs/images/train_dock.png`` with the prediction showing.
@@ -33,12 +34,15 @@ def main(argv=None) -> int:
     import napari
     from qtpy.QtWidgets import QApplication, QWidget
 
-    from napari_semicl.widgets.launch import add_docks, add_sample_layers
+    from napari_semicl.widgets.launch import EXPORT_DOCK_NAME, TRAIN_DOCK_NAME, add_sample_layers
 
     viewer = napari.Viewer(title="napari-semicl")
-    viewer.window._qt_window.resize(1580, 1150)
+    viewer.window._qt_window.resize(1600, 1000)
     image, reference, painted = add_sample_layers(viewer)
-    train, _export = add_docks(viewer)
+    train_dock, train = viewer.window.add_plugin_dock_widget("napari-semicl", TRAIN_DOCK_NAME)
+    viewer.window.add_plugin_dock_widget("napari-semicl", EXPORT_DOCK_NAME)  # a tab beside Train
+    QApplication.processEvents()
+    train_dock.raise_()
     train.set_pair(0, image, painted)
     for s in (*PAINTED, VALIDATION):
         painted.data[s] = reference.data[s]

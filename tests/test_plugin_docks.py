@@ -174,6 +174,11 @@ def test_resume_trains_the_budget_more(crop_viewer, qtbot, tmp_path, monkeypatch
     widget.minutes_spin.setValue(2.5)
     assert "2.5 more minutes" in widget.resume_button.toolTip()
 
+    # item 7: the device line and the run agree on the thread count
+    started = widget.replay_events()[0]
+    assert type(started).__name__ == "Started"
+    assert widget.device_label.text() == f"Device: {started.device}"
+
 
 def test_docks_opened_after_training_show_the_last_run(crop_viewer, qtbot, tmp_path, monkeypatch):
     """Issue 17, item 6: review docks opened after a run show its pseudo-labels, suggestions and
@@ -197,3 +202,83 @@ def test_docks_opened_after_training_show_the_last_run(crop_viewer, qtbot, tmp_p
     assert list(steps) == list(range(1, 11))  # every step of the run, not only those after opening
     curves.redraw(wait=True)
     assert len(curves.figure.axes) == 1  # losses only: no empty Dice axis
+
+
+def _fully_visible(widget) -> bool:
+    """Whether all of ``widget`` is on screen (not clipped by its dock, not scrolled away)."""
+    shown = widget.visibleRegion().boundingRect()
+    return widget.isVisible() and shown.width() == widget.width() and shown.height() == widget.height()
+
+
+def test_train_dock_fits_a_1600_by_1000_window(make_napari_viewer, qtbot):
+    """Issue 17, item 5: nothing clipped on the right, progress/ETA/loss in view without
+    scrolling, other docks become tabs instead of squeezing the Train dock."""
+    from qtpy.QtWidgets import QApplication, QDockWidget
+
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    window.resize(1600, 1000)
+    name = "la_003_0000_left_atrium_mri_volume_resampled_to_isotropic"  # a real-life long name
+    image = viewer.add_image(np.zeros((8, 64, 64), np.float32), name=name)
+    viewer.add_labels(np.zeros((8, 64, 64), np.uint16), name=f"{name} labels")
+    train = open_dock(viewer, TRAIN)
+    train.method_combo.setCurrentText("plgcl")
+    train.eta_label.setText("step 41 · 0:12 elapsed · ETA 0:30")
+    train.loss_label.setText("loss: " + " · ".join(f"{k} 0.1234" for k in ("ce", "dice", "consistency", "contrast", "total")))
+    train.dice_label.setText("Validation Dice 0.812 at step 40 (1 slice(s)): grey matter 0.801, white matter 0.850, CSF 0.700")
+    qtbot.wait(200)
+    QApplication.processEvents()
+    assert window.height() <= 1000
+    row = train._rows[0]
+    for widget in (row.image_combo, row.remove_button, row.labels_combo, train.method_combo, train.budget_combo,
+                   train.iterations_spin, train.train_button, train.stop_button, train.resume_button,
+                   train.progress_bar, train.eta_label, train.loss_label, train.dice_label, train.status_label,
+                   train.mark_button, train.unmark_button):
+        assert _fully_visible(widget), type(widget).__name__ + " " + getattr(widget, "text", lambda: "")() + " " + str(widget.visibleRegion().boundingRect())
+    assert train._scroll.verticalScrollBar().value() == 0
+
+    for dock in ("Export mask", REVIEW, "Annotate next", CURVES, "Feature space (t-SNE)"):
+        open_dock(viewer, dock)
+    qtbot.wait(200)
+    QApplication.processEvents()
+    assert window.height() <= 1000
+    docks = {d.windowTitle(): d for d in window.findChildren(QDockWidget)}
+    train_dock = next(d for t, d in docks.items() if t.startswith(TRAIN))
+    tabbed = {d.windowTitle().split(" (")[0] for d in window.tabifiedDockWidgets(train_dock)}
+    assert {"Export mask", REVIEW, "Annotate next", CURVES, "Feature space"} <= {t.split(" (t-SNE")[0] for t in tabbed}
+    train_dock.raise_()
+    qtbot.wait(100)
+    assert train.height() > 700 and _fully_visible(train.progress_bar) and _fully_visible(train.resume_button)
+
+
+def test_a_reference_mask_is_not_chosen_to_train_on(crop_viewer, qtbot):
+    """Issue 17, item 5: opening '<case>_gt.nii.gz' does not make it the labels to train on."""
+    viewer, image, reference, painted = crop_viewer
+    viewer.layers.remove(painted)
+    viewer.layers.remove(reference)
+    gt = viewer.add_labels(np.zeros(image.data.shape, np.uint16), name="t1 crop_gt")  # as the reader names it
+    viewer.layers.selection.active = gt
+    train = open_dock(viewer, TRAIN)
+    assert train._rows[0].labels_combo.currentText() != gt.name
+    assert [lab for _, lab in train.pairs()] == [None]
+    viewer.add_labels(np.zeros(image.data.shape, np.uint16), name="case_01 reference")
+    assert [lab for _, lab in train.pairs()] == [None]
+    train._rows[0].new_labels_button.click()  # a fresh layer to paint: chosen
+    assert [lab.name for _, lab in train.pairs()] == [f"{image.name} labels"]
+    train.set_pair(0, image, gt)  # still possible by hand
+    assert [lab.name for _, lab in train.pairs()] == [gt.name]
+
+
+def test_method_settings_are_readable_in_the_dock(crop_viewer, qtbot):
+    """Issue 17, item 7: PLGCL's settings are words with a tooltip, not bare symbols."""
+    viewer = crop_viewer[0]
+    train = open_dock(viewer, TRAIN)
+    train.method_combo.setCurrentText("plgcl")
+    form = train.method_settings
+    layout = form.layout()
+    for name in ("beta", "gamma", "tau", "zeta", "eps", "patch_size"):
+        control = form.control(name)
+        label = layout.labelForField(control)
+        assert label.text() not in (name, name.replace("_", " ")), label.text()
+        assert control.toolTip().startswith(f"{name}: ") and len(control.toolTip()) > 20
+    assert "entropy" in layout.labelForField(form.control("patch_size")).text().lower()

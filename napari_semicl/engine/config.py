@@ -275,3 +275,33 @@ __all__ = [
     "recommended_config",
     "WSIConfig",
 ]
+
+
+def setting_help(section) -> dict[str, tuple[str, str]]:
+    """Readable ``(label, help)`` of each field of a config dataclass, for forms and tooltips.
+
+    The label is the field's ``metadata['label']`` when it has one, else its name with
+    spaces; the help is ``metadata['help']``, else the field's entry in the class docstring,
+    written either numpydoc style (``name : type`` then an indented line) or inline
+    (``name : what it does. other : ...``), else the whole docstring.
+    """
+    import re
+
+    cls = section if isinstance(section, type) else type(section)
+    doc = " ".join((cls.__doc__ or "").split())
+    fields = dataclasses.fields(cls)
+    # where each field's entry starts: 'name :' or 'name, other :' (names of this class only)
+    names = "|".join(sorted((re.escape(f.name) for f in fields), key=len, reverse=True))
+    entry = re.compile(rf"(?<![\w.`])((?:(?:{names})\s*,\s*)*(?:{names}))\s+:\s")
+    starts = [(m.start(), m.end(), [n.strip() for n in m.group(1).split(",")]) for m in entry.finditer(doc)]
+    found: dict[str, str] = {}
+    for i, (_, end, entry_names) in enumerate(starts):
+        text = doc[end: starts[i + 1][0] if i + 1 < len(starts) else len(doc)].strip()
+        for n in entry_names:
+            found.setdefault(n, text)
+    out = {}
+    for f in fields:
+        label = f.metadata.get("label") or f.name.replace("_", " ")
+        text = f.metadata.get("help") or found.get(f.name) or doc
+        out[f.name] = (label, f"{f.name}: {text}" if text else f.name)
+    return out

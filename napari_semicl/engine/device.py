@@ -24,13 +24,18 @@ def pick_device(preferred: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def describe_device(device: torch.device) -> str:
-    """E.g. 'CUDA (NVIDIA H100 80GB HBM3)', 'MPS (Apple GPU)', 'CPU (2 threads)'."""
+def describe_device(device: torch.device, threads: int | None = None) -> str:
+    """E.g. 'CUDA (NVIDIA H100 80GB HBM3)', 'MPS (Apple GPU)', 'CPU (2 threads)'.
+
+    ``threads``: the torch threads training uses on the CPU; by default the calling
+    thread's count (which differs between threads: say it when describing another's run).
+    """
     if device.type == "cuda":
         return f"CUDA ({torch.cuda.get_device_name(device)})"
     if device.type == "mps":
         return "MPS (Apple GPU)"
-    return f"CPU ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads() if not threads else int(threads)
+    return f"CPU ({n} thread{'s' if n != 1 else ''})"
 
 
 def set_threads(n: int | None) -> int:

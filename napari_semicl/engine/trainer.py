@@ -318,6 +318,19 @@ class Trainer:
         return Reviewed(self.step, p_idx, s_idx, arrays) if arrays else None
 
     @torch.no_grad()
+    def _warm_up_notice(self, target: int | None) -> Notice | None:
+        """A warning when this run ends before the method's warm-up does (its own term,
+        e.g. PLGCL's contrastive loss, would never train); None otherwise."""
+        section = getattr(self.config, self.config.method, None)
+        warm = getattr(section, "warmup_steps", None)
+        if target is None or not isinstance(warm, int) or target > warm:
+            return None
+        return Notice(
+            "warning",
+            f"{self.config.method}: this run ends at step {target}, within its {warm}-step warm-up, so its "
+            f"contrastive term never trains; train more steps or lower the warm-up steps (Advanced)",
+        )
+
     def review_slice(self, pair_index: int, slice_index: int) -> dict:
         """:meth:`Method.review_slice` of one normalised slice, padded to the network's
         size multiple (zeros at the bottom and right; the method limits its output to the
@@ -353,7 +366,7 @@ class Trainer:
         """
         cfg = self.config
         self._stop.clear()
-        set_threads(self.num_threads)
+        threads = set_threads(self.num_threads)
         t0 = time.monotonic()
         start_step = self.step
         if cfg.budget == "iterations":
@@ -361,7 +374,10 @@ class Trainer:
             budget_s = None
         else:
             target, budget_s = None, cfg.minutes * 60.0
-        yield from self._emit(Started(describe_device(self.device), self.step, target, budget_s, self.dataset.summary()))
+        yield from self._emit(Started(describe_device(self.device, threads), self.step, target, budget_s, self.dataset.summary()))
+        warm_up = self._warm_up_notice(target)
+        if warm_up is not None:
+            self._notices.append(warm_up)
         for notice in self._notices:
             yield from self._emit(notice)
         self._notices.clear()

@@ -253,15 +253,17 @@ def write_labels(
     dtype = label_dtype(array, target=path.name)
     metadata = dict(metadata or {})
 
+    file_shape = array.shape
     if fmt == "nifti":
         img = _nifti_image(array, dtype, metadata, path)
+        file_shape = img.shape  # the file's axis order (napari's may be reversed)
         with atomic_path(path, overwrite=overwrite) as tmp:
             _write_nifti(tmp, img)
     else:
         out = np.ascontiguousarray(array.astype(dtype, copy=False))
         with atomic_path(path, overwrite=overwrite) as tmp:
             _write_tiff(tmp, out)
-    logger.info("Wrote labels %s (shape %s, %s)", path, array.shape, dtype)
+    logger.info("Wrote labels %s (shape %s, %s)", path, tuple(file_shape), dtype)
     return path
 
 
@@ -282,8 +284,10 @@ def write_image(
     array = np.asarray(data, dtype=np.float32)
     if array.ndim not in (2, 3):
         raise WriteError(f"Cannot write a map of shape {array.shape} to {path.name}: 2D or 3D is needed.")
+    file_shape = array.shape
     if fmt == "nifti":
         img = _nifti_image(array, np.dtype(np.float32), dict(metadata or {}), path, intent="none")
+        file_shape = img.shape  # the file's axis order
         with atomic_path(path, overwrite=overwrite) as tmp:
             import nibabel as nib
 
@@ -291,5 +295,5 @@ def write_image(
     else:
         with atomic_path(path, overwrite=overwrite) as tmp:
             _write_tiff(tmp, np.ascontiguousarray(array))
-    logger.info("Wrote image %s (shape %s, float32)", path, array.shape)
+    logger.info("Wrote image %s (shape %s, float32)", path, tuple(file_shape))
     return path

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -72,20 +72,21 @@ class PLGCLConfig:
     to the CE of Eq. 7 as the other methods do.
     """
 
-    beta: float = 0.25
-    gamma: float = 0.2
-    tau: float = 0.2
-    lambda_cov: float = 4.0
-    lambda_rampup_steps: int = 200
-    zeta: float | None = None
-    n_positives: int = 20
-    patch_size: int = 16
-    warmup_steps: int = 100
-    queue_size: int = 256
-    embed_dim: int = 128
-    eps: float = 1e-6
-    embedding: str = "pooled"
-    supervised_dice: bool = True
+    beta: float = field(default=0.25, metadata={"label": "Regularisation CE weight (β)"})
+    gamma: float = field(default=0.2, metadata={"label": "Contrastive loss weight (γ)"})
+    tau: float = field(default=0.2, metadata={"label": "Contrast temperature (τ)"})
+    lambda_cov: float = field(default=4.0, metadata={"label": "Covariance weight (λ)"})
+    lambda_rampup_steps: int = field(default=200, metadata={
+        "label": "λ ramp-up steps", "help": "steps over which lambda_cov ramps up linearly from 0 after the warm-up"})
+    zeta: float | None = field(default=None, metadata={"label": "Negative-term scale (ζ)"})
+    n_positives: int = field(default=20, metadata={"label": "Positives per anchor (n)"})
+    patch_size: int = field(default=16, metadata={"label": "Entropy patch side (P, pixels)"})
+    warmup_steps: int = field(default=100, metadata={"label": "Warm-up steps (no contrast)"})
+    queue_size: int = field(default=256, metadata={"label": "Teacher keys kept per class"})
+    embed_dim: int = field(default=128, metadata={"label": "Projection dimension"})
+    eps: float = field(default=1e-6, metadata={"label": "Entropy clamp / ridge (ε)"})
+    embedding: str = field(default="pooled", metadata={"label": "Patch embedding"})
+    supervised_dice: bool = field(default=True, metadata={"label": "Dice in the supervised loss"})
 
     def validate(self, path: str = "plgcl") -> None:
         check_positive(f"{path}.beta", self.beta, allow_zero=True)

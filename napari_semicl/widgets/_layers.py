@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Iterable
 
 import math
@@ -78,6 +79,16 @@ def has_geometry(metadata: dict | None) -> bool:
 def input_images(layers: Iterable[Layer]) -> list[Image]:
     """Image layers the user can train on (not the entropy maps training writes)."""
     return [layer for layer in layers if isinstance(layer, Image) and role(layer) is None]
+
+
+#: Layer names of reference masks ('case_gt', 'case-ground truth', 'brain reference'): offered
+#: to train on, never picked by default (a reference is for evaluation, not for painting).
+_REFERENCE_NAME = re.compile(r"(?:^|[\s_.-])(?:gt|ground[\s_-]?truth|reference|ref)(?:[\s_.-]?\d+)?$", re.I)
+
+
+def looks_like_reference(layer: Layer) -> bool:
+    """Whether ``layer``'s name says it is a reference mask (ends in gt, ground truth, reference)."""
+    return bool(_REFERENCE_NAME.search(str(layer.name)))
 
 
 def input_labels(layers: Iterable[Layer]) -> list[Labels]:

@@ -99,6 +99,46 @@ def find_train_widget(viewer):
     return None
 
 
+def _dock_of(widget):
+    """The QDockWidget holding ``widget`` (None when it is not docked)."""
+    from qtpy.QtWidgets import QDockWidget
+
+    parent = widget.parent()
+    while parent is not None and not isinstance(parent, QDockWidget):
+        parent = parent.parent()
+    return parent
+
+
+def tabify_with_train_dock(widget) -> bool:
+    """Put ``widget``'s dock in a tab beside the Train dock (same side of the window).
+
+    napari stacks the docks a plugin menu opens one under the other, which squeezes the
+    Train dock to a sliver on a 1000-pixel-high screen; tabs keep every dock its full
+    height. Does nothing for a floating dock, without a Train dock, or when already tabbed.
+    Returns True when tabified.
+    """
+    from qtpy.QtWidgets import QMainWindow
+
+    try:
+        own = _dock_of(widget)
+        viewer = getattr(widget, "viewer", None)
+        train = find_train_widget(viewer) if viewer is not None else None
+        train_dock = _dock_of(train) if train is not None and train is not widget else None
+        if own is None or train_dock is None or own is train_dock or own.isFloating() or train_dock.isFloating():
+            return False
+        window = own.parent()
+        if not isinstance(window, QMainWindow) or train_dock.parent() is not window:
+            return False
+        if window.dockWidgetArea(own) != window.dockWidgetArea(train_dock) or own in window.tabifiedDockWidgets(train_dock):
+            return False
+        window.tabifyDockWidget(train_dock, own)
+        own.show()
+        own.raise_()
+        return True
+    except RuntimeError:  # a widget deleted meanwhile
+        return False
+
+
 def slice_index_tuple(ndim: int, axis: int, index: int) -> tuple:
     """Index of slice ``index`` along ``axis`` of an ``ndim``-D array (all of a 2D one)."""
     if ndim == 2:
@@ -155,6 +195,11 @@ class ReviewDock(QWidget):
             self.connect_train_widget(train_widget)
         elif not self._find():
             self._find_timer.start()
+        # once napari has docked us (right after this constructor)
+        QTimer.singleShot(0, self._on_docked)
+
+    def _on_docked(self) -> None:
+        tabify_with_train_dock(self)
 
     # --- the link ---------------------------------------------------------------------------
     def connect_train_widget(self, train_widget) -> None:

@@ -13,7 +13,9 @@ import dataclasses
 import json
 import typing
 
-from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QFormLayout, QLineEdit, QSpinBox, QWidget
+from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QFormLayout, QLabel, QLineEdit, QSpinBox, QWidget
+
+from ..engine.config import setting_help
 
 
 def _plain_type(tp):
@@ -23,12 +25,13 @@ def _plain_type(tp):
 class MethodSettingsForm(QWidget):
     """Controls for the fields of one method-config dataclass instance.
 
+    Each row is labelled readably (the field's ``metadata['label']``, else its name) and
+    says what it does in a tooltip (:func:`~napari_semicl.engine.config.setting_help`).
+
     Parameters
     ----------
     section : dataclass instance
         Defaults shown (e.g. ``TrainConfig().plgcl``).
-    doc_tooltip : bool
-        Put the dataclass docstring on every control as a tooltip.
     """
 
     def __init__(self, section, parent=None) -> None:
@@ -36,8 +39,9 @@ class MethodSettingsForm(QWidget):
         self._controls: dict[str, QWidget] = {}
         layout = QFormLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
+        layout.setRowWrapPolicy(QFormLayout.WrapLongRows)
         hints = typing.get_type_hints(type(section))
-        doc = (type(section).__doc__ or "").strip()
+        helps = setting_help(section)
         for f in dataclasses.fields(section):
             value = getattr(section, f.name)
             tp = _plain_type(hints.get(f.name))
@@ -57,10 +61,13 @@ class MethodSettingsForm(QWidget):
                 w = QLineEdit("" if value is None else (value if isinstance(value, str) else json.dumps(value)))
                 w.setPlaceholderText("empty = default (None)" if value is None else "")
             w.setObjectName(f.name)
-            if doc:
-                w.setToolTip(doc)
+            label_text, help_text = helps[f.name]
+            w.setToolTip(help_text)
+            label = QLabel(label_text)
+            label.setToolTip(help_text)
+            label.setWordWrap(True)
             self._controls[f.name] = w
-            layout.addRow(f.name.replace("_", " "), w)
+            layout.addRow(label, w)
 
     def values(self) -> dict:
         """Raw values by field name, for TrainConfig's strict loader to check."""

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 from napari.utils import notifications
-from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QSpinBox, QWidget
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox, QWidget
 
 from ..data.interpolation import interpolate_labels
 from ..engine.prior import INTERPOLATION_CHOICES
@@ -69,7 +69,7 @@ class PriorControls(QWidget):
         form = QFormLayout(self)
         form.setContentsMargins(0, 0, 0, 0)
         row = QHBoxLayout()
-        self.prior_check = QCheckBox("Learn from the shape between painted slices")
+        self.prior_check = QCheckBox("Learn from the filled shape")
         self.prior_check.setChecked(True)
         self.prior_check.setToolTip(
             "Fully painted slices: train on the shape interpolated between them (dense early, your slices\n"
@@ -82,10 +82,12 @@ class PriorControls(QWidget):
             "'fill between slices') into the prediction layer; training then refines it."
         )
         self.fill_button.clicked.connect(self._on_fill_clicked)
-        row.addWidget(self.prior_check, 1)
+        self.fill_button.setMinimumWidth(0)
         row.addWidget(self.fill_button)
+        row.addStretch(1)
+        form.addRow(self.prior_check)
         form.addRow(row)
-        options = QHBoxLayout()
+        # the interpolation and 2.5D settings: rows the Train dock puts in its Advanced section
         self.interpolation_combo = QComboBox()
         self.interpolation_combo.addItems(list(INTERPOLATION_CHOICES))
         self.interpolation_combo.setToolTip(
@@ -97,12 +99,10 @@ class PriorControls(QWidget):
         self.context_spin.setToolTip(
             "2.5D: neighbouring slices on either side the network sees as extra channels (0 = 2D slices)"
         )
-        options.addWidget(QLabel("Interpolation"))
-        options.addWidget(self.interpolation_combo)
-        options.addWidget(QLabel("Context slices"))
-        options.addWidget(self.context_spin)
-        options.addStretch(1)
-        form.addRow(options)
+
+    def advanced_rows(self) -> list[tuple[str, QWidget]]:
+        """(label, widget) rows for the Train dock's Advanced section."""
+        return [("Fill by", self.interpolation_combo), ("Context slices", self.context_spin)]
 
     # --- config -------------------------------------------------------------------------
     def apply(self, cfg) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from napari.layers import Image, Labels
 from napari.utils import notifications
-from qtpy.QtCore import Signal
+from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -33,6 +33,7 @@ from qtpy.QtWidgets import (
 
 from ..io import write_labels
 from . import _layers
+from ._link import tabify_with_train_dock
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,16 @@ class ExportWidget(QWidget):
         self.confirm_overwrite = self._ask_overwrite
         self._worker = None
         self._build_ui()
+        QTimer.singleShot(0, self._on_docked)  # once napari has docked us: a tab beside Train
         events = self.viewer.layers.events
         for emitter in (events.inserted, events.removed, events.moved):
             emitter.connect(self._on_layers_changed)
         for layer in self.viewer.layers:
             layer.events.name.connect(self._on_layers_changed)
         self._on_layers_changed()
+
+    def _on_docked(self) -> None:
+        tabify_with_train_dock(self)
 
     # ------------------------------------------------------------------ public API
     @property

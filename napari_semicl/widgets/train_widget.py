@@ -77,6 +77,8 @@ log = logging.getLogger(__name__)
 #: Where runs go when no folder is chosen in the dock.
 DEFAULT_RUNS_ROOT = Path("~/.napari-semicl/runs")
 NO_LABELS = "(none: unlabelled image)"
+#: The Train dock's narrowest width (pixels): its buttons and two-column forms fit in it.
+MIN_WIDTH = 340
 #: How long closing the dock waits for the worker to checkpoint and end.
 CLOSE_TIMEOUT_S = 5.0
 
@@ -95,6 +97,9 @@ class _PairRow(QWidget):
         self.remove_button = QPushButton("remove")
         self.remove_button.setToolTip("Remove this pair")
         self.none_chosen = False  # the user picked 'no labels' on purpose
+        for combo in (self.image_combo, self.labels_combo):  # long layer names elided
+            combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(8)
         self.labels_combo.activated.connect(self._on_labels_activated)
         grid = QFormLayout(self)
         grid.setContentsMargins(0, 2, 0, 2)
@@ -413,6 +418,9 @@ class TrainWidget(QWidget):
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
+        """The dock, top to bottom: what to train on, method and budget, the run buttons with
+        progress, ETA and losses (visible without scrolling on a 1000-pixel-high screen),
+        validation slices, classes, then the rarely changed settings folded in 'Advanced'."""
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         scroll = QScrollArea()  # the dock is taller than small screens: scroll, never squeeze
@@ -436,16 +444,14 @@ class TrainWidget(QWidget):
         layout.addWidget(pairs_box)
 
         form = QFormLayout()
-        self.axis_spin = QSpinBox()
-        self.axis_spin.setRange(0, 2)
-        self.axis_spin.setToolTip("Axis of the image along which 2D slices are taken")
-        form.addRow("Slicing axis", self.axis_spin)
+        form.setRowWrapPolicy(QFormLayout.WrapLongRows)
         self.method_combo = QComboBox()
         self.method_combo.addItems(available_methods())
         form.addRow("Method", self.method_combo)
         budget_row = QHBoxLayout()
         self.budget_combo = QComboBox()
         self.budget_combo.addItems(["iterations", "minutes"])
+        self.budget_combo.setToolTip("Train for a number of steps, or for a wall-clock time")
         self.iterations_spin = QSpinBox()
         self.iterations_spin.setRange(1, 10_000_000)
         self.iterations_spin.setValue(300)
@@ -459,26 +465,116 @@ class TrainWidget(QWidget):
         budget_row.addWidget(self.iterations_spin, 1)
         budget_row.addWidget(self.minutes_spin, 1)
         form.addRow("Budget", budget_row)
+        self.background_check = QCheckBox("unpainted means background")
+        self.background_check.setToolTip(
+            "Tick when the painted slices are complete: their unpainted pixels become class 0.\n"
+            "Otherwise unpainted pixels are ignored (scribbles)."
+        )
+        form.addRow(self.background_check)
+        self.prior_controls = PriorControls(self)
+        form.addRow(self.prior_controls)
+        layout.addLayout(form)
+
+        self.device_label = QLabel(f"Device: {describe_device(pick_device(), self.num_threads)}")
+        self.device_label.setWordWrap(True)
+        layout.addWidget(self.device_label)
+        run_row = QHBoxLayout()
+        self.train_button = QPushButton("Train")
+        self.train_button.setToolTip("Start a new training run (fresh weights)")
+        self.train_button.clicked.connect(self._on_train_clicked)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setToolTip("Stop after the current step and keep the model")
+        self.stop_button.clicked.connect(self._on_stop_clicked)
+        self.resume_button = QPushButton("Resume")
+        self.resume_button.clicked.connect(self._on_resume_clicked)
+        for button in (self.train_button, self.stop_button, self.resume_button):
+            button.setMinimumWidth(0)
+            run_row.addWidget(button)
+        layout.addLayout(run_row)
+        self.resume_checkpoint_button = QPushButton("Resume from checkpoint...")
+        self.resume_checkpoint_button.clicked.connect(self._on_resume_checkpoint_clicked)
+        layout.addWidget(self.resume_checkpoint_button)
+
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1000)
+        self.progress_bar.setValue(0)
+        self.progress_bar.setFormat("%p%")
+        layout.addWidget(self.progress_bar)
+        self.eta_label = QLabel("")
+        self.loss_label = QLabel("")
+        self.dice_label = QLabel("")
+        self.status_label = QLabel("Paint a few slices (two classes at least), then press Train.")
+        self.review_label = QLabel("")  # which slice the review layers show
+        for label in (self.eta_label, self.loss_label, self.dice_label, self.status_label, self.review_label):
+            label.setWordWrap(True)  # long lines wrap: the dock is never widened by a message
+            label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+            layout.addWidget(label)
+
+        val_box = QGroupBox("Validation slices")
+        val_layout = QVBoxLayout(val_box)
+        val_buttons = QHBoxLayout()
+        self.mark_button = QPushButton("Mark slice for validation")
+        self.mark_button.setToolTip(
+            "Hold the current (painted) slice out of training; live Dice is computed on it"
+        )
+        self.mark_button.clicked.connect(self._on_mark_clicked)
+        self.unmark_button = QPushButton("Unmark")
+        self.unmark_button.setToolTip("Give the current slice back to training")
+        self.unmark_button.clicked.connect(self._on_unmark_clicked)
+        val_buttons.addWidget(self.mark_button, 1)
+        val_buttons.addWidget(self.unmark_button)
+        val_layout.addLayout(val_buttons)
+        self.validation_label = QLabel("none")
+        self.validation_label.setWordWrap(True)
+        val_layout.addWidget(self.validation_label)
+        layout.addWidget(val_box)
+
+        classes_box = QGroupBox("Classes")
+        classes_layout = QVBoxLayout(classes_box)
+        self.class_table = QTableWidget(0, 2)
+        self.class_table.setHorizontalHeaderLabels(["Label value", "Name"])
+        self.class_table.verticalHeader().setVisible(False)
+        self.class_table.horizontalHeader().setSectionResizeMode(1, QHeaderView.Stretch)
+        self.class_table.setSelectionMode(QAbstractItemView.NoSelection)
+        self.class_table.setMinimumHeight(90)
+        self.class_table.setMaximumHeight(120)  # scrolls beyond 3-4 classes: the dock fits 1000 px
+        self.class_table.itemChanged.connect(self._on_class_item_changed)
+        classes_layout.addWidget(self.class_table)
+        self.refresh_classes_button = QPushButton("Refresh classes")
+        self.refresh_classes_button.clicked.connect(self._on_refresh_classes_clicked)
+        classes_layout.addWidget(self.refresh_classes_button)
+        layout.addWidget(classes_box)
+
+        # rarely changed: folded, so that the run and its progress stay in view
+        self.advanced = QCollapsible("Advanced")
+        adv = QWidget()
+        adv_form = QFormLayout(adv)
+        adv_form.setRowWrapPolicy(QFormLayout.WrapLongRows)
+        self.axis_spin = QSpinBox()
+        self.axis_spin.setRange(0, 2)
+        self.axis_spin.setToolTip("Axis of the image along which 2D slices are taken (0: napari's slider)")
+        adv_form.addRow("Slicing axis", self.axis_spin)
         self.seed_spin = QSpinBox()
         self.seed_spin.setRange(0, 2**31 - 1)
-        form.addRow("Seed", self.seed_spin)
+        self.seed_spin.setToolTip("Random seed of the weights, crops and augmentations")
+        adv_form.addRow("Seed", self.seed_spin)
         self.refresh_spin = QSpinBox()
         self.refresh_spin.setRange(1, 1_000_000)
         self.refresh_spin.setValue(50)
         self.refresh_spin.setToolTip("Update the prediction (and pick up new labels) every N steps")
-        form.addRow("Refresh every", self.refresh_spin)
+        adv_form.addRow("Refresh every", self.refresh_spin)
         self.patch_spin = QSpinBox()
         self.patch_spin.setRange(16, 1024)
         self.patch_spin.setSingleStep(16)
         self.patch_spin.setValue(128)
         self.patch_spin.setToolTip("Square training crop size in pixels (a multiple of 16)")
-        form.addRow("Patch size", self.patch_spin)
+        adv_form.addRow("Patch size", self.patch_spin)
         self.slide_level_spin = QSpinBox()
         self.slide_level_spin.setRange(0, 10)
         self.slide_level_spin.setToolTip(
             "Slides (multiscale images): the pyramid level to train on and predict (0 = full resolution)"
         )
-        form.addRow("Slide level", self.slide_level_spin)
+        adv_form.addRow("Slide level", self.slide_level_spin)
         self.tile_spin = QSpinBox()
         self.tile_spin.setRange(64, 4096)
         self.tile_spin.setSingleStep(64)
@@ -486,29 +582,21 @@ class TrainWidget(QWidget):
         self.tile_spin.setToolTip(
             "Slides: tile size at that level; painted tiles train, other tissue tiles are the unlabelled pool"
         )
-        form.addRow("Slide tile size", self.tile_spin)
-        self.background_check = QCheckBox("unpainted means background")
-        self.background_check.setToolTip(
-            "Tick when the painted slices are complete: their unpainted pixels become class 0.\n"
-            "Otherwise unpainted pixels are ignored (scribbles)."
-        )
-        form.addRow("", self.background_check)
-        self.prior_controls = PriorControls(self)
-        form.addRow(self.prior_controls)
+        adv_form.addRow("Slide tile size", self.tile_spin)
+        for label, widget in self.prior_controls.advanced_rows():
+            adv_form.addRow(label, widget)
         folder_row = QHBoxLayout()
         self.run_folder_edit = QLineEdit()
         self.run_folder_edit.setPlaceholderText(f"automatic: {DEFAULT_RUNS_ROOT}/<date-time>")
+        self.run_folder_edit.setToolTip("Where checkpoints, config.json and autosaved annotations go")
+        self.run_folder_edit.setMinimumWidth(60)
         browse = QPushButton("...")
         browse.setToolTip("Choose the folder where checkpoints are written")
+        browse.setMaximumWidth(32)
         browse.clicked.connect(self._on_browse_clicked)
         folder_row.addWidget(self.run_folder_edit, 1)
         folder_row.addWidget(browse)
-        form.addRow("Run folder", folder_row)
-        layout.addLayout(form)
-
-        self.advanced = QCollapsible("Advanced")
-        adv = QWidget()
-        adv_form = QFormLayout(adv)
+        adv_form.addRow("Run folder", folder_row)
         self.lr_spin = QDoubleSpinBox()
         self.lr_spin.setDecimals(5)
         self.lr_spin.setRange(1e-5, 1.0)
@@ -539,82 +627,19 @@ class TrainWidget(QWidget):
         self._on_method_changed(self.method_combo.currentText())
         self.advanced.addWidget(adv)
         layout.addWidget(self.advanced)
+        layout.addStretch(1)
 
-        self.device_label = QLabel(f"Device: {describe_device(pick_device())}")
-        layout.addWidget(self.device_label)
-
-        classes_box = QGroupBox("Classes")
-        classes_layout = QVBoxLayout(classes_box)
-        self.class_table = QTableWidget(0, 2)
-        self.class_table.setHorizontalHeaderLabels(["Label value", "Name"])
-        self.class_table.verticalHeader().setVisible(False)
-        self.class_table.horizontalHeader().setSectionResizeMode(1, QHeaderView.Stretch)
-        self.class_table.setSelectionMode(QAbstractItemView.NoSelection)
-        self.class_table.setMinimumHeight(90)
-        self.class_table.setMaximumHeight(150)
-        self.class_table.itemChanged.connect(self._on_class_item_changed)
-        classes_layout.addWidget(self.class_table)
-        self.refresh_classes_button = QPushButton("Refresh classes")
-        self.refresh_classes_button.clicked.connect(self._on_refresh_classes_clicked)
-        classes_layout.addWidget(self.refresh_classes_button)
-        layout.addWidget(classes_box)
-
-        val_box = QGroupBox("Validation slices")
-        val_layout = QVBoxLayout(val_box)
-        val_buttons = QHBoxLayout()
-        self.mark_button = QPushButton("Mark current slice for validation")
-        self.mark_button.setToolTip("A painted slice held out of training; live Dice is computed on it")
-        self.mark_button.clicked.connect(self._on_mark_clicked)
-        self.unmark_button = QPushButton("Unmark")
-        self.unmark_button.clicked.connect(self._on_unmark_clicked)
-        val_buttons.addWidget(self.mark_button, 1)
-        val_buttons.addWidget(self.unmark_button)
-        val_layout.addLayout(val_buttons)
-        self.validation_label = QLabel("none")
-        self.validation_label.setWordWrap(True)
-        val_layout.addWidget(self.validation_label)
-        layout.addWidget(val_box)
-
-        run_row = QHBoxLayout()
-        self.train_button = QPushButton("Train")
-        self.train_button.setToolTip("Start a new training run (fresh weights)")
-        self.train_button.clicked.connect(self._on_train_clicked)
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setToolTip("Stop after the current step and keep the model")
-        self.stop_button.clicked.connect(self._on_stop_clicked)
-        self.resume_button = QPushButton("Resume")
-        self.resume_button.clicked.connect(self._on_resume_clicked)
-        for button in (self.train_button, self.stop_button, self.resume_button):
-            run_row.addWidget(button)
-        layout.addLayout(run_row)
-        self.resume_checkpoint_button = QPushButton("Resume from checkpoint...")
-        self.resume_checkpoint_button.clicked.connect(self._on_resume_checkpoint_clicked)
         for signal in (self.iterations_spin.valueChanged, self.minutes_spin.valueChanged,
                        self.budget_combo.currentTextChanged):
             signal.connect(self._update_resume_text)
         self._update_resume_text()
-        layout.addWidget(self.resume_checkpoint_button)
-
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setRange(0, 1000)
-        self.progress_bar.setValue(0)
-        self.progress_bar.setFormat("%p%")
-        layout.addWidget(self.progress_bar)
-        self.eta_label = QLabel("")
-        self.loss_label = QLabel("")
-        self.loss_label.setWordWrap(True)
-        self.dice_label = QLabel("")
-        self.dice_label.setWordWrap(True)
-        self.status_label = QLabel("Paint a few slices (two classes at least), then press Train.")
-        self.status_label.setWordWrap(True)
-        self.review_label = QLabel("")  # which slice the review layers show
-        self.review_label.setWordWrap(True)
-        for label in (self.eta_label, self.loss_label, self.dice_label, self.status_label, self.review_label):
-            label.setTextInteractionFlags(Qt.TextSelectableByMouse)
-            layout.addWidget(label)
-        layout.addStretch(1)
-        # as wide as the controls need (the scroll area only scrolls vertically)
-        self.setMinimumWidth(content.sizeHint().width() + scroll.verticalScrollBar().sizeHint().width() + 16)
+        # as wide as the controls need (the scroll area only scrolls vertically); combos show
+        # long layer names elided, so a long name never pushes buttons off the dock's edge
+        for combo in self.findChildren(QComboBox):
+            combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(8)
+        self._scroll = scroll
+        self.setMinimumWidth(max(MIN_WIDTH, content.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width() + 4))
 
     def _connect_viewer(self) -> None:
         events = self.viewer.layers.events
@@ -676,12 +701,16 @@ class TrainWidget(QWidget):
         if prefer is not None:
             row.none_chosen = prefer == NO_LABELS
         if current not in names and not (current == NO_LABELS and row.none_chosen):
+            # the default: the active labels layer, else the first free one; never a reference
+            # mask ('*_gt', '* reference'), which is for evaluation (choose it by hand if wanted)
+            references = {lab.name for lab in _layers.input_labels(self.viewer.layers)
+                          if _layers.looks_like_reference(lab)}
             active = self.viewer.layers.selection.active
             taken = {r.labels_combo.currentText() for r in self._rows if r is not row}
-            if active is not None and active.name in names:
+            if active is not None and active.name in names and active.name not in references:
                 current = active.name
             else:
-                current = next((n for n in names if n not in taken), NO_LABELS)
+                current = next((n for n in names if n not in taken and n not in references), NO_LABELS)
         row.labels_combo.blockSignals(True)
         row.labels_combo.clear()
         row.labels_combo.addItems([*names, NO_LABELS])
@@ -764,7 +793,7 @@ class TrainWidget(QWidget):
         trainer = self._trainer
         self._running, self._stopping = True, False
         self.progress_bar.setValue(0)
-        self.status_label.setText(f"Starting on {describe_device(trainer.device)}...")
+        self.status_label.setText(f"Starting on {describe_device(trainer.device, trainer.num_threads)}...")
         self._worker, self._control = start_training_worker(  # freezes the heap until it ends
             trainer,
             on_event=self._on_event,
@@ -859,7 +888,7 @@ class TrainWidget(QWidget):
         elif isinstance(event, Started):
             self._show_summary(event.device, event.summary)
         elif isinstance(event, DataUpdated):
-            self._show_summary(describe_device(self._trainer.device), event.summary)
+            self._show_summary(describe_device(self._trainer.device, self._trainer.num_threads), event.summary)
         elif isinstance(event, Notice):
             show = notifications.show_warning if event.level == "warning" else notifications.show_info
             show(event.text)

@@ -1,0 +1,125 @@
+"""A user's path through the plugin, with every dock opened the way the Plugins menu opens it.
+
+File > Open Sample, the Train dock, a new labels layer, two painted slices and a third marked
+for validation, a short run with its validation Dice, the review docks opened after it (as
+tabs), Resume and Stop, and the mask exported with the source geometry. Small network and
+few steps (two CPU cores); run under Xvfb.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gui
+
+napari = pytest.importorskip("napari")
+nib = pytest.importorskip("nibabel")
+
+from napari_semicl.analysis.plots import DICE  # noqa: E402
+from napari_semicl.io.sample import SAMPLE_IMAGE_FILE, sample_data_dir  # noqa: E402
+
+PLUGIN = "napari-semicl"
+PAINTED = (30, 50)
+VALIDATION = 44
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def open_dock(viewer, name: str):
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    return widget
+
+
+def test_open_paint_validate_train_review_resume_export(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "mni152_brain")
+    image, reference = viewer.layers["mni152_t1"], viewer.layers["mni152_t1 reference"]
+
+    # the Train dock: the reference is not offered as what to train on; a new layer is
+    train = open_dock(viewer, "Train (semi-supervised)")
+    assert [lab for _, lab in train.pairs()] == [None]
+    train._rows[0].new_labels_button.click()
+    labels = viewer.layers[f"{image.name} labels"]
+    assert [(im.name, lab.name) for im, lab in train.pairs()] == [(image.name, labels.name)]
+
+    # paint two complete slices and a third held out for validation
+    for s in (*PAINTED, VALIDATION):
+        labels.data[s] = reference.data[s]
+    labels.refresh()
+    viewer.layers.selection.active = labels
+    viewer.dims.set_current_step(0, VALIDATION)
+    train.mark_button.click()
+    assert train.validation_label.text() == f"{image.name}: {VALIDATION}"
+
+    build = train.build_config
+
+    def build_small():  # the dock's config with a small network (test speed only)
+        cfg = build()
+        cfg.model.base_channels, cfg.model.depth = 8, 3
+        cfg.data.batch_labelled = cfg.data.batch_unlabelled = 2
+        return cfg
+
+    monkeypatch.setattr(train, "build_config", build_small)
+    train.background_check.setChecked(True)
+    train.method_combo.setCurrentText("mean_teacher")
+    train.iterations_spin.setValue(6)
+    train.refresh_spin.setValue(3)
+    train.patch_spin.setValue(64)
+    train.run_folder_edit.setText(str(tmp_path / "run"))
+
+    train.train_button.click()
+    assert train.is_training
+    qtbot.waitUntil(lambda: not train.is_training, timeout=120_000)
+    trainer = train.trainer
+    assert trainer.step == 6
+    assert trainer.dataset.summary()["labelled"] == 2 and trainer.dataset.summary()["validation"] == 1
+    assert train.dice_label.text().startswith("Validation Dice ") and "(1 slice(s))" in train.dice_label.text()
+    prediction = viewer.layers[f"{image.name} prediction"]
+    assert prediction.data.any()
+
+    # the review docks, opened after the run, show it (as tabs beside the Train dock)
+    review = open_dock(viewer, "Review pseudo-labels")
+    suggest = open_dock(viewer, "Annotate next")
+    curves = open_dock(viewer, "Training curves")
+    review.set_threshold(0.0)
+    pseudo = f"{image.name} pseudo-labels"
+    qtbot.waitUntil(lambda: pseudo in viewer.layers and viewer.layers[pseudo].data.any(), timeout=30_000)
+    qtbot.waitUntil(lambda: len(suggest.suggestions) > 0, timeout=30_000)
+    assert VALIDATION not in [s.slice_index for s in suggest.suggestions]
+    assert list(curves.history.series("total")[0]) == list(range(1, 7))
+    assert len(curves.history.series(DICE)[0]) >= 1
+    curves.redraw(wait=True)
+    assert len(curves.figure.axes) == 2  # losses and the validation Dice
+
+    # Resume for more steps, Stop part-way: the model is kept
+    train.iterations_spin.setValue(1000)
+    assert "1000 more steps" in train.resume_button.toolTip()
+    train.resume_button.click()
+    assert train.trainer is trainer
+    qtbot.waitUntil(lambda: trainer.step >= 8, timeout=60_000)
+    train.stop_button.click()
+    qtbot.waitUntil(lambda: not train.is_training, timeout=60_000)
+    assert 8 <= trainer.step < 1006
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert train.status_label.text().startswith("Stopped at step")
+
+    # export the prediction with the source geometry
+    export = open_dock(viewer, "Export mask")
+    assert export.labels_combo.currentText() == prediction.name
+    target = tmp_path / "mask.nii.gz"
+    with qtbot.waitSignal(export.exported, timeout=30_000):
+        assert export.export(target)
+    source = nib.load(sample_data_dir() / SAMPLE_IMAGE_FILE)
+    written = nib.load(target)
+    assert written.shape == source.shape
+    np.testing.assert_allclose(written.affine, source.affine)
+    np.testing.assert_array_equal(np.asarray(written.dataobj).transpose(2, 1, 0), prediction.data)
