@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -71,3 +72,20 @@ def normalised_entropy(probs: torch.Tensor, dim: int = 1, *, eps: float = 1e-12)
         raise ValueError(f"entropy needs at least 2 classes along dim {dim}, got {k}")
     ent = -(probs * probs.clamp_min(eps).log()).sum(dim=dim) / math.log(k)
     return ent.clamp(0.0, 1.0)
+
+
+def window_slices(height: int, width: int, size: int) -> Iterator[tuple[slice, slice]]:
+    """Tile an (height, width) plane in non-overlapping ``size`` x ``size`` windows.
+
+    Row-major, from the top left; the windows of the last row and column are cut at the
+    border (smaller than ``size``). Used to run a network over a whole slice window by window
+    where memory grows with the window (e.g. AUA's aleatoric samples for review).
+
+    Yields
+    ------
+    rows, cols : slice
+        Index ``x[..., rows, cols]`` for a window.
+    """
+    for r in range(0, height, size):
+        for c in range(0, width, size):
+            yield slice(r, min(r + size, height)), slice(c, min(c + size, width))
