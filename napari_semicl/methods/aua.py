@@ -47,7 +47,7 @@ from ..data.augment import weak_augment
 from ..errors import CheckpointError, ConfigError, check_choice, check_positive
 from ..models import build_model
 from ..models.heads import AleatoricHead, ProjectionHead, low_rank_logit_distribution, sample_logits
-from ..models.ops import argmax_classes, window_slices
+from ..models.ops import argmax_classes, normalised_entropy, window_slices
 from .base import StageChange, eval_mode, review_arrays
 from .boundary_contrast import boundary_mask, pixel_vectors, sample_pixels, supervised_contrastive_loss
 from .energy_distance import generalized_dice_distance, generalized_energy_distance
@@ -164,10 +164,8 @@ def mc_supervised_loss(samples: torch.Tensor, target: torch.Tensor) -> torch.Ten
 # --- review helpers ----------------------------------------------------------------------------
 def sample_disagreement(samples: torch.Tensor, n_classes: int) -> torch.Tensor:
     """(S, H, W) class samples -> (H, W) entropy of their class histogram / log K, in [0, 1]."""
-    s = samples.shape[0]
-    p = F.one_hot(samples, n_classes).sum(dim=0).float() / s  # (H, W, K)
-    ent = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=-1)
-    return (ent / math.log(n_classes)).clamp(0.0, 1.0)
+    p = F.one_hot(samples, n_classes).sum(dim=0).float() / samples.shape[0]  # (H, W, K)
+    return normalised_entropy(p, dim=-1)
 
 
 # --- the method --------------------------------------------------------------------------------
