@@ -33,6 +33,10 @@ def normalised_entropy(probs: np.ndarray, *, axis: int = 0, eps: float = 1e-12) 
     ndarray of float32
         ``probs``' shape without ``axis``.
 
+    See Also
+    --------
+    napari_semicl.models.ops.normalised_entropy : the same for torch tensors on the device.
+
     Examples
     --------
     >>> normalised_entropy(np.array([0.5, 0.5]))

@@ -20,7 +20,7 @@ from monai.inferers import sliding_window_inference
 from ..data.annotation import decode_classes
 from ..data.dataset import normalise_image, to_slices, with_context
 from ..errors import DataError
-from ..models.ops import argmax_classes
+from ..models.ops import argmax_classes, normalised_entropy
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,7 @@ def predict_slices(
                     probs = fuse(start, start + probs.shape[0], probs)
                 labels[start:start + batch_size] = argmax_classes(probs).cpu().numpy()
                 if with_entropy:
-                    k = probs.shape[1]
-                    ent = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1) / math.log(k)
-                    entropy[start:start + batch_size] = ent.clamp(0, 1).cpu().numpy()
+                    entropy[start:start + batch_size] = normalised_entropy(probs, dim=1).cpu().numpy()
             except (RuntimeError, MemoryError) as exc:
                 if not is_out_of_memory(exc):
                     raise

@@ -19,7 +19,7 @@ from ..data.annotation import IGNORE_INDEX
 from ..errors import ConfigError
 from ..methods.base import eval_mode
 from ..models.heads import ProjectionHead
-from ..models.ops import argmax_classes
+from ..models.ops import argmax_classes, pad_to_multiple
 from .inference import predict_slices
 
 log = logging.getLogger(__name__)
@@ -28,12 +28,10 @@ log = logging.getLogger(__name__)
 ANALYSES = ("embeddings", "disagreement", "aleatoric", "method_review")
 
 
-def _padded(img: np.ndarray, multiple: int, device) -> torch.Tensor:
-    """(1, C, H', W') tensor of a (C, H, W) slice, zero-padded at the bottom/right to
-    multiples of ``multiple``."""
-    h, w = img.shape[-2:]
-    x = torch.from_numpy(np.ascontiguousarray(img))[None].to(device)
-    return F.pad(x, (0, -w % multiple, 0, -h % multiple))
+def padded_slice(img: np.ndarray, multiple: int, device) -> torch.Tensor:
+    """(1, C, H', W') tensor on ``device`` of a (C, H, W) slice, zero-padded at the
+    bottom/right to multiples of ``multiple`` (:func:`~napari_semicl.models.ops.pad_to_multiple`)."""
+    return pad_to_multiple(torch.from_numpy(np.ascontiguousarray(img))[None].to(device), multiple)
 
 
 def projection_head(method) -> ProjectionHead | None:
@@ -93,7 +91,7 @@ def sample_embeddings(
         for p_idx, s_idx in choose_review_slices(dataset, max_slices, rng):
             img = dataset.images[p_idx][s_idx]
             h, w = img.shape[-2:]
-            logits, feat = model(_padded(img, multiple, device), return_features=True)
+            logits, feat = model(padded_slice(img, multiple, device), return_features=True)
             pred = argmax_classes(logits[0, :, :h, :w], dim=0).cpu().numpy()
             is_lab = (p_idx, s_idx) in set(dataset.labelled)
             if is_lab:
@@ -169,7 +167,7 @@ def aleatoric_samples(method, dataset, *, device, pair_index: int, slice_index: 
     img = dataset.images[pair_index][slice_index]
     h, w = img.shape[-2:]
     multiple = int(getattr(method.inference_model(), "multiple", 1))
-    out = sample(_padded(img, multiple, device), n_samples, valid_shape=(h, w))
+    out = sample(padded_slice(img, multiple, device), n_samples, valid_shape=(h, w))
     if out is None:
         return {}
     out = out.cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)

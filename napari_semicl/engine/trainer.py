@@ -56,7 +56,7 @@ from .events import (
 from .inference import Prediction, is_out_of_memory, predict_slices, predict_volume
 from .metrics import dice_per_class
 from .prior import SlicePrior, dense_share
-from .review import run_analysis
+from .review import padded_slice, run_analysis
 
 log = logging.getLogger(__name__)
 
@@ -337,9 +337,7 @@ class Trainer:
         slice)."""
         img = self.dataset.images[pair_index][slice_index]  # (C, H, W)
         h, w = img.shape[-2:]
-        multiple = int(getattr(self.model, "multiple", 1))
-        x = torch.from_numpy(np.ascontiguousarray(img))[None].to(self.device)
-        x = torch.nn.functional.pad(x, (0, -w % multiple, 0, -h % multiple))
+        x = padded_slice(img, int(getattr(self.model, "multiple", 1)), self.device)
         return self.method.review_slice(x, valid_shape=(h, w))
 
     def _handle(self, message) -> None:

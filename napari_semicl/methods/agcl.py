@@ -9,7 +9,7 @@ Per step (B_L labelled, B_U unlabelled crops):
 * ``L_sup``: CE (+ Dice, ``supervised_dice``) of the student on the weak view of the
   labelled crops, unpainted pixels ignored.
 * ``L_reg``: CE of the student (strong view) against the teacher's arg-max (weak view) on
-  the unlabelled crops, weight ``beta`` (as PLGCL's Eq. 6, :func:`.plgcl.regularisation_loss`).
+  the unlabelled crops, weight ``beta`` (as PLGCL's Eq. 6, :func:`.patch_contrast.regularisation_loss`).
 * After ``warmup_steps``, on patches chosen by PLGCL's entropy sampler
   (:mod:`~napari_semicl.methods.patch_sampling`, shared, Eq. 1 of this paper):
 
@@ -27,11 +27,14 @@ Per step (B_L labelled, B_U unlabelled crops):
 
 Losses by name: ``'ce'``, ``'dice'``, ``'consistency'`` (beta x L_reg), ``'agg_pl'``,
 ``'agg_rw'`` (after the warm-up).
+
+``L_sup``, ``L_reg``, the entropy sampler, the projection heads, the memory bank and the EMA
+updates are shared with PLGCL (:mod:`~napari_semicl.methods.patch_contrast`); this module
+adds Eq. 2-3, 6 and 7.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -40,24 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import strong_augment, weak_augment
 from ..errors import ConfigError, check_positive
-from ..models.heads import ProjectionHead
-from ..models.ops import argmax_classes
-from .base import eval_mode, review_arrays
-from .losses import masked_cross_entropy, supervised_loss
-from .mean_teacher import MeanTeacher, ema_update
-from .memory_bank import ClassMemoryBank
-from .patch_sampling import (
-    IGNORE_INDEX,
-    flatten_patch_grid,
-    one_hot_confidence,
-    pool_patches,
-    select_patches,
-)
-from .plgcl import regularisation_loss
-
-log = logging.getLogger(__name__)
+from .base import eval_mode
+from .patch_contrast import PatchBatch, PatchContrastMethod
 
 #: torch.quantile refuses inputs above 2**24 elements: N^2 <= 2**24
 MAX_PATCHES_LIMIT = 4096
@@ -333,41 +321,30 @@ def info_nce(
 
 
 # --- the method ---------------------------------------------------------------------------------------
-class AGCL(MeanTeacher):
+class AGCL(PatchContrastMethod):
     """Mean teacher + CE regularisation + affinity-graph patch contrast (Semi-AGCL).
 
-    Trainable extras: a projection head (``modules['projection']``) and its EMA copy for the
-    teacher side (``modules['teacher_projection']``, not optimised). Buffer: a per-class
-    memory bank of teacher embeddings, (K, queue_size, embed_dim), checkpointed.
+    The mean teacher, ``L_reg``, the entropy sampler (shared with PLGCL), the projection
+    heads and the per-class memory bank of teacher embeddings are
+    :class:`~.patch_contrast.PatchContrastMethod`'s; this class adds Eq. 2-3, 6 and 7.
 
-    In each contrastive step the entropy sampler (shared with PLGCL) gives every patch of
-    the batch with a (pseudo-)label its class and its ``n_positives`` entropy-nearest
-    patches of the same class. Up to ``max_patches`` of them (a random subset) form the
-    affinity graph: teacher embeddings ``y_t`` (weak view) against student embeddings
-    ``y_s`` (strong view for unlabelled crops, weak view for labelled ones). The student
-    embedding of each is a query of Eq. 7; its positive keys are its own teacher embedding
-    and the teacher embeddings of its entropy-nearest positives; its hard negatives mix
-    pairs of its closest negatives (batch teacher keys and the memory bank) with weight
-    ``A_ii``. The bank is filled with the batch's teacher keys after the loss.
+    In each contrastive step up to ``max_patches`` of the patches with a (pseudo-)label (a
+    random subset) form the affinity graph: teacher embeddings ``y_t`` (weak view) against
+    student embeddings ``y_s`` (strong view for unlabelled crops, weak view for labelled
+    ones). The student embedding of each is a query of Eq. 7; its positive keys are its own
+    teacher embedding and the teacher embeddings of its entropy-nearest positives; its hard
+    negatives mix pairs of its closest negatives (batch teacher keys and the memory bank)
+    with weight ``A_ii``. The bank is filled with the batch's teacher keys after the loss.
     """
 
     name = "agcl"
-    review_layers = ("patch_entropy",)
+    section = "agcl"
+    contrast_losses = ("agg_pl", "agg_rw")
+    bank_name = "AGCL memory bank"
 
     def __init__(self, config, student: nn.Module) -> None:
         super().__init__(config, student)
-        cfg = self.cfg
-        self.n_classes = int(config.model.n_classes)
-        if config.data.patch_size < cfg.patch_size:
-            raise ConfigError(
-                f"agcl.patch_size ({cfg.patch_size}) must not exceed data.patch_size ({config.data.patch_size})"
-            )
-        in_channels = getattr(student, "feature_channels", config.model.base_channels)
-        head = self.add_module("projection", ProjectionHead(in_channels, cfg.embed_dim))
-        self.add_module("teacher_projection", self.make_ema_copy(head))
-        self.pl_loss = AffinityGraphLoss(cfg.gamma)
-        self.bank = ClassMemoryBank(self.n_classes, cfg.queue_size, cfg.embed_dim, self.device, name="AGCL memory bank")
-        self._last: dict[str, torch.Tensor] = {}
+        self.pl_loss = AffinityGraphLoss(self.cfg.gamma)
         #: the bandwidth of Eq. 2 in the last contrastive step (None before the first)
         self.last_sigma: float | None = None
 
@@ -380,63 +357,17 @@ class AGCL(MeanTeacher):
         return step >= cfg.warmup_steps and (cfg.pl_weight > 0 or cfg.rw_weight > 0)
 
     # --- the step -------------------------------------------------------------------------
-    def compute_losses(self, batch, *, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def contrastive_losses(self, patches: PatchBatch, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        x, y = weak_augment(batch.x_l, batch.y_l, generator=generator)
-        s_logits_l, s_feat_l = self.student(x, return_features=True)
-        losses = supervised_loss(s_logits_l, y) if cfg.supervised_dice else {"ce": masked_cross_entropy(s_logits_l, y)}
-        unl = None
-        if batch.x_u is not None:
-            u_weak, _ = weak_augment(batch.x_u, generator=generator)
-            u_strong = strong_augment(u_weak, generator=generator)
-            with torch.no_grad():
-                t_logits_u, t_feat_u = self.teacher(u_weak, return_features=True)
-            s_logits_u, s_feat_u = self.student(u_strong, return_features=True)
-            losses["consistency"] = cfg.beta * regularisation_loss(s_logits_u, t_logits_u)
-            unl = (u_weak, t_logits_u, t_feat_u, s_feat_u)
-        if self.contrast_active(step):
-            pl, rw = self._contrastive_losses(x, y, s_feat_l, unl, step, generator)
-            losses["agg_pl"] = cfg.pl_weight * pl
-            losses["agg_rw"] = cfg.rw_weight * rw
-        return losses
-
-    def _project(self, side: str, features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """(N, D) unit embeddings of the valid patches: decoder features averaged in each
-        patch (:func:`~.patch_sampling.pool_patches`), then the projection head."""
-        head = self.modules["projection" if side == "student" else "teacher_projection"]
-        return head.project_vectors(flatten_patch_grid(pool_patches(features, self.cfg.patch_size))[valid])
-
-    def _contrastive_losses(self, x, y, s_feat_l, unl, step: int, generator: torch.Generator):
-        cfg = self.cfg
-        k = self.n_classes
-        b_l = x.shape[0]
+        sel = patches.selection
+        n_valid = sel.classes.numel()
         with torch.no_grad():
-            t_logits_l, t_feat_l = self.teacher(x, return_features=True)
-            conf = [one_hot_confidence(y, k, fallback=t_logits_l.softmax(dim=1))]
-            labels, t_views, t_feats, s_feats = [y], [x], [t_feat_l], [s_feat_l]
-            if unl is not None:
-                u_weak, t_logits_u, t_feat_u, s_feat_u = unl
-                conf.append(t_logits_u.softmax(dim=1))
-                labels.append(argmax_classes(t_logits_u))
-                t_views.append(u_weak)
-                t_feats.append(t_feat_u)
-                s_feats.append(s_feat_u)
-            sel = select_patches(
-                torch.cat(t_views), torch.cat(conf), torch.cat(labels),
-                patch_size=cfg.patch_size, n_positives=cfg.n_positives, eps=cfg.eps,
-            )
-            n_valid = sel.classes.numel()
-            if n_valid < 2:  # no graph to build (and BatchNorm in the head needs 2 rows)
-                log.debug("step %d: fewer than 2 labelled patches, no AGCL terms", step)
-                self._last = {}
-                zero = s_feat_l.sum() * 0.0
-                return zero, zero
-            t_all = self._project("teacher", torch.cat(t_feats), sel.valid)  # (Nv, D)
+            t_all = self.project("teacher", patches.teacher_features, sel.valid)  # (Nv, D)
             if n_valid > cfg.max_patches:
                 sample = torch.randperm(n_valid, generator=generator)[: cfg.max_patches].sort().values.to(self.device)
             else:
                 sample = torch.arange(n_valid, device=self.device)
-        s_all = self._project("student", torch.cat(s_feats), sel.valid)
+        s_all = self.project("student", patches.student_features, sel.valid)
         y_s, y_t = s_all[sample], t_all[sample]
         classes = sel.classes[sample]
         # Eq. 2 and 3
@@ -461,23 +392,12 @@ class AGCL(MeanTeacher):
             "affinity": affinity.detach(),
             "embeddings": y_s.detach(),
             "embedding_labels": classes,
-            "embedding_is_labelled": sel.image_index[sample] < b_l,
+            "embedding_is_labelled": sel.image_index[sample] < patches.n_labelled,
             "patch_centres": sel.centres[sample],
             "patch_image_index": sel.image_index[sample],
             "patch_entropy": sel.entropy,
         }
-        return pl, rw
-
-    def after_step(self, step: int) -> None:
-        super().after_step(step)  # the teacher network
-        ema_update(self.modules["teacher_projection"], self.modules["projection"], step, self.mt.ema_alpha)
-
-    # --- state ------------------------------------------------------------------------------------
-    def buffers_state(self) -> dict:
-        return self.bank.state_dict()
-
-    def load_buffers_state(self, state: dict) -> None:
-        self.bank.load_state_dict(state, hint="classes, agcl.queue_size, agcl.embed_dim")
+        return {"agg_pl": cfg.pl_weight * pl, "agg_rw": cfg.rw_weight * rw}
 
     # --- review ----------------------------------------------------------------------------------
     def review(self) -> dict[str, np.ndarray]:
@@ -490,15 +410,16 @@ class AGCL(MeanTeacher):
         int64 (labelled crops first); 'patch_entropy' (B, K, H', W') float32, Ent^k of the
         sampler for every crop.
         """
-        return review_arrays(self._last)
+        return super().review()
 
     @torch.no_grad()
     def review_slice(self, x: torch.Tensor, *, valid_shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
         """The sampler and the affinity graph on one whole slice, as on an unlabelled crop.
 
         Teacher and student (eval mode) see the same unaugmented slice; the teacher's
-        softmax and arg-max give the patch classes and entropies (shared sampler). When H
-        or W is not a multiple of P the slice is padded further (zeros, bottom and right).
+        softmax and arg-max give the patch classes and entropies (shared sampler,
+        :meth:`~.patch_contrast.PatchContrastMethod.slice_patches`). When H or W is not a
+        multiple of P the slice is padded further (zeros, bottom and right).
 
         Returns
         -------
@@ -511,32 +432,20 @@ class AGCL(MeanTeacher):
             student embeddings. ``(h, w)`` is ``valid_shape`` (default: the size of ``x``).
         """
         cfg = self.cfg
-        p = cfg.patch_size
-        h, w = valid_shape if valid_shape is not None else tuple(x.shape[-2:])
-        multiple = math.lcm(p, int(getattr(self.teacher, "multiple", 1)))
-        pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
         with eval_mode(self.teacher, self.student, *self.modules.values()):
-            logits, t_feat = self.teacher(x, return_features=True)
-            conf = logits.float().softmax(dim=1)
-            labels = argmax_classes(conf)
-            labels[:, h:, :] = IGNORE_INDEX  # padding never gives a patch its class
-            labels[:, :, w:] = IGNORE_INDEX
-            sel = select_patches(x, conf, labels, patch_size=p, n_positives=cfg.n_positives, eps=cfg.eps)
+            sp = self.slice_patches(x, valid_shape)
+            sel = sp.selection
             keep = min(int(sel.classes.numel()), cfg.max_patches)
-            d = cfg.embed_dim
-            emb = np.zeros((0, d), np.float32)
+            emb = np.zeros((0, cfg.embed_dim), np.float32)
             affinity = np.zeros((0, 0), np.float32)
             if keep:
-                _, s_feat = self.student(x, return_features=True)
-                y_t = self._project("teacher", t_feat, sel.valid)[:keep]
-                y_s = self._project("student", s_feat, sel.valid)[:keep]
+                _, s_feat = self.student(sp.x, return_features=True)
+                y_t = self.project("teacher", sp.features, sel.valid)[:keep]
+                y_s = self.project("student", s_feat, sel.valid)[:keep]
                 emb = y_t.float().cpu().numpy()
                 affinity = affinity_matrix(y_t.float(), y_s.float(), cfg.sigma)[0].cpu().numpy()
-        entropy = sel.entropy[0].repeat_interleave(p, dim=1).repeat_interleave(p, dim=2)[:, :h, :w]
         return {
-            "patch_entropy": entropy.float().cpu().numpy(),
+            "patch_entropy": sp.entropy_map(cfg.patch_size).float().cpu().numpy(),
             "embeddings": emb,
             "embedding_labels": sel.classes[:keep].cpu().numpy().astype(np.int64),
             "patch_centres": sel.centres[:keep].float().cpu().numpy(),

@@ -21,13 +21,19 @@ Stage 2 (Eq. 15): the stage-1 teacher is frozen as the pseudo-labeller; the stud
 the stage-1 weights or re-initialised, ``stage2_init``) learns ``mean(CE, Dice)`` on
 labelled + pseudo-labelled crops (``'ce'``, ``'dice'``) plus ``pcl_weight`` x PCL (Eq. 12)
 against running class statistics of the projected features (Eq. 13) (``'pcl'``).
+
+One concept per module: the low-rank Gaussian over logits (Eq. 5) beside its head in
+:mod:`napari_semicl.models.heads`; the generalized energy distance (Eq. 6-8) in
+:mod:`.energy_distance`; BCL (Eq. 10) in :mod:`.boundary_contrast`; PCL's class statistics
+and loss (Eq. 12-13) in :mod:`.prototype_contrast`; the review-window tiler in
+:mod:`napari_semicl.models.ops`. This module keeps the settings, the Monte-Carlo likelihood
+(Eq. 3-4), the two stages and the review. The names are re-exported here.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,18 +46,19 @@ from ..data.annotation import IGNORE_INDEX
 from ..data.augment import weak_augment
 from ..errors import CheckpointError, ConfigError, check_choice, check_positive
 from ..models import build_model
-from ..models.heads import AleatoricHead, ProjectionHead
-from ..models.ops import argmax_classes
+from ..models.heads import AleatoricHead, ProjectionHead, low_rank_logit_distribution, sample_logits
+from ..models.ops import argmax_classes, normalised_entropy, window_slices
 from .base import StageChange, eval_mode, review_arrays
+from .boundary_contrast import boundary_mask, pixel_vectors, sample_pixels, supervised_contrastive_loss
+from .energy_distance import generalized_dice_distance, generalized_energy_distance
 from .losses import masked_cross_entropy, masked_dice_loss, sigmoid_rampup
 from .mean_teacher import MeanTeacher, ema_update
+from .prototype_contrast import ClassStatistics, prototype_contrastive_loss
 
 log = logging.getLogger(__name__)
 
 STAGE2_INIT_CHOICES = ("continue", "restart")
 COVARIANCE_CHOICES = ("full", "diagonal")
-#: variance added to exp(log-diagonal) (METHODS.md §2: D = exp(.) + 1e-5)
-DIAGONAL_EPS = 1e-5
 
 
 @dataclass
@@ -122,47 +129,7 @@ class AUAConfig:
             raise ConfigError(f"{path}.review_window must be >= 16, got {self.review_window}")
 
 
-# --- Eq. 3-5: the low-rank Gaussian over logits and the Monte-Carlo likelihood -------------
-def low_rank_logit_distribution(
-    mu: torch.Tensor, log_diagonal: torch.Tensor, factor: torch.Tensor
-) -> LowRankMultivariateNormal:
-    """Eq. 5: ``N(mu, F F^T + D)`` over each image's flattened logits.
-
-    Parameters
-    ----------
-    mu, log_diagonal : Tensor
-        (B, K, H, W) mean and log of the diagonal; ``D = exp(log_diagonal) + 1e-5``.
-    factor : Tensor
-        (B, K, r, H, W) low-rank factor F.
-
-    Returns
-    -------
-    LowRankMultivariateNormal
-        Batch shape (B,), event shape (K*H*W,), flattened in (K, H, W) order, so that
-        ``sample.view(B, K, H, W)`` is a logit map.
-    """
-    b, _, _, _ = mu.shape
-    r = factor.shape[2]
-    loc = mu.reshape(b, -1)
-    cov_factor = factor.permute(0, 1, 3, 4, 2).reshape(b, -1, r)
-    cov_diag = log_diagonal.reshape(b, -1).exp() + DIAGONAL_EPS
-    return LowRankMultivariateNormal(loc, cov_factor, cov_diag, validate_args=False)
-
-
-def sample_logits(dist: LowRankMultivariateNormal, n_samples: int, *, antithetic: bool = True) -> torch.Tensor:
-    """(S, B, N) reparameterised samples; antithetic pairs ``mu + e`` and ``mu - e``.
-
-    With ``antithetic`` the first S/2 samples are ``mu + e_j`` and the last S/2 are
-    ``mu - e_j`` for S/2 independent draws ``e_j ~ N(0, F F^T + D)`` (S must be even).
-    """
-    if not antithetic:
-        return dist.rsample((n_samples,))
-    if n_samples % 2:
-        raise ValueError(f"n_samples must be even for antithetic sampling, got {n_samples}")
-    dev = dist.rsample((n_samples // 2,)) - dist.loc
-    return torch.cat([dist.loc + dev, dist.loc - dev])
-
-
+# --- Eq. 3-4: the Monte-Carlo likelihood of the low-rank Gaussian (Eq. 5, models.heads) -------
 def mc_supervised_loss(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Eq. 3-4: ``-(LSE_s log p(y | g_s) - log S)`` per image, divided by its valid pixels.
 
@@ -194,216 +161,11 @@ def mc_supervised_loss(samples: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return (nll[keep] / n[keep]).mean()
 
 
-# --- Eq. 6-8: generalized energy distance with the generalized Dice distance ----------------
-def generalized_dice_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Eq. 8 as printed: ``1 - <a, b> / (<a, a> + <b, b>)`` over the last axis.
-
-    a, b : (..., N) flattened maps (pixels x classes). Note the printed form has no factor 2:
-    ``d(y, y) = 1/2``; it is ``1/2 + 1/2 (1 - 2<a,b>/(|a|^2 + |b|^2))``, so in the energy
-    distance (where the constant cancels) it gives exactly half of the usual Dice distance.
-    """
-    ab = (a * b).sum(-1)
-    return 1.0 - ab / ((a * a).sum(-1) + (b * b).sum(-1))
-
-
-def _pairwise_dice_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(S, B, N), (T, B, N) -> (B, S, T) distances of Eq. 8 between every pair."""
-    ab = torch.einsum("sbn,tbn->bst", a, b)
-    aa = (a * a).sum(-1).transpose(0, 1)  # (B, S)
-    bb = (b * b).sum(-1).transpose(0, 1)  # (B, T)
-    return 1.0 - ab / (aa[:, :, None] + bb[:, None, :])
-
-
-def generalized_energy_distance(p_student: torch.Tensor, p_teacher: torch.Tensor) -> torch.Tensor:
-    """Eq. 7 with the 1/S^2 averages of METHODS.md §2, mean over images.
-
-    ``2/(S T) sum d(s, t) - 1/S^2 sum d(s, s') - 1/T^2 sum d(t, t')`` over all pairs (the
-    equal-index pairs included, as in Eq. 7), d from :func:`generalized_dice_distance`.
-
-    Parameters
-    ----------
-    p_student, p_teacher : Tensor
-        (S, B, N) and (T, B, N) softmaxed samples, each image flattened over (K, H, W).
-    """
-    d_st = _pairwise_dice_distance(p_student, p_teacher).mean(dim=(1, 2))
-    d_ss = _pairwise_dice_distance(p_student, p_student).mean(dim=(1, 2))
-    d_tt = _pairwise_dice_distance(p_teacher, p_teacher).mean(dim=(1, 2))
-    return (2 * d_st - d_ss - d_tt).mean()
-
-
-# --- Eq. 10: boundary-aware contrast -----------------------------------------------------------
-def boundary_mask(target: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Near-boundary pixels: valid pixels with a valid 8-neighbour of another class.
-
-    For each class c this is ``dilation(c) - c`` (the outer ring) plus ``c - erosion(c)``
-    (the inner rim), 1-pixel radius, joined over the classes; pixels with ``IGNORE_INDEX``
-    are never boundary pixels nor make one. target : (B, H, W) long; returns (B, H, W) bool.
-    """
-    valid = target != IGNORE_INDEX
-    safe = torch.where(valid, target, torch.zeros_like(target))
-    onehot = F.one_hot(safe, n_classes).permute(0, 3, 1, 2).float() * valid[:, None]
-    near = F.max_pool2d(onehot, 3, stride=1, padding=1)  # classes within the 3x3 neighbourhood
-    return valid & (near.sum(dim=1) >= 2)
-
-
-def sample_pixels(mask: torch.Tensor, max_per_image: int, generator: torch.Generator | None) -> torch.Tensor:
-    """A (B, H, W) bool subset of ``mask`` with at most ``max_per_image`` pixels per image.
-
-    Random (``generator``) where an image has more; ``generator=None`` takes evenly spaced
-    pixels instead (deterministic, for review).
-    """
-    out = torch.zeros_like(mask)
-    flat_out = out.view(mask.shape[0], -1)
-    for i, m in enumerate(mask.view(mask.shape[0], -1)):
-        idx = m.nonzero().squeeze(1)
-        if idx.numel() > max_per_image:
-            if generator is None:
-                pick = torch.linspace(0, idx.numel() - 1, max_per_image).round().long().to(idx.device)
-            else:
-                pick = torch.randperm(idx.numel(), generator=generator)[:max_per_image].to(idx.device)
-            idx = idx[pick]
-        flat_out[i, idx] = True
-    return out
-
-
-def pixel_vectors(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, D, H, W) features at the (B, H, W) ``mask`` -> (N, D), in ``tensor[mask]`` order.
-
-    ``features.permute(0, 2, 3, 1)[mask]``: row n belongs to the same pixel as
-    ``labels[mask][n]`` and ``mask.nonzero()[n]``.
-    """
-    return features.permute(0, 2, 3, 1)[mask]
-
-
-def supervised_contrastive_loss(
-    z: torch.Tensor, labels: torch.Tensor, tau: float, *, groups: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Eq. 10 (SupCon): ``-1/|P(i)| sum_{p in P(i)} log exp(z_i.z_p/tau) / sum_{o != i} exp(z_i.z_o/tau)``.
-
-    Parameters
-    ----------
-    z : Tensor
-        (N, D) unit embeddings.
-    labels : Tensor
-        (N,) classes.
-    tau : float
-        Temperature tau_1.
-    groups : Tensor, optional
-        (N,) image index; O(i) and P(i) only hold pixels of i's image (Eq. 10 is per image).
-
-    Returns
-    -------
-    Tensor
-        The mean over the anchors with at least one positive (0 with a gradient path if
-        none). The paper's sum over NB is read as this mean (SupCon's reduction), so that
-        lambda_c does not depend on N_b.
-    """
-    n = z.shape[0]
-    sim = z @ z.T / tau
-    eye = torch.eye(n, dtype=torch.bool, device=z.device)
-    others = ~eye
-    if groups is not None:
-        others = others & (groups[:, None] == groups[None, :])
-    pos = others & (labels[:, None] == labels[None, :])
-    sim = sim.masked_fill(~others, torch.finfo(sim.dtype).min / 2)
-    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
-    n_pos = pos.sum(dim=1)
-    has = n_pos > 0
-    if not bool(has.any()):
-        return z.sum() * 0.0
-    per_anchor = -(log_prob * pos).sum(dim=1)[has] / n_pos[has]
-    return per_anchor.mean()
-
-
-# --- Eq. 12-13: prototype-aware contrast with running class statistics -----------------------
-class ClassStatistics:
-    """Per-class running mean and covariance of feature vectors (Eq. 13).
-
-    After updates with batches ``(f_t, y_t)`` the statistics equal the mean and the biased
-    covariance (``np.cov(..., bias=True)``) of all vectors of each class seen so far: a batch
-    with ``n`` vectors of class c, mean ``m`` and covariance ``C`` merges as
-    ``mu <- (N mu + n m)/(N + n)``, ``S <- (N S + n C)/(N + n) + N n (mu - m)(mu - m)^T/(N + n)^2``.
-    Kept in float64. ``diagonal=True`` keeps only the variances (K, D).
-    """
-
-    def __init__(self, n_classes: int, dim: int, *, diagonal: bool = False, device=None) -> None:
-        self.diagonal = diagonal
-        self.count = torch.zeros(n_classes, dtype=torch.float64, device=device)
-        self.mean = torch.zeros(n_classes, dim, dtype=torch.float64, device=device)
-        shape = (n_classes, dim) if diagonal else (n_classes, dim, dim)
-        self.cov = torch.zeros(shape, dtype=torch.float64, device=device)
-
-    @torch.no_grad()
-    def update(self, vectors: torch.Tensor, labels: torch.Tensor) -> None:
-        """Merge (N, D) ``vectors`` with (N,) class ``labels`` (Eq. 13)."""
-        vectors = vectors.detach().to(torch.float64)
-        for c in labels.unique().tolist():
-            f = vectors[labels == c]
-            n = f.shape[0]
-            m = f.mean(dim=0)
-            centred = f - m
-            cov_b = (centred * centred).mean(dim=0) if self.diagonal else centred.T @ centred / n
-            big_n = float(self.count[c])
-            total = big_n + n
-            delta = self.mean[c] - m
-            spread = delta * delta if self.diagonal else torch.outer(delta, delta)
-            self.cov[c] = (big_n * self.cov[c] + n * cov_b) / total + big_n * n * spread / total**2
-            self.mean[c] = (big_n * self.mean[c] + n * m) / total
-            self.count[c] = total
-
-    def quadratic_forms(self, vectors: torch.Tensor) -> torch.Tensor:
-        """(N, D) -> (N, K): ``f^T Sigma_c f`` for every class c."""
-        cov = self.cov.to(vectors.dtype)
-        if self.diagonal:
-            return (vectors * vectors) @ cov.T
-        return torch.einsum("nd,kde,ne->nk", vectors, cov, vectors)
-
-    def state(self) -> dict:
-        return {"count": self.count.cpu().clone(), "mean": self.mean.cpu().clone(), "cov": self.cov.cpu().clone()}
-
-    def load(self, state: dict) -> None:
-        for key in ("count", "mean", "cov"):
-            value = state[key]
-            if tuple(value.shape) != tuple(getattr(self, key).shape):
-                raise CheckpointError(
-                    f"the AUA class statistics '{key}' have shape {tuple(value.shape)}, this run needs "
-                    f"{tuple(getattr(self, key).shape)} (classes, aua.embed_dim, aua.pcl_covariance)"
-                )
-            setattr(self, key, value.to(getattr(self, key).device, torch.float64).clone())
-
-
-def prototype_contrastive_loss(
-    vectors: torch.Tensor, labels: torch.Tensor, stats: ClassStatistics, tau: float
-) -> torch.Tensor:
-    """Eq. 12, for K classes: ``mean_i f_i^T S_y f_i - mean_i log softmax_c(z_ic)_{y_i}``.
-
-    ``z_ic = f_i . mu_c / tau + f_i^T S_c f_i / (2 tau^2)`` with the (detached) running
-    statistics of class c; classes never seen are left out of the softmax. With two classes
-    this is Eq. 12 (positive class y_i, negative class the other); the leading
-    ``f^T sigma_p f`` of Eq. 12 is read as averaged over the pixels like the second term.
-    vectors : (N, D); labels : (N,) long.
-    """
-    q = stats.quadratic_forms(vectors)  # (N, K)
-    z = vectors @ stats.mean.to(vectors.dtype).T / tau + q / (2 * tau**2)
-    z = z.masked_fill(~(stats.count > 0)[None], torch.finfo(z.dtype).min / 2)
-    own = labels[:, None]
-    log_p = z.gather(1, own).squeeze(1) - torch.logsumexp(z, dim=1)
-    return q.gather(1, own).squeeze(1).mean() - log_p.mean()
-
-
 # --- review helpers ----------------------------------------------------------------------------
 def sample_disagreement(samples: torch.Tensor, n_classes: int) -> torch.Tensor:
     """(S, H, W) class samples -> (H, W) entropy of their class histogram / log K, in [0, 1]."""
-    s = samples.shape[0]
-    p = F.one_hot(samples, n_classes).sum(dim=0).float() / s  # (H, W, K)
-    ent = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=-1)
-    return (ent / math.log(n_classes)).clamp(0.0, 1.0)
-
-
-def _windows(h: int, w: int, size: int) -> Iterator[tuple[slice, slice]]:
-    for r in range(0, h, size):
-        for c in range(0, w, size):
-            yield slice(r, min(r + size, h)), slice(c, min(c + size, w))
+    p = F.one_hot(samples, n_classes).sum(dim=0).float() / samples.shape[0]  # (H, W, K)
+    return normalised_entropy(p, dim=-1)
 
 
 # --- the method --------------------------------------------------------------------------------
@@ -655,7 +417,7 @@ class AUA(MeanTeacher):
         proj = self.modules["projection"]
         with torch.random.fork_rng(devices=devices), eval_mode(net, head, self.student, proj):
             torch.manual_seed(self.config.seed)
-            for rows, cols in _windows(x.shape[-2], x.shape[-1], size):
+            for rows, cols in window_slices(x.shape[-2], x.shape[-1], size):
                 if rows.start >= h or cols.start >= w:
                     continue
                 xw = x[..., rows, cols]

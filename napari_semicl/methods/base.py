@@ -147,7 +147,8 @@ class Method:
         ----------
         x : Tensor
             (1, C, H, W) normalised slice on the training device; the caller pads H and W
-            (zeros at the bottom and right) to the network's size multiple.
+            (zeros at the bottom and right) to the network's size multiple
+            (:func:`~napari_semicl.models.ops.pad_to_multiple`).
         valid_shape : (int, int), optional
             The slice's size before that padding; pixel maps and coordinates returned are
             limited to it (default: all of ``x``).

@@ -18,11 +18,14 @@ Per step (B_L labelled, B_U unlabelled crops):
 
 Losses by name: ``'ce'``, ``'dice'`` (Eq. 7), ``'consistency'`` (beta x Eq. 6), ``'plgcl'``
 (gamma x Eq. 5, after warm-up).
+
+Eq. 6-8 and the EMA updates, the patch selection and the queue are shared with Semi-AGCL
+(:mod:`~napari_semicl.methods.patch_contrast`, where Eq. 6 is
+:func:`~napari_semicl.methods.patch_contrast.regularisation_loss`); this module adds Eq. 5.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 
@@ -31,24 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import strong_augment, weak_augment
 from ..errors import ConfigError, check_choice, check_positive
-from ..models.heads import ProjectionHead
-from ..models.ops import argmax_classes
-from .base import eval_mode, review_arrays
-from .losses import masked_cross_entropy, supervised_loss
-from .mean_teacher import MeanTeacher, ema_update
-from .memory_bank import ClassMemoryBank
-from .patch_sampling import (
-    IGNORE_INDEX,
-    extract_patches,
-    flatten_patch_grid,
-    one_hot_confidence,
-    pool_patches,
-    select_patches,
-)
-
-log = logging.getLogger(__name__)
+from .base import eval_mode
+from .patch_contrast import PatchBatch, PatchContrastMethod
+from .patch_sampling import extract_patches
 
 EMBEDDING_CHOICES = ("pooled", "image")
 REDUCTION_CHOICES = ("mean", "none")
@@ -107,14 +96,6 @@ class PLGCLConfig:
         if not 0 < self.eps < 0.5:
             raise ConfigError(f"{path}.eps must be in (0, 0.5), got {self.eps}")
         check_choice(f"{path}.embedding", self.embedding, EMBEDDING_CHOICES)
-
-
-def regularisation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Eq. 6: CE of the student (strong view) against the teacher's argmax (weak view).
-
-    Both (B, K, H, W), pixel-aligned; the teacher side carries no gradient.
-    """
-    return F.cross_entropy(student_logits, argmax_classes(teacher_logits.detach()))
 
 
 class PLGCLLoss(nn.Module):
@@ -225,12 +206,12 @@ def encode_patch_images(model: nn.Module, patches: torch.Tensor) -> torch.Tensor
     return h.mean(dim=(-2, -1))
 
 
-class PLGCL(MeanTeacher):
+class PLGCL(PatchContrastMethod):
     """Mean teacher + CE regularisation + pseudo-label guided patch contrast (PLGCL).
 
-    Trainable extras: a projection head (``modules['projection']``) and its EMA copy on the
-    teacher side (``modules['teacher_projection']``, not optimised). Buffers: a per-class
-    FIFO queue of teacher embeddings, (K, queue_size, embed_dim).
+    The mean teacher, the regularisation, the patch selection, the projection heads and the
+    per-class FIFO queue of teacher embeddings are :class:`~.patch_contrast.PatchContrastMethod`'s;
+    this class adds Eq. 5 (:class:`PLGCLLoss`) and the 'image' embedding.
 
     In each contrastive step every patch with a (pseudo-)label is an anchor (student
     embedding: strong view for unlabelled crops, weak view for labelled ones). Its positive
@@ -241,35 +222,30 @@ class PLGCL(MeanTeacher):
     """
 
     name = "plgcl"
-    review_layers = ("patch_entropy",)
+    section = "plgcl"
+    contrast_losses = ("plgcl",)
+    bank_name = "PLGCL queue"
 
     def __init__(self, config, student: nn.Module) -> None:
         super().__init__(config, student)
         cfg = self.cfg
-        self.n_classes = int(config.model.n_classes)
-        if config.data.patch_size < cfg.patch_size:
-            raise ConfigError(
-                f"plgcl.patch_size ({cfg.patch_size}) must not exceed data.patch_size ({config.data.patch_size})"
-            )
-        if cfg.embedding == "image":
-            multiple = 2 ** config.model.depth
-            if cfg.patch_size % multiple:
-                raise ConfigError(
-                    f"plgcl.patch_size ({cfg.patch_size}) must be a multiple of 2**model.depth ({multiple}) "
-                    "with embedding='image'"
-                )
-            in_channels = config.model.base_channels * 2 ** config.model.depth
-        else:
-            in_channels = getattr(student, "feature_channels", config.model.base_channels)
-        head = self.add_module("projection", ProjectionHead(in_channels, cfg.embed_dim))
-        self.add_module("teacher_projection", self.make_ema_copy(head))
         self.loss_fn = PLGCLLoss(cfg.tau, eps=cfg.eps, zeta=cfg.zeta)
-        self.bank = ClassMemoryBank(self.n_classes, cfg.queue_size, cfg.embed_dim, self.device, name="PLGCL queue")
-        self._last: dict[str, torch.Tensor] = {}
 
     @property
     def cfg(self) -> PLGCLConfig:
         return self.config.plgcl
+
+    def projection_in_channels(self, config, student: nn.Module) -> int:
+        cfg = config.plgcl
+        if cfg.embedding != "image":
+            return super().projection_in_channels(config, student)
+        multiple = 2 ** config.model.depth
+        if cfg.patch_size % multiple:
+            raise ConfigError(
+                f"plgcl.patch_size ({cfg.patch_size}) must be a multiple of 2**model.depth ({multiple}) "
+                "with embedding='image'"
+            )
+        return config.model.base_channels * 2 ** config.model.depth
 
     def lambda_at(self, step: int) -> float:
         """lambda of Eq. 5: 0 at the end of the warm-up, linear up to ``lambda_cov``."""
@@ -283,94 +259,37 @@ class PLGCL(MeanTeacher):
         return self.cfg.gamma > 0 and step >= self.cfg.warmup_steps
 
     # --- the step -------------------------------------------------------------------------
-    def compute_losses(self, batch, *, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
-        x, y = weak_augment(batch.x_l, batch.y_l, generator=generator)
-        s_logits_l, s_feat_l = self.student(x, return_features=True)
-        if cfg.supervised_dice:
-            losses = supervised_loss(s_logits_l, y)
-        else:
-            losses = {"ce": masked_cross_entropy(s_logits_l, y)}
-        unl = None
-        if batch.x_u is not None:
-            u_weak, _ = weak_augment(batch.x_u, generator=generator)
-            u_strong = strong_augment(u_weak, generator=generator)
-            with torch.no_grad():
-                t_logits_u, t_feat_u = self.teacher(u_weak, return_features=True)
-            s_logits_u, s_feat_u = self.student(u_strong, return_features=True)
-            losses["consistency"] = cfg.beta * regularisation_loss(s_logits_u, t_logits_u)
-            unl = (u_weak, u_strong, t_logits_u, t_feat_u, s_feat_u)
-        if self.contrast_active(step):
-            losses["plgcl"] = cfg.gamma * self._contrastive_loss(x, y, s_feat_l, unl, step, generator)
-        return losses
-
     def _embed(self, side: str, views: torch.Tensor, features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(N, D) unit embeddings of the valid patches, through the student or teacher side."""
-        p = self.cfg.patch_size
+        if self.cfg.embedding != "image":
+            return self.project(side, features, valid)
         net = self.student if side == "student" else self.teacher
         head = self.modules["projection" if side == "student" else "teacher_projection"]
-        if self.cfg.embedding == "image":
-            vectors = encode_patch_images(net, extract_patches(views, p)[valid])
-        else:
-            vectors = flatten_patch_grid(pool_patches(features, p))[valid]
-        return head.project_vectors(vectors)
+        return head.project_vectors(encode_patch_images(net, extract_patches(views, self.cfg.patch_size)[valid]))
 
-    def _contrastive_loss(self, x, y, s_feat_l, unl, step: int, generator: torch.Generator) -> torch.Tensor:
+    def contrastive_losses(self, patches: PatchBatch, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        k = self.n_classes
-        b_l = x.shape[0]
+        sel = patches.selection
         with torch.no_grad():
-            t_logits_l, t_feat_l = self.teacher(x, return_features=True)
-            # ground truth where painted, the teacher's belief on unpainted/padded pixels
-            conf = [one_hot_confidence(y, k, fallback=t_logits_l.softmax(dim=1))]
-            labels, t_views, s_views, t_feats, s_feats = [y], [x], [x], [t_feat_l], [s_feat_l]
-            if unl is not None:
-                u_weak, u_strong, t_logits_u, t_feat_u, s_feat_u = unl
-                conf.append(t_logits_u.softmax(dim=1))
-                labels.append(argmax_classes(t_logits_u))
-                t_views.append(u_weak)
-                s_views.append(u_strong)
-                t_feats.append(t_feat_u)
-                s_feats.append(s_feat_u)
-            t_view = torch.cat(t_views)
-            sel = select_patches(
-                t_view, torch.cat(conf), torch.cat(labels),
-                patch_size=cfg.patch_size, n_positives=cfg.n_positives, eps=cfg.eps,
-            )
-            if sel.classes.numel() < 2:  # nothing to contrast (and BatchNorm needs 2 rows)
-                log.debug("step %d: fewer than 2 labelled patches, no PLGCL term", step)
-                self._last = {}
-                return s_feat_l.sum() * 0.0
-            t_emb = self._embed("teacher", t_view, torch.cat(t_feats), sel.valid)
-        s_emb = self._embed("student", torch.cat(s_views), torch.cat(s_feats), sel.valid)
+            t_emb = self._embed("teacher", patches.teacher_view, patches.teacher_features, sel.valid)
+        s_emb = self._embed("student", torch.cat(patches.student_views), patches.student_features, sel.valid)
         q_keys, q_classes = self.bank.contents()
         keys = torch.cat([t_emb, q_keys])
         key_classes = torch.cat([sel.classes, q_classes])
         loss = self.loss_fn(
             s_emb, sel.classes, t_emb[sel.positives], sel.positive_mask, keys, key_classes,
-            n_classes=k, lam=self.lambda_at(step),
+            n_classes=self.n_classes, lam=self.lambda_at(step),
         )
         self.bank.push(t_emb, sel.classes, generator)  # FIFO per class
         self._last = {
             "patch_entropy": sel.entropy,
             "embeddings": s_emb.detach(),
             "embedding_labels": sel.classes,
-            "embedding_is_labelled": sel.image_index < b_l,
+            "embedding_is_labelled": sel.image_index < patches.n_labelled,
             "patch_centres": sel.centres,
             "patch_image_index": sel.image_index,
         }
-        return loss
-
-    def after_step(self, step: int) -> None:
-        super().after_step(step)  # teacher network (Eq. 9-10)
-        ema_update(self.modules["teacher_projection"], self.modules["projection"], step, self.mt.ema_alpha)
-
-    # --- the memory queue (memory_bank.ClassMemoryBank, shared with AGCL) --------------------
-    def buffers_state(self) -> dict:
-        return self.bank.state_dict()
-
-    def load_buffers_state(self, state: dict) -> None:
-        self.bank.load_state_dict(state, hint="classes, plgcl.queue_size, plgcl.embed_dim")
+        return {"plgcl": cfg.gamma * loss}
 
     # --- review ------------------------------------------------------------------------------
     def review(self) -> dict[str, np.ndarray]:
@@ -382,15 +301,15 @@ class PLGCL(MeanTeacher):
         'patch_centres' (N, 2) float32 (row, col) in crop pixels; 'patch_image_index' (N,)
         int64, the crop of each patch (labelled crops first).
         """
-        return review_arrays(self._last)
+        return super().review()
 
     @torch.no_grad()
     def review_slice(self, x: torch.Tensor, *, valid_shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
         """The patch sampler on one whole slice, as on an unlabelled crop.
 
         The teacher (eval mode) predicts the slice; its softmax is the class confidence
-        and its arg-max the patch classes (:func:`~.patch_sampling.select_patches`, as in
-        the unlabelled path of a step). When H or W is not a multiple of P the slice is
+        and its arg-max the patch classes (:meth:`~.patch_contrast.PatchContrastMethod.slice_patches`,
+        as in the unlabelled path of a step). When H or W is not a multiple of P the slice is
         padded further with zeros (bottom and right) so that every pixel lies in a patch.
 
         Returns
@@ -403,26 +322,13 @@ class PLGCL(MeanTeacher):
             teacher's arg-max); 'patch_centres' (N, 2) float32 (row, col) in slice pixels.
             ``(h, w)`` is ``valid_shape`` (default: the size of ``x``).
         """
-        cfg = self.cfg
-        p = cfg.patch_size
-        h, w = valid_shape if valid_shape is not None else tuple(x.shape[-2:])
-        multiple = math.lcm(p, int(getattr(self.teacher, "multiple", 1)))
-        pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        heads = (self.modules["teacher_projection"],)
-        with eval_mode(self.teacher, *heads):
-            logits, feat = self.teacher(x, return_features=True)
-            conf = logits.float().softmax(dim=1)
-            labels = argmax_classes(conf)
-            labels[:, h:, :] = IGNORE_INDEX  # padding never gives a patch its class
-            labels[:, :, w:] = IGNORE_INDEX
-            sel = select_patches(x, conf, labels, patch_size=p, n_positives=cfg.n_positives, eps=cfg.eps)
-            emb = self._embed("teacher", x, feat, sel.valid) if sel.classes.numel() else None
-        entropy = sel.entropy[0].repeat_interleave(p, dim=1).repeat_interleave(p, dim=2)[:, :h, :w]
-        d = cfg.embed_dim
+        with eval_mode(self.teacher, self.modules["teacher_projection"]):
+            sp = self.slice_patches(x, valid_shape)
+            sel = sp.selection
+            emb = self._embed("teacher", sp.x, sp.features, sel.valid) if sel.classes.numel() else None
+        d = self.cfg.embed_dim
         return {
-            "patch_entropy": entropy.float().cpu().numpy(),
+            "patch_entropy": sp.entropy_map(self.cfg.patch_size).float().cpu().numpy(),
             "embeddings": (np.zeros((0, d), np.float32) if emb is None else emb.float().cpu().numpy()),
             "embedding_labels": sel.classes.cpu().numpy().astype(np.int64),
             "patch_centres": sel.centres.float().cpu().numpy(),

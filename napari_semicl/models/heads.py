@@ -1,10 +1,16 @@
-"""Projection heads that turn decoder features into embeddings for contrastive losses."""
+"""Heads on the decoder features: projection heads that turn them into embeddings for
+contrastive losses, and the aleatoric head with the low-rank Gaussian over logits it
+parameterises (AUA, Eq. 5)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributions import LowRankMultivariateNormal
+
+#: variance added to exp(log-diagonal) (METHODS.md §2: D = exp(.) + 1e-5)
+DIAGONAL_EPS = 1e-5
 
 
 class ProjectionHead(nn.Module):
@@ -49,8 +55,8 @@ class AleatoricHead(nn.Module):
     Two 1x1 convolutions on the last decoder features (B, C, H, W): the log of the diagonal
     ``log_d`` (B, K, H, W) and the low-rank factor ``factor`` (B, K, rank, H, W). The mean
     of the Gaussian is the segmentation network's own 1x1 output convolution, so the plain
-    network keeps predicting ``mu`` (:mod:`napari_semicl.methods.aua` builds the
-    distribution).
+    network keeps predicting ``mu`` (:func:`low_rank_logit_distribution` builds the
+    distribution, :func:`sample_logits` draws from it).
 
     Parameters
     ----------
@@ -74,3 +80,43 @@ class AleatoricHead(nn.Module):
         b, _, h, w = features.shape
         factor = self.factor(features).view(b, self.n_classes, self.rank, h, w)
         return self.log_diagonal(features), factor
+
+
+def low_rank_logit_distribution(
+    mu: torch.Tensor, log_diagonal: torch.Tensor, factor: torch.Tensor
+) -> LowRankMultivariateNormal:
+    """Eq. 5: ``N(mu, F F^T + D)`` over each image's flattened logits.
+
+    Parameters
+    ----------
+    mu, log_diagonal : Tensor
+        (B, K, H, W) mean and log of the diagonal; ``D = exp(log_diagonal) + 1e-5``.
+    factor : Tensor
+        (B, K, r, H, W) low-rank factor F.
+
+    Returns
+    -------
+    LowRankMultivariateNormal
+        Batch shape (B,), event shape (K*H*W,), flattened in (K, H, W) order, so that
+        ``sample.view(B, K, H, W)`` is a logit map.
+    """
+    b, _, _, _ = mu.shape
+    r = factor.shape[2]
+    loc = mu.reshape(b, -1)
+    cov_factor = factor.permute(0, 1, 3, 4, 2).reshape(b, -1, r)
+    cov_diag = log_diagonal.reshape(b, -1).exp() + DIAGONAL_EPS
+    return LowRankMultivariateNormal(loc, cov_factor, cov_diag, validate_args=False)
+
+
+def sample_logits(dist: LowRankMultivariateNormal, n_samples: int, *, antithetic: bool = True) -> torch.Tensor:
+    """(S, B, N) reparameterised samples; antithetic pairs ``mu + e`` and ``mu - e``.
+
+    With ``antithetic`` the first S/2 samples are ``mu + e_j`` and the last S/2 are
+    ``mu - e_j`` for S/2 independent draws ``e_j ~ N(0, F F^T + D)`` (S must be even).
+    """
+    if not antithetic:
+        return dist.rsample((n_samples,))
+    if n_samples % 2:
+        raise ValueError(f"n_samples must be even for antithetic sampling, got {n_samples}")
+    dev = dist.rsample((n_samples // 2,)) - dist.loc
+    return torch.cat([dist.loc + dev, dist.loc - dev])

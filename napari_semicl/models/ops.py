@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+
 import torch
+import torch.nn.functional as F
 
 
 def argmax_classes(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -14,3 +18,74 @@ def argmax_classes(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     a few percent of a contrastive training step, taken three times per step.
     """
     return x.max(dim=dim).indices
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the last two axes of ``x`` at the bottom and right to multiples of ``multiple``.
+
+    The one padding of a whole slice to the network's size multiple (the U-Net halves H and
+    W ``depth`` times; a patch sampler may ask for the lcm with its patch side). Pixel maps
+    computed on the result are cropped back to the slice's own ``(H, W)`` by the caller.
+
+    Parameters
+    ----------
+    x : Tensor
+        (..., H, W), e.g. a (1, C, H, W) slice.
+    multiple : int
+        >= 1.
+
+    Returns
+    -------
+    Tensor
+        (..., H', W'), ``H' = ceil(H / multiple) * multiple`` (likewise W'); always a new
+        tensor, even when nothing is padded.
+    """
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    h, w = x.shape[-2:]
+    return F.pad(x, (0, -w % multiple, 0, -h % multiple))
+
+
+def normalised_entropy(probs: torch.Tensor, dim: int = 1, *, eps: float = 1e-12) -> torch.Tensor:
+    """Entropy ``-sum_k p_k log p_k`` along the class axis ``dim``, divided by ``log K``.
+
+    The torch twin of :func:`napari_semicl.analysis.normalised_entropy` (numpy), for maps
+    that stay on the training device.
+
+    Parameters
+    ----------
+    probs : Tensor
+        Class probabilities, K >= 2 along ``dim`` (e.g. (B, K, H, W) softmax, ``dim=1``).
+    dim : int
+        The class axis.
+    eps : float
+        Floor inside the logarithm (``0 log 0`` is taken as 0).
+
+    Returns
+    -------
+    Tensor
+        ``probs``' shape without ``dim``, in ``[0, 1]``: 0 for a one-hot, 1 for a uniform
+        distribution.
+    """
+    k = probs.shape[dim]
+    if k < 2:
+        raise ValueError(f"entropy needs at least 2 classes along dim {dim}, got {k}")
+    ent = -(probs * probs.clamp_min(eps).log()).sum(dim=dim) / math.log(k)
+    return ent.clamp(0.0, 1.0)
+
+
+def window_slices(height: int, width: int, size: int) -> Iterator[tuple[slice, slice]]:
+    """Tile an (height, width) plane in non-overlapping ``size`` x ``size`` windows.
+
+    Row-major, from the top left; the windows of the last row and column are cut at the
+    border (smaller than ``size``). Used to run a network over a whole slice window by window
+    where memory grows with the window (e.g. AUA's aleatoric samples for review).
+
+    Yields
+    ------
+    rows, cols : slice
+        Index ``x[..., rows, cols]`` for a window.
+    """
+    for r in range(0, height, size):
+        for c in range(0, width, size):
+            yield slice(r, min(r + size, height)), slice(c, min(c + size, width))
