@@ -33,7 +33,6 @@ layout (slicing axis first).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +42,7 @@ from ..data.annotation import IGNORE_INDEX
 from ..data.interpolation import interpolate_labels
 from ..errors import ConfigError, DataError
 from ..errors import check_choice as _check_choice
+from ..models.ops import normalised_entropy
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +126,9 @@ def fuse_probabilities(p_net: torch.Tensor, p_prior: torch.Tensor, weight: torch
 
     p_net, p_prior : (B, K, H, W) probabilities; weight : (B,) the prior's weight c(d).
     """
-    k = p_net.shape[1]
-    ent = -(p_net * p_net.clamp_min(1e-12).log()).sum(dim=1, keepdim=True) / math.log(k)
+    ent = normalised_entropy(p_net, dim=1).unsqueeze(1)
     w = weight.float().view(-1, 1, 1, 1)
-    alpha = w + (1.0 - w) * ent.clamp(0, 1)
+    alpha = w + (1.0 - w) * ent
     return alpha * p_prior + (1.0 - alpha) * p_net
 
 
