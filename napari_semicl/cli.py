@@ -556,8 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("--image", required=True, help="the image: gives the geometry, and the intensities for --method flow")
     ip.add_argument("--out", required=True, help="mask file (.nii.gz, .nii, .tif), written with the image's geometry")
     ip.add_argument("--axis", type=int, help="slicing axis (default: the axis with the fewest slices)")
-    ip.add_argument("--method", choices=["sdf", "flow"], default="sdf",
-                    help="sdf: blend signed distance maps; flow: warp them along the image by optical flow first")
+    ip.add_argument("--method", choices=["flow", "sdf"], default="flow",
+                    help="flow (default): carry the painted shapes along the image by optical flow, then blend "
+                         "their signed distance maps; sdf: blend the maps directly (faster, ignores the image)")
     ip.add_argument("--unpainted", choices=["background", "ignore"], default="background",
                     help="background (default): 0 is background on painted slices; ignore: 0 is unpainted, so "
                          "painted slices must be painted in every pixel")

@@ -102,6 +102,13 @@ def test_past_the_outermost_slice_the_shape_shrinks_and_vanishes():
     assert radius_of(out.labels[2] == 1) == pytest.approx(6, abs=1.0)
 
 
+def test_the_method_is_flow_when_the_image_is_given(cone):
+    assert interpolate_labels(cone, axis=0).method == "sdf"
+    image = cone.astype(np.float32) * 50 + 5
+    assert interpolate_labels(cone, axis=0, image=image).method == "flow"
+    assert interpolate_labels(cone, axis=0, image=image, method="sdf").method == "sdf"
+
+
 def test_anisotropic_spacing_changes_the_fall_off():
     lab = np.zeros((6, 40, 40), np.uint8)
     lab[0] = disc((40, 40), (20, 20), 12)

@@ -6,8 +6,9 @@ This is the "fill between slices" of 3D Slicer and ITK-SNAP, written for label a
   inside, in in-plane pixels; a pixel's centre sits half a pixel inside the boundary, so a
   one-pixel object scores +0.5 and its neighbours -0.5);
 * a slice between painted slices ``a`` and ``b`` gets the linear blend of the two maps by
-  position (``method='sdf'``), or of the two maps first warped onto that slice by optical
-  flow between the image slices (``method='flow'``);
+  position (``method='sdf'``), or of the two maps first carried onto that slice, slice by
+  slice, by optical flow between neighbouring image slices (``method='flow'``, the default
+  when the image is given);
 * past the outermost painted slice, the nearest painted slice's map minus ``shrink`` per
   slice, so that the shape shrinks and vanishes;
 * where a class is painted on one side of a gap and absent on the other, the absent side
@@ -246,7 +247,7 @@ def interpolate_labels(
     axis: int = 0,
     spacing=None,
     shrink: float | None = None,
-    method: str = "sdf",
+    method: str | None = None,
     image: np.ndarray | None = None,
     unpainted: str = "background",
     background_value: int | None = None,
@@ -267,11 +268,12 @@ def interpolate_labels(
     shrink : float, optional
         Fall-off past the outermost painted slice, in in-plane pixels per slice. Default
         ``3 * slice spacing / in-plane pixel size`` (3 for isotropic voxels).
-    method : {'sdf', 'flow'}
+    method : {'flow', 'sdf'}, optional
         'sdf': linear blend of the two neighbouring painted slices' signed distance maps.
-        'flow': the same, after warping each map onto the slice by optical flow
-        (:func:`skimage.registration.optical_flow_ilk`) between the image slices; needs
-        ``image``.
+        'flow': the same, after carrying each map onto the slice by optical flow
+        (:func:`skimage.registration.optical_flow_ilk`) between neighbouring image slices;
+        needs ``image``. Default: 'flow' when ``image`` is given (it measured better on
+        left-atrium and cardiac MRI, docs/benchmarks.md), else 'sdf'.
     image : ndarray, optional
         The grey image, same shape as ``labels``; required by ``method='flow'``.
     unpainted : {'background', 'ignore'}
@@ -307,6 +309,8 @@ def interpolate_labels(
     ([1, 9, 1], [1.0, 0.0, 1.0])
     """
     _check_mode(unpainted)
+    if method is None:
+        method = "sdf" if image is None else "flow"
     if method not in METHODS:
         raise ConfigError(f"method must be one of {set(METHODS)}, got {method!r}")
     if shrink is not None and not shrink >= 0:
@@ -334,7 +338,7 @@ def interpolate_labels(
         raise DataError(f"nothing to interpolate: no complete slice along axis {axis} (need {what})")
     if method == "flow" and not flat:
         if image is None:
-            raise DataError("method 'flow' needs the image: pass image= (same shape as the labels)")
+            raise DataError("method 'flow' needs the image: pass image= (same shape as the labels), or use method='sdf'")
         image = np.asarray(image)
         if image.shape != labels.shape:
             raise DataError(f"image shape {image.shape} differs from labels shape {labels.shape}")
