@@ -96,6 +96,38 @@ def test_prior_config_is_checked():
     assert TrainConfig.from_json(cfg.to_json()).prior.mode == "targets"
 
 
+def test_leave_one_out_and_calibration_by_hand():
+    from napari_semicl.engine.prior import calibrate, leave_one_out
+
+    # a square whose side grows by 2 px a slice: the middle slice is exactly the blend of
+    # its neighbours, so leaving it out costs nothing
+    lab = np.zeros((9, 40, 40), np.uint8)
+    for s in (0, 4, 8):
+        r = 4 + s
+        lab[s, 20 - r:20 + r, 20 - r:20 + r] = 1
+    loo = leave_one_out(lab, [0, 4, 8], axis=0)
+    assert len(loo) == 1
+    d, dice, err = loo[0]
+    assert d == 4 and dice > 0.97 and err < 0.5
+    cal = calibrate(loo, PriorConfig(boundary_px=1.0))
+    assert cal.length == 64.0 and cal.band_px == pytest.approx(max(err / 4, 0.25))
+    # a square that jumps aside: the fill between is wrong, so the band widens and the
+    # prior's weight falls quickly
+    jump = np.zeros((9, 40, 40), np.uint8)
+    jump[0, 2:12, 2:12] = 1
+    jump[4, 28:38, 28:38] = 1
+    jump[8, 2:12, 2:12] = 1
+    (d, dice, err), = leave_one_out(jump, [0, 4, 8], axis=0)
+    assert dice == 0.0 and err > 1.0
+    cal = calibrate([(d, dice, err)], PriorConfig())
+    assert cal.band_px == pytest.approx(err / 4) and cal.length == pytest.approx(4 / -math.log(0.05))
+    # fewer than three painted slices, or calibration off: the config's values
+    none = calibrate([], PriorConfig(boundary_px=1.5, confidence_length=3.0))
+    assert (none.band_px, none.length, none.loo) == (1.5, 3.0, ())
+    off = calibrate([(d, dice, err)], PriorConfig(calibrate=False, confidence_length=3.0))
+    assert (off.band_px, off.length) == (1.0, 3.0)
+
+
 def test_with_context_stacks_neighbours_and_repeats_the_edges():
     slices = np.arange(4, dtype=np.float32).reshape(4, 1, 1, 1) * np.ones((1, 1, 2, 2), np.float32)
     out = with_context(slices, 1)
@@ -133,7 +165,7 @@ def test_the_prior_never_reaches_painted_or_validation_slices(brain):
     image, reference = brain
     painted = reveal_slices(reference, [*PAINTED, VALIDATION], 0)
     pair = AnnotatedPair(image, painted, validation_slices=(VALIDATION,))
-    trainer = Trainer(_config("supervised"), [pair], device=CPU)
+    trainer = Trainer(_config("supervised", calibrate=False), [pair], device=CPU)
     ds = trainer.dataset
     assert set(ds.dense_targets).isdisjoint(ds.labelled) and (0, VALIDATION) not in ds.dense_targets
     assert {s for _, s in ds.dense_targets} == set(range(image.shape[0])) - {*PAINTED, VALIDATION}
@@ -162,7 +194,8 @@ def test_fused_prediction_keeps_painted_slices_and_is_never_below_an_unsure_netw
     for s in PAINTED:
         np.testing.assert_array_equal(fused.labels[s], reference[s])
     # after two steps the network is unsure: the mask is the prior's almost everywhere
-    prior = interpolate_labels(painted, axis=0).labels
+    prior = trainer.prior_mask(0)
+    np.testing.assert_array_equal(prior, interpolate_labels(painted, axis=0, method="flow", image=image).labels)
     assert (fused.labels == prior).mean() > 0.95
     trainer.prior.config.fuse = False
     raw = trainer.predict_pair(0).labels

@@ -39,9 +39,12 @@ def test_fill_between_slices_shows_the_interpolation_before_training(dock, qtbot
     controls.fill_button.click()
     qtbot.waitUntil(lambda: not controls.busy, timeout=20_000)
     pred = viewer.layers["t1 prediction"]
-    expected = interpolate_labels(reveal_slices(ref, PAINTED, 0), axis=0, spacing=img.scale).labels
+    # the signed-distance fill at once, then the optical-flow one (the default) replaces it
+    expected = interpolate_labels(reveal_slices(ref, PAINTED, 0), axis=0, spacing=img.scale, method="flow",
+                                  image=img.data).labels
     np.testing.assert_array_equal(pred.data, expected)
     assert "slices filled between 3 painted slices" in train.status_label.text()
+    assert "(flow; prediction layer)" in train.status_label.text()
     assert not train.is_training
 
 
@@ -69,7 +72,8 @@ def test_train_with_the_prior_starts_from_the_filled_shape(dock, qtbot, tmp_path
     train.event_received.connect(lambda e: finished.append(e) if isinstance(e, Finished) else None)
     assert train.start_training()
     # at Train, before any step: the filled shape
-    expected = interpolate_labels(reveal_slices(ref, PAINTED, 0), axis=0, spacing=img.scale).labels
+    expected = interpolate_labels(reveal_slices(ref, PAINTED, 0), axis=0, spacing=img.scale, method="flow",
+                                  image=img.data).labels
     np.testing.assert_array_equal(viewer.layers["t1 prediction"].data, expected)
     qtbot.waitUntil(lambda: bool(finished) and not train.is_training, timeout=120_000)
     assert finished[0].reason == "budget"

@@ -33,6 +33,7 @@ layout (slicing axis first).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,7 +48,7 @@ from ..models.ops import normalised_entropy
 log = logging.getLogger(__name__)
 
 PRIOR_MODES = ("off", "targets")
-INTERPOLATION_CHOICES = ("sdf", "flow")
+INTERPOLATION_CHOICES = ("flow", "sdf")  # the default first (docs/benchmarks.md: flow measured better)
 
 
 @dataclass
@@ -71,16 +72,21 @@ class PriorConfig:
         Slices: the prior's weight in the fusion is ``exp(-d / confidence_length)``.
     temperature_px : float
         Pixels: softness of the prior's class probabilities at distance 0 (grows as 1 + d).
+    calibrate : bool
+        With three painted slices or more, measure the interpolation on the volume itself
+        (:func:`leave_one_out`) and set the band (pixels per slice) and the confidence length
+        from it instead of ``boundary_px`` and ``confidence_length``.
     """
 
     mode: str = "off"
-    interpolation: str = "sdf"
+    interpolation: str = "flow"
     dense_start: float = 0.5
     dense_end: float = 0.1
     boundary_px: float = 1.0
     fuse: bool = True
-    confidence_length: float = 2.0
-    temperature_px: float = 1.0
+    confidence_length: float = 8.0
+    temperature_px: float = 2.0
+    calibrate: bool = True
 
     def validate(self, path: str = "prior") -> None:
         _check_choice(f"{path}.mode", self.mode, PRIOR_MODES)
@@ -146,6 +152,92 @@ def dense_target(scores: np.ndarray, class_index: np.ndarray, distance: float, b
     return target
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """How well the interpolation does on one volume, measured on its own painted slices.
+
+    band_px : pixels per slice of distance left out around the interpolated boundary.
+    length : slices, the fusion's confidence length.
+    loo : ((distance, Dice, boundary error px), ...) of each inner painted slice left out.
+    """
+
+    band_px: float
+    length: float
+    loo: tuple = ()
+
+
+def _boundary_pixels(mask: np.ndarray) -> int:
+    from scipy import ndimage
+
+    return int(np.count_nonzero(mask & ~ndimage.binary_erosion(mask)))
+
+
+def leave_one_out(labels: np.ndarray, painted, *, axis: int, spacing=None, unpainted: str = "background",
+                  method: str = "sdf", image: np.ndarray | None = None):
+    """Fill each inner painted slice from its two painted neighbours and compare it with
+    what was painted.
+
+    Parameters
+    ----------
+    labels : ndarray of int
+        The painted labels (validation slices already removed).
+    painted : sequence of int
+        The complete painted slices, sorted; the first and the last are never left out
+        (filling them would be extrapolation, which the prior does not do between slices).
+    method, image
+        As in :func:`~napari_semicl.data.interpolation.interpolate_labels`. Only the
+        stretch between the two neighbours is filled, so leaving every inner slice out costs
+        about one interpolation of the volume.
+
+    Returns
+    -------
+    list of (distance, dice, error_px)
+        ``distance``: slices from the left-out slice to the nearest of its neighbours;
+        ``dice``: mean Dice over the classes painted on it; ``error_px``: the mean boundary
+        displacement, pixels of symmetric difference per pixel of painted boundary.
+    """
+    painted = [int(p) for p in painted]
+    out = []
+    for a, j, b in zip(painted, painted[1:], painted[2:]):
+        stretch = np.arange(a, b + 1)
+        sub = np.take(labels, stretch, axis=axis)
+        truth = np.take(sub, j - a, axis=axis).copy()
+        inner = [slice(None)] * labels.ndim
+        inner[axis] = slice(1, b - a)
+        sub[tuple(inner)] = 0
+        sub_image = None if image is None else np.take(image, stretch, axis=axis)
+        filled = np.take(interpolate_labels(sub, axis=axis, spacing=spacing, unpainted=unpainted, method=method,
+                                            image=sub_image).labels, j - a, axis=axis)
+        values = [v for v in np.unique(truth) if v != 0]
+        if unpainted == "ignore":  # the painted background value is the most common one
+            background = np.bincount(truth.ravel()).argmax()
+            values = [v for v in values if v != background]
+        dices, diff, edge = [], 0, 0
+        for v in values:
+            x, y = filled == v, truth == v
+            dices.append(2.0 * np.count_nonzero(x & y) / max(np.count_nonzero(x) + np.count_nonzero(y), 1))
+            diff += np.count_nonzero(x ^ y)
+            edge += _boundary_pixels(y)
+        if dices:
+            out.append((float(min(j - a, b - j)), float(np.mean(dices)), diff / max(edge, 1)))
+    return out
+
+
+def calibrate(loo, config: PriorConfig) -> Calibration:
+    """The band and the confidence length from :func:`leave_one_out` (the config's values
+    when there is no measurement or ``config.calibrate`` is off).
+
+    band_px = median(error / distance), at least ``boundary_px`` / 4; length =
+    median(distance / -ln(Dice)) (Dice floored at 0.05, ceiling 0.99), in [1, 64] slices:
+    the prior's weight exp(-d / length) equals the Dice measured at that distance.
+    """
+    if not loo or not config.calibrate:
+        return Calibration(config.boundary_px, config.confidence_length, tuple(loo))
+    band = float(np.median([e / d for d, _, e in loo]))
+    length = float(np.median([d / -math.log(min(max(q, 0.05), 0.99)) for d, q, _ in loo]))
+    return Calibration(max(band, config.boundary_px / 4), min(max(length, 1.0), 64.0), tuple(loo))
+
+
 class SlicePrior:
     """The interpolated prior of every annotated volume of a :class:`SliceDataset`.
 
@@ -169,6 +261,8 @@ class SlicePrior:
         self.notes: list[str] = []
         #: pair index -> (scores (S, K_prior, H, W) float32, class index (K_prior,), distance (S,))
         self._volumes: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        #: pair index -> Calibration (the band and confidence length in use)
+        self.calibration: dict[int, Calibration] = {}
         validation: dict[int, list[int]] = {}
         for p, s in dataset.validation:
             validation.setdefault(p, []).append(s)
@@ -178,7 +272,8 @@ class SlicePrior:
             if len(pair.spatial_shape) != 3:
                 continue  # a 2D image has no slices to fill between
             try:
-                self._volumes[p] = self._build(pair, validation.get(p, []), dataset.cfg.unpainted)
+                *volume, self.calibration[p] = self._build(pair, validation.get(p, []), dataset.cfg.unpainted)
+                self._volumes[p] = tuple(volume)
             except DataError as exc:
                 self.notes.append(f"'{pair.name}': no prior from the painted slices: {exc}")
 
@@ -199,7 +294,11 @@ class SlicePrior:
             raise DataError(f"label values {missing} are not in this run's class table {self.class_values}")
         class_index = np.array([self.class_values.index(v) for v in interp.class_values], np.int64)
         scores = np.ascontiguousarray(np.moveaxis(interp.scores, 1 + self.axis, 0))  # (S, K, H, W)
-        return scores, class_index, interp.slice_distance.astype(np.float32)
+        loo = []
+        if self.config.calibrate:
+            loo = leave_one_out(labels, interp.painted, axis=self.axis, spacing=pair.spacing, unpainted=unpainted,
+                                method=self.config.interpolation, image=image)
+        return scores, class_index, interp.slice_distance.astype(np.float32), calibrate(loo, self.config)
 
     # --- queries ------------------------------------------------------------------------
     def __contains__(self, pair_index: int) -> bool:
@@ -224,7 +323,7 @@ class SlicePrior:
             scores, class_index, dist = self._volumes[p]
             if dist[s] == 0:
                 continue  # a painted slice (never an unlabelled one, but be safe)
-            out[(p, s)] = dense_target(scores[s], class_index, float(dist[s]), self.config.boundary_px)
+            out[(p, s)] = dense_target(scores[s], class_index, float(dist[s]), self.calibration[p].band_px)
         return out
 
     def fuser(self, pair_index: int):
@@ -233,7 +332,7 @@ class SlicePrior:
         if pair_index not in self._volumes or not self.config.fuse:
             return None
         scores, class_index, dist = self._volumes[pair_index]
-        weight = prior_weight(dist, self.config.confidence_length)
+        weight = prior_weight(dist, self.calibration[pair_index].length)
         n_classes = len(self.class_values)
 
         def fuse(start: int, stop: int, probs: torch.Tensor) -> torch.Tensor:

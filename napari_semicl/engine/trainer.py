@@ -188,6 +188,12 @@ class Trainer:
         n_dense = len(getattr(self.dataset, "dense_targets", {}))
         message = (f"painted-slice prior ({cfg.interpolation} interpolation, {time.perf_counter() - t0:.1f} s): "
                    f"dense targets on {n_dense} unpainted slices")
+        for p, cal in sorted(prior.calibration.items()):
+            if cal.loo:
+                dice = ", ".join(f"{q:.2f}" for _, q, _ in cal.loo)
+                message += (f"; '{self.pairs[p].name}': inner painted slices filled from the others score Dice "
+                            f"{dice}, so the prior's band is {cal.band_px:.1f} px a slice and its weight "
+                            f"halves every {cal.length * math.log(2):.1f} slices")
         if cfg.fuse:
             message += "; the predicted mask falls back on it where the network is unsure"
         log.info(message)

@@ -49,7 +49,7 @@ def fill_pairs(pairs, *, axis: int, unpainted: str, method: str) -> list:
         seconds = time.perf_counter() - t0
         n = pair.labels.shape[axis] - len(interp.painted)
         out.append((i, interp.labels, f"'{pair.name}': {n} slices filled between {len(interp.painted)} painted "
-                                      f"slices in {seconds:.1f} s (prediction layer)"))
+                                      f"slices in {seconds:.1f} s ({method}; prediction layer)"))
     return out
 
 
@@ -66,6 +66,8 @@ class PriorControls(QWidget):
         super().__init__(train_widget)
         self.train_widget = train_widget
         self.busy = False
+        self._request = 0  # the newest fill; its stages: signed distance, then optical flow
+        self._shown_stage: dict[int, int] = {}
         form = QFormLayout(self)
         form.setContentsMargins(0, 0, 0, 0)
         row = QHBoxLayout()
@@ -123,19 +125,32 @@ class PriorControls(QWidget):
             notifications.show_warning(f"Cannot fill between slices: {exc}")
             return False
         images = [image.name for image, _ in tw.pairs()]  # by name: the dock may hold layer proxies
-        args = (pairs,)
-        kwargs = {"axis": cfg.data.axis, "unpainted": cfg.data.unpainted, "method": cfg.prior.interpolation}
+        kwargs = {"axis": cfg.data.axis, "unpainted": cfg.data.unpainted}
+        method = cfg.prior.interpolation
+        # the signed-distance fill first (well under a second), then the image-aware one
+        # replaces it when it is done (seconds on a CPU)
+        stages = ["sdf"] if method == "sdf" else ["sdf", method]
+        self._request += 1
         if wait:
-            self._show(images, fill_pairs(*args, **kwargs))
+            for stage, name in enumerate(stages):
+                self._show(images, self._request, stage, len(stages), fill_pairs(pairs, method=name, **kwargs))
             return True
         self.busy = True
         self.fill_button.setEnabled(False)
-        start_worker(fill_pairs, *args, returned=lambda out: self._show(images, out), errored=self._on_error, **kwargs)
+        for stage, name in enumerate(stages):
+            start_worker(fill_pairs, pairs, method=name, errored=self._on_error,
+                         returned=lambda out, r=self._request, st=stage: self._show(images, r, st, len(stages), out),
+                         **kwargs)
         return True
 
-    def _show(self, images, results) -> None:
-        self.busy = False
-        self.fill_button.setEnabled(True)
+    def _show(self, images, request: int, stage: int, n_stages: int, results) -> None:
+        if request != self._request or stage < self._shown_stage.get(request, -1):
+            return  # a newer fill, or the better stage already shown
+        self._shown_stage[request] = stage
+        last = stage == n_stages - 1
+        if last:
+            self.busy = False
+            self.fill_button.setEnabled(True)
         messages = []
         for i, labels, message in results:
             messages.append(message)
@@ -143,11 +158,14 @@ class PriorControls(QWidget):
             if labels is not None and image is not None:
                 _layers.show_prediction(self.train_widget.viewer, image, labels)
         text = "; ".join(messages)
+        if not last:
+            text += " (refining it by optical flow between the image slices...)"
         log.info("fill between slices: %s", text)
-        if any(labels is not None for _, labels, _ in results):
-            notifications.show_info(f"Filled between slices: {text}")
-        else:
-            notifications.show_warning(f"Nothing filled: {text}")
+        if last:
+            if any(labels is not None for _, labels, _ in results):
+                notifications.show_info(f"Filled between slices: {text}")
+            else:
+                notifications.show_warning(f"Nothing filled: {text}")
         self.train_widget.status_label.setText(text)
 
     def _on_error(self, exc: Exception) -> None:
