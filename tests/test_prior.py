@@ -109,8 +109,8 @@ def test_leave_one_out_and_calibration_by_hand():
     assert len(loo) == 1
     d, dice, err = loo[0]
     assert d == 4 and dice > 0.97 and err < 0.5
-    cal = calibrate(loo, PriorConfig(boundary_px=1.0))
-    assert cal.length == 64.0 and cal.band_px == pytest.approx(max(err / 4, 0.25))
+    cal = calibrate(loo, PriorConfig(boundary_px=1.0, confidence_length=5.0))
+    assert cal.length == 5.0 and cal.band_px == pytest.approx(max(err / 4, 0.25))
     # a square that jumps aside: the fill between is wrong, so the band widens and the
     # prior's weight falls quickly
     jump = np.zeros((9, 40, 40), np.uint8)
@@ -120,7 +120,7 @@ def test_leave_one_out_and_calibration_by_hand():
     (d, dice, err), = leave_one_out(jump, [0, 4, 8], axis=0)
     assert dice == 0.0 and err > 1.0
     cal = calibrate([(d, dice, err)], PriorConfig())
-    assert cal.band_px == pytest.approx(err / 4) and cal.length == pytest.approx(4 / -math.log(0.05))
+    assert cal.band_px == pytest.approx(err / 4) and cal.length == PriorConfig().confidence_length
     # fewer than three painted slices, or calibration off: the config's values
     none = calibrate([], PriorConfig(boundary_px=1.5, confidence_length=3.0))
     assert (none.band_px, none.length, none.loo) == (1.5, 3.0, ())

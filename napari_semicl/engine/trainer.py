@@ -192,8 +192,7 @@ class Trainer:
             if cal.loo:
                 dice = ", ".join(f"{q:.2f}" for _, q, _ in cal.loo)
                 message += (f"; '{self.pairs[p].name}': inner painted slices filled from the others score Dice "
-                            f"{dice}, so the prior's band is {cal.band_px:.1f} px a slice and its weight "
-                            f"halves every {cal.length * math.log(2):.1f} slices")
+                            f"{dice}, so the targets leave out {cal.band_px:.1f} px a slice around the filled boundary")
         if cfg.fuse:
             message += "; the predicted mask falls back on it where the network is unsure"
         log.info(message)
