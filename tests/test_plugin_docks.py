@@ -219,7 +219,7 @@ def test_train_dock_fits_a_1600_by_1000_window(make_napari_viewer, qtbot):
     window = viewer.window._qt_window
     window.resize(1600, 1000)
     name = "la_003_0000_left_atrium_mri_volume_resampled_to_isotropic"  # a real-life long name
-    image = viewer.add_image(np.zeros((8, 64, 64), np.float32), name=name)
+    viewer.add_image(np.zeros((8, 64, 64), np.float32), name=name)
     viewer.add_labels(np.zeros((8, 64, 64), np.uint16), name=f"{name} labels")
     train = open_dock(viewer, TRAIN)
     train.method_combo.setCurrentText("plgcl")
