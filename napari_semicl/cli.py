@@ -39,9 +39,9 @@ from .engine import (
     pick_device,
     predict_volume,
 )
-from .engine.config import UNPAINTED_CHOICES
+from .engine.config import UNPAINTED_CHOICES, set_option
 from .engine.trainer import CHECKPOINT_NAME
-from .errors import DataError, SemiclError
+from .errors import ConfigError, DataError, SemiclError
 from .io import (
     ImageData,
     atomic_path,
@@ -50,7 +50,7 @@ from .io import (
     write_image,
     write_labels,
 )
-from .methods import available_methods
+from .methods import available_methods, get_method
 
 log = logging.getLogger("napari_semicl")
 
@@ -84,8 +84,16 @@ def _build_config(args) -> TrainConfig:
         cfg.wsi.level = args.level
     if getattr(args, "tile_size", None) is not None:
         cfg.wsi.tile_size = args.tile_size
-    if getattr(args, "sampler", None) is not None:
-        cfg.arco.sampler = args.sampler
+    for method in available_methods():  # the flags each method offers (Method.cli_settings)
+        for name in get_method(method).cli_settings:
+            value = getattr(args, name, None)
+            if value is not None:
+                set_option(cfg, f"{method}.{name}", value)
+    for item in getattr(args, "set", None) or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set takes SECTION.KEY=VALUE, got {item!r}")
+        set_option(cfg, key.strip(), raw.strip(), default_section=cfg.method)
     if getattr(args, "prior", None) is not None:
         cfg.prior.mode = args.prior
     if getattr(args, "interpolation", None) is not None:
@@ -495,6 +503,30 @@ def cmd_bench(args) -> int:
 
 
 # --- parser ----------------------------------------------------------------------------------
+def _add_method_flags(parser) -> None:
+    """A flag for each setting a registered method offers on the command line
+    (``Method.cli_settings``), with the help text of its config field."""
+    import dataclasses
+
+    from .engine.config import setting_help
+
+    seen = set()
+    for method in available_methods():
+        cls = get_method(method)
+        if cls.config_class is None:
+            continue
+        section = cls.config_class()
+        helps = setting_help(section)
+        choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(section)}
+        for name in cls.cli_settings:
+            if name in seen:
+                continue
+            seen.add(name)
+            default = getattr(section, name)
+            kind = type(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else str
+            parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, choices=choices.get(name),
+                                help=f"{method}: {helps[name][1].splitlines()[0]} (default {default!r})")
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="napari-semicl", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"napari-semicl {__version__}")
@@ -520,8 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patch-size", type=int, help="training crop size, a multiple of 16 (default 128)")
     t.add_argument("--level", type=int, help="whole-slide images: pyramid level to train and predict (default 0)")
     t.add_argument("--tile-size", type=int, help="whole-slide images: tile grid size at that level (default 512)")
-    t.add_argument("--sampler", choices=["ns", "sg", "sag", "index"],
-                   help="ARCO pixel sampler (method arco; default sag, or the --config's)")
+    _add_method_flags(t)
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="any setting, e.g. --set data.patch_size=96 --set prior.mode=targets; a bare KEY is a "
+                        "setting of the chosen --method (repeatable)")
     t.add_argument("--prior", choices=["off", "targets"],
                    help="painted slices as a dense prior (fully painted slices; docs/prior.md): 'targets' trains "
                         "on the shape interpolated between them and falls back on it where the network is unsure")

@@ -239,6 +239,7 @@ class FakeAleatoric(MeanTeacher):
     (for the AUA contract: sample_aleatoric -> (S, H, W) int64)."""
 
     name = "fake_aleatoric"
+    review_analyses = ("aleatoric",)  # declared: the review asks it for samples
 
     def sample_aleatoric(self, x, n_samples, valid_shape=None):
         h, w = valid_shape

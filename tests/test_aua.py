@@ -413,9 +413,11 @@ def test_review_slice_samples_in_windows_and_leaves_training_state_alone(stage2)
 
 
 def test_baselines_have_no_aleatoric_head():
-    cfg = TrainConfig(method="supervised").validate()
-    m = get_method("supervised")(cfg, UNet2D(1, 2, base_channels=4, depth=2))
-    assert m.sample_aleatoric(torch.zeros(1, 1, 16, 16), 4) is None
+    # review capabilities are declared: only AUA says it answers 'aleatoric'
+    assert get_method("aua").review_analyses == ("aleatoric",)
+    for name in ("supervised", "mean_teacher", "plgcl", "agcl", "arco"):
+        assert "aleatoric" not in get_method(name).review_analyses
+        assert not hasattr(get_method(name), "sample_aleatoric")
 
 
 def test_cli_trains_with_aua(tmp_path):

@@ -15,7 +15,8 @@ from ..data import AnnotatedPair
 from ..data.interpolation import interpolate_labels
 from ..data.reveal import choose_reveal_slices, reveal_slices
 from ..engine import Finished, TrainConfig, Trainer, describe_device, pick_device, recommended_config
-from ..errors import DataError
+from ..engine.config import set_option
+from ..errors import ConfigError, DataError
 from ..methods import available_methods
 from .common import Case, ResultsFile, find_cases, score, thinnest_axis
 from .rf import rf_segment
@@ -40,17 +41,11 @@ def split_spec(spec: str) -> tuple[str, dict]:
 def apply_overrides(cfg: TrainConfig, method: str, overrides: dict) -> None:
     """Set ``overrides`` ({key: text}) in the method's config section; a dotted key
     ('prior.mode', 'data.context_slices') names another section of the config."""
-    for key, raw in overrides.items():
-        where, _, name = key.rpartition(".")
-        section = getattr(cfg, where or method, None)
-        key = name
-        if section is None or not hasattr(section, key):
-            raise DataError(f"{where or method} has no setting {key!r}")
-        current = getattr(section, key)
-        value = type(current)(raw) if current is not None and not isinstance(current, bool) else raw
-        if isinstance(current, bool):
-            value = raw.lower() in ("1", "true", "yes")
-        setattr(section, key, value)
+    try:
+        for key, raw in overrides.items():
+            set_option(cfg, key, raw, default_section=method)
+    except ConfigError as exc:
+        raise DataError(str(exc)) from None
     cfg.validate()
 
 

@@ -138,6 +138,22 @@ class TrainConfig:
     aua: AUAConfig = field(default_factory=AUAConfig)
     wsi: WSIConfig = field(default_factory=WSIConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
+    #: settings of registered methods without a field above (a method added by a plugin or
+    #: a test: its ``config_class``), by method name; read and written as ``cfg.<name>``
+    #: and saved at the top level of the JSON like the others
+    method_sections: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __getattr__(self, name: str):
+        # only reached when no field has that name: a registered method's own section
+        if name.startswith("_") or name == "method_sections":
+            raise AttributeError(name)
+        sections = self.__dict__.get("method_sections")
+        cls = _method_config_class(name)
+        if sections is None or cls is None:
+            raise AttributeError(f"{type(self).__name__} has no setting {name!r}")
+        if name not in sections:
+            sections[name] = cls()
+        return sections[name]
 
     def validate(self) -> "TrainConfig":
         """Check every value; return self. Raises :class:`ConfigError`."""
@@ -153,11 +169,19 @@ class TrainConfig:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate(f.name)
+        for name, section in self.method_sections.items():
+            if hasattr(section, "validate"):
+                section.validate(name)
+        # the chosen method's section exists (and is checked) even when never touched
+        getattr(self, self.method, None)
         return self
 
     # --- JSON -------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        getattr(self, self.method, None)  # the chosen method's section, even when never touched
+        data = dataclasses.asdict(self)
+        data.update(data.pop("method_sections"))
+        return data
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -167,7 +191,19 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        return _from_dict(cls, data, "").validate()
+        if not isinstance(data, dict):
+            raise ConfigError(f"config must be an object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"method_sections"}
+        data = dict(data)
+        data.pop("method_sections", None)
+        sections = {}
+        for key in [k for k in data if k not in names]:
+            section_cls = _method_config_class(key)
+            if section_cls is not None:  # a registered method's settings
+                sections[key] = _from_dict(section_cls, data.pop(key), key)
+        config = _from_dict(cls, data, "")
+        config.method_sections.update(sections)
+        return config.validate()
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "TrainConfig":
@@ -188,6 +224,46 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source} must hold a JSON object, got {type(data).__name__}")
         return cls.from_dict(data)
+
+
+def _method_config_class(name: str):
+    """The ``config_class`` of the registered method ``name``, or None."""
+    from ..methods import available_methods, get_method  # the registry lives with the methods
+
+    if name not in available_methods():
+        return None
+    section = get_method(name).config_class
+    return section if section is not None and dataclasses.is_dataclass(section) else None
+
+
+def set_option(cfg: TrainConfig, key: str, raw: str, *, default_section: str | None = None) -> None:
+    """Set one setting from text: ``key`` is 'section.field' ('data.patch_size',
+    'prior.mode', 'arco.sampler', a registered method's 'name.field') or a bare field of
+    ``default_section``; ``raw`` is parsed as JSON when it parses, else kept as a string.
+    The value goes through the strict loader, so a wrong type is a ConfigError naming it."""
+    where, _, name = key.rpartition(".")
+    where = where or default_section
+    if where:
+        section = getattr(cfg, where, None)
+        if section is None or not dataclasses.is_dataclass(section):
+            raise ConfigError(f"no settings section {where!r} (for {key!r})")
+        if name not in {f.name for f in dataclasses.fields(section)}:
+            valid = ", ".join(f.name for f in dataclasses.fields(section))
+            raise ConfigError(f"{where} has no setting {name!r}; valid: {valid}")
+        tp = typing.get_type_hints(type(section))[name]
+    else:
+        if name not in {f.name for f in dataclasses.fields(cfg)}:
+            raise ConfigError(f"no setting {name!r}: use section.field, e.g. data.patch_size")
+        section, tp = cfg, typing.get_type_hints(TrainConfig)[name]
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, TypeError):
+        value = raw
+    if tp is str and not isinstance(value, str):
+        value = raw
+    if tp is bool and isinstance(value, str):
+        value = value.lower() in ("1", "true", "yes", "on")
+    setattr(section, name, _coerce(tp, value, key))
 
 
 def recommended_config() -> TrainConfig:
@@ -273,6 +349,7 @@ __all__ = [
     "PriorConfig",
     "TrainConfig",
     "recommended_config",
+    "set_option",
     "WSIConfig",
 ]
 

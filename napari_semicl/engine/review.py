@@ -151,17 +151,18 @@ def slice_disagreement(method, dataset, *, device, pair_index: int = 0) -> dict[
 def aleatoric_samples(method, dataset, *, device, pair_index: int, slice_index: int, n_samples: int = 8) -> dict:
     """S aleatoric samples of one slice from the method's aleatoric head.
 
-    Calls ``method.sample_aleatoric(x, n_samples, valid_shape)`` (the AUA contract); methods
-    without it (or returning None) give an empty dict.
+    Methods that declare ``'aleatoric'`` in ``review_analyses`` answer through
+    ``method.sample_aleatoric(x, n_samples, valid_shape)``; others (or a None answer) give an
+    empty dict.
 
     Returns
     -------
     dict
         'aleatoric_samples' (S, H, W) int64 class indices; 'class_values' (K,) int64.
     """
-    sample = getattr(method, "sample_aleatoric", None)
-    if sample is None:
+    if "aleatoric" not in getattr(method, "review_analyses", ()):
         return {}
+    sample = method.sample_aleatoric
     if n_samples < 1:
         raise ConfigError(f"the number of aleatoric samples must be >= 1, got {n_samples}")
     img = dataset.images[pair_index][slice_index]

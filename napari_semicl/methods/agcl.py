@@ -338,6 +338,7 @@ class AGCL(PatchContrastMethod):
     """
 
     name = "agcl"
+    config_class = AGCLConfig
     section = "agcl"
     contrast_losses = ("agg_pl", "agg_rw")
     bank_name = "AGCL memory bank"

@@ -21,7 +21,7 @@ Per step, on top of Mean Teacher (supervised CE + Dice, ramped consistency):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -68,7 +68,7 @@ class ARCOConfig:
         Steps of plain Mean Teacher before the contrastive loss starts.
     """
 
-    sampler: str = "sag"
+    sampler: str = field(default="sag", metadata={"choices": SAMPLERS})
     grid: int = 4
     strata: int = 0
     anchors_per_class: int = 64
@@ -189,6 +189,8 @@ class ARCO(MeanTeacher):
     """
 
     name = "arco"
+    config_class = ARCOConfig
+    cli_settings = ('sampler',)
     review_layers = ("sampled_pixels",)
     uses_teacher = True
     uses_unlabelled = True

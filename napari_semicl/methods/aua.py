@@ -185,6 +185,8 @@ class AUA(MeanTeacher):
     """
 
     name = "aua"
+    config_class = AUAConfig
+    review_analyses = ("aleatoric",)
     review_layers = ("aleatoric_disagreement",)
 
     def __init__(self, config, student: nn.Module) -> None:

@@ -80,6 +80,16 @@ class Method:
     #: ('patch_entropy', 'sampled_pixels', 'aleatoric_disagreement'): it creates them,
     #: empty, when training starts (adding a napari layer pauses the viewer 0.1-1 s).
     review_layers: ClassVar[tuple[str, ...]] = ()
+    #: On-demand review analyses the method answers beyond the common ones, e.g.
+    #: ('aleatoric',) for a method with ``sample_aleatoric(x, n_samples, valid_shape)``
+    #: (see :func:`napari_semicl.engine.review.aleatoric_samples`).
+    review_analyses: ClassVar[tuple[str, ...]] = ()
+    #: The method's settings: a dataclass with a ``validate(path)`` method, found in
+    #: ``TrainConfig`` under the method's ``name`` (``cfg.<name>``). The Train dock builds
+    #: its settings form from it; the CLI sets any of its fields with ``--set name.field=V``.
+    config_class: ClassVar[type | None] = None
+    #: Fields of ``config_class`` the CLI offers as flags of their own (``--field``).
+    cli_settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config, student: nn.Module) -> None:
         self.config = config
@@ -160,15 +170,6 @@ class Method:
             baselines, which sample nothing.
         """
         return {}
-
-    def sample_aleatoric(
-        self, x: torch.Tensor, n_samples: int, valid_shape: tuple[int, int] | None = None
-    ) -> np.ndarray | None:
-        """(S, h, w) int64 class indices sampled from an aleatoric head, or None (no head).
-
-        Same calling convention as :meth:`review_slice`; only AUA has such a head.
-        """
-        return None
 
     # --- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:

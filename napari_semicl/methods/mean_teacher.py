@@ -61,6 +61,7 @@ class MeanTeacher(Method):
     """Supervised loss plus a ramped consistency to an EMA teacher on unlabelled crops."""
 
     name = "mean_teacher"
+    config_class = MeanTeacherConfig
     uses_teacher = True
     uses_unlabelled = True
 

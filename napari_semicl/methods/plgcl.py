@@ -222,6 +222,7 @@ class PLGCL(PatchContrastMethod):
     """
 
     name = "plgcl"
+    config_class = PLGCLConfig
     section = "plgcl"
     contrast_losses = ("plgcl",)
     bank_name = "PLGCL queue"
