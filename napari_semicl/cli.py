@@ -37,8 +37,8 @@ from .engine import (
     evaluate_segmentation,
     load_predictor,
     pick_device,
-    predict_volume,
 )
+from .engine.apply import Predictor, predict_file, read_input_image
 from .engine.config import UNPAINTED_CHOICES, set_option
 from .engine.trainer import CHECKPOINT_NAME
 from .errors import ConfigError, DataError, SemiclError
@@ -47,7 +47,6 @@ from .io import (
     atomic_path,
     read_image,
     read_labels,
-    write_image,
     write_labels,
 )
 from .methods import available_methods, get_method
@@ -106,9 +105,7 @@ def _build_config(args) -> TrainConfig:
 # --- whole-slide images (docs/wsi.md) -----------------------------------------------------------
 def _read_any(path: str) -> ImageData:
     """An image file, or a folder of equal-size tiles as a stack (one tile per slice)."""
-    from .io.wsi import read_tile_folder
-
-    return read_tile_folder(path) if Path(path).is_dir() and not path.rstrip("/").endswith(".zarr") else read_image(path)
+    return read_input_image(path)
 
 
 def _slide_pair(image_path: str, labels_path: str | None, cfg: TrainConfig):
@@ -341,18 +338,14 @@ def cmd_predict(args) -> int:
     model, cfg = load_predictor(args.checkpoint, device=pick_device(args.device))
     if is_slide(args.image):
         return _predict_slide(args, model, cfg)
-    img = _read_any(args.image)
-    device = next(model.parameters()).device
-    pred = predict_volume(
-        model, img.data, class_values=cfg.data.class_values, axis=cfg.data.axis, rgb=img.rgb,
-        normalise=cfg.data.normalise, device=device, context_slices=cfg.data.context_slices,
-        with_entropy=args.entropy is not None or bool(args.suggest),
+    result = predict_file(
+        Predictor(model, cfg, next(model.parameters()).device, str(args.checkpoint)), args.image, args.out,
+        entropy=args.entropy, with_entropy=bool(args.suggest), overwrite=args.overwrite,
     )
-    path = write_labels(Path(args.out), pred.labels, metadata=img.metadata, overwrite=args.overwrite)
-    print(f"mask written to {path}")
-    if args.entropy is not None:
-        epath = write_image(Path(args.entropy), pred.entropy, metadata=img.metadata, overwrite=args.overwrite)
-        print(f"entropy map written to {epath}")
+    pred = result.prediction
+    print(f"mask written to {result.mask}")
+    if result.entropy_map is not None:
+        print(f"entropy map written to {result.entropy_map}")
     if args.suggest:
         from .analysis import rank_slices, slice_means
 

@@ -14,6 +14,8 @@
 #                    CUDA build, (the CPU wheel index documented on pytorch.org)
 #   SEMICL_DRY_RUN=1 print the pip/apt-get commands instead of running them
 #   SEMICL_VERBOSE=1 show pip's full output for the package install
+#   SEMICL_QT_API=pyqt6  (run_tests.sh) also install PyQt6 (the [pyqt6] extra) and run the GUI
+#                    tests on it; PyQt5 stays installed and stays the default binding
 #
 # Torch policy: an importable torch is always kept. Otherwise, with a working `nvidia-smi`,
 # `pip install torch`; without one, `pip install torch==2.13.0` (the CPU build), and the
@@ -287,6 +289,19 @@ semicl_make_cli_reachable() {
 # Steps 1-2.
 semicl_install_python() {
     semicl_install_torch && semicl_install_package && semicl_make_cli_reachable
+}
+
+# Optional: PyQt6 beside PyQt5 (the [pyqt6] extra), for SEMICL_QT_API=pyqt6. Its xcb platform
+# plugin (Qt >= 6.5) also needs libxcb-cursor, added to the GUI system packages here.
+semicl_install_pyqt6() {
+    semicl_pick_python || return 1
+    SEMICL_GUI_REQUIREMENTS+=("libxcb-cursor.so.0|libxcb-cursor0")
+    if "$SEMICL_PY" -c 'import PyQt6.QtWidgets' >/dev/null 2>&1; then
+        semicl_log "PyQt6 present"
+        return 0
+    fi
+    semicl_log "pip install \"PyQt6>=6.5\" (the [pyqt6] extra; PyQt5 stays the default binding)"
+    semicl_pip --quiet "PyQt6>=6.5" || { semicl_log "error: pip install PyQt6 failed"; return 1; }
 }
 
 # Prints the apt packages whose library/program is missing (one per line, unique).

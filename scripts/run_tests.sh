@@ -5,6 +5,8 @@
 # installs Xvfb/Mesa/Qt system libraries when missing, then runs pytest under Xvfb (GUI tests
 # need OpenGL; QT_QPA_PLATFORM=offscreen has none) and the import-linter contracts.
 # Exit status: pytest's when it fails, else lint-imports'.
+# SEMICL_QT_API=pyqt6 runs the tests on PyQt6 (installed beside PyQt5 when missing; QT_API and
+# PYTEST_QT_API set to pyqt6); unset or pyqt5, PyQt5 as always. CI leaves it unset.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/install.sh
@@ -12,6 +14,15 @@ source scripts/install.sh
 
 start=$SECONDS
 semicl_install_python
+case "${SEMICL_QT_API:-pyqt5}" in
+    pyqt5) export QT_API=pyqt5 PYTEST_QT_API=pyqt5 ;;
+    pyqt6)
+        semicl_install_pyqt6 || exit 1
+        export QT_API=pyqt6 PYTEST_QT_API=pyqt6
+        ;;
+    *) semicl_log "error: SEMICL_QT_API must be pyqt5 or pyqt6, got '$SEMICL_QT_API'"; exit 2 ;;
+esac
+semicl_log "Qt binding: $QT_API"
 if ! install_gui_system_packages; then
     semicl_log "error: the GUI tests need Xvfb, Mesa and Qt's xcb libraries (see above); not skipping them."
     exit 1

@@ -10,6 +10,11 @@
   that does not open, or has no GLX), anywhere ``QT_QPA_PLATFORM=offscreen`` (no OpenGL).
   Without this, Qt aborts the whole pytest process when it creates its application.
 
+- pytest-qt and qtpy on the same Qt binding: ``PYTEST_QT_API`` follows ``QT_API`` (default
+  ``pyqt5``, the design's binding). pytest-qt on its own prefers PyQt6 when both are installed
+  while napari's qtpy prefers PyQt5; a test would then mix two Qt libraries in one process.
+  ``QT_API=pyqt6`` (``SEMICL_QT_API=pyqt6 bash scripts/run_tests.sh``) runs the GUI tests on PyQt6.
+
 Nothing here imports napari or Qt: GUI tests import them themselves and use napari's
 ``make_napari_viewer`` fixture (napari's pytest plugin is registered when napari is installed).
 """
@@ -75,7 +80,23 @@ def _configure_torch() -> None:
         pass
 
 
-# At conftest import, i.e. before any test module is collected.
+def _align_qt_bindings() -> None:
+    """Set ``PYTEST_QT_API`` from ``QT_API`` (else PyQt5 when installed), without importing Qt."""
+    import importlib.util
+
+    if os.environ.get("PYTEST_QT_API"):
+        return
+    api = os.environ.get("QT_API", "").lower()
+    if not api and importlib.util.find_spec("PyQt5") is not None:
+        api = "pyqt5"
+    if api in ("pyqt5", "pyqt6", "pyside6"):
+        os.environ["PYTEST_QT_API"] = api
+        if not os.environ.get("QT_API"):
+            os.environ["QT_API"] = api
+
+
+# At conftest import, i.e. before any test module is collected (and before pytest-qt picks a binding).
+_align_qt_bindings()
 _configure_torch()
 _seed_everything()
 

@@ -73,3 +73,21 @@ def test_install_without_pyenv_does_not_call_it(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert calls == ""
     assert "-m napari_semicl" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or os.name != "posix", reason="needs bash")
+@pytest.mark.parametrize("qt_api", [None, "pyqt6", "qt7"])
+def test_run_tests_picks_the_qt_binding_from_semicl_qt_api(qt_api):
+    """PyQt5 unless SEMICL_QT_API=pyqt6 asks for PyQt6 (installed beside it); nothing is run (dry run)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("QT_API", "PYTEST_QT_API", "SEMICL_QT_API")}
+    env.update(SEMICL_DRY_RUN="1", PYTHON=sys.executable)
+    if qt_api is not None:
+        env["SEMICL_QT_API"] = qt_api
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "run_tests.sh")], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    if qt_api == "qt7":
+        assert proc.returncode == 2 and "SEMICL_QT_API must be pyqt5 or pyqt6" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr
+    assert f"Qt binding: {qt_api or 'pyqt5'}" in proc.stderr
+    assert ("PyQt6" in proc.stderr) == (qt_api == "pyqt6")

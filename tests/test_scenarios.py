@@ -2,8 +2,8 @@
 
 File > Open Sample, the Train dock, a new labels layer, two painted slices and a third marked
 for validation, a short run with its validation Dice, the review docks opened after it (as
-tabs), Resume and Stop, and the mask exported with the source geometry. Small network and
-few steps (two CPU cores); run under Xvfb.
+tabs), Resume and Stop, the mask exported with the source geometry, and the model applied to a
+second image. Small network and few steps (two CPU cores); run under Xvfb.
 """
 
 from __future__ import annotations
@@ -123,3 +123,14 @@ def test_open_paint_validate_train_review_resume_export(make_napari_viewer, qtbo
     assert written.shape == source.shape
     np.testing.assert_allclose(written.affine, source.affine)
     np.testing.assert_array_equal(np.asarray(written.dataobj).transpose(2, 1, 0), prediction.data)
+
+    # apply the model (its checkpoint) to a second image, as if opened with File > Open
+    second = viewer.add_image(np.ascontiguousarray(image.data[20:40, ::-1]), name="second", scale=image.scale,
+                              metadata=dict(image.metadata))
+    apply = open_dock(viewer, "Apply model")
+    assert apply.image_combo.currentText() == "second"
+    apply.set_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    with qtbot.waitSignal(apply.applied, timeout=60_000):
+        assert apply.apply()
+    assert viewer.layers["second prediction"].data.shape == second.data.shape
+    assert viewer.layers["second entropy"].data.shape == second.data.shape

@@ -293,7 +293,8 @@ class FigureView(QWidget):
                 self.submit(self._snapshot)
 
     def mousePressEvent(self, event) -> None:
-        pos = event.pos()
+        # Qt 6: position() (a QPointF; pos() is deprecated there); Qt 5: pos()
+        pos = event.position() if hasattr(event, "position") else event.pos()
         ratio = self.devicePixelRatioF() if hasattr(self, "devicePixelRatioF") else 1.0
         height = self._image.height() if self._image is not None else self.height() * ratio
         button = {Qt.LeftButton: 1, Qt.MiddleButton: 2, Qt.RightButton: 3}.get(event.button(), 0)
