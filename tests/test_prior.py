@@ -82,6 +82,25 @@ def test_fusion_follows_the_rule():
     alpha = 0.3 + 0.7 * h
     expected = alpha * p_prior + (1 - alpha) * p_net
     torch.testing.assert_close(fuse_probabilities(p_net, p_prior, torch.tensor([0.3])), expected)
+    # the agreement gate scales the network's share: a = 0.5, power 2 -> a quarter of it
+    share = (1 - alpha) * 0.25
+    gated = (1 - share) * p_prior + share * p_net
+    torch.testing.assert_close(fuse_probabilities(p_net, p_prior, torch.tensor([0.3]), 0.5, 2.0), gated)
+    torch.testing.assert_close(fuse_probabilities(certain, p_prior, torch.tensor([0.0]), 0.0, 8.0), p_prior)
+
+
+def test_agreement_is_the_dice_against_the_prior_next_to_painted_slices(brain):
+    image, reference = brain
+    trainer = Trainer(_config("supervised"), [AnnotatedPair(image, reveal_slices(reference, PAINTED, 0))], device=CPU)
+    prior = trainer.prior
+    near = prior.near_slices(0)
+    assert set(near) == {1, 2, 4, 5, 9, 10, 12, 13, 18, 19, 21, 22}  # within 2 slices of 3, 11 and 20
+    mask = prior.mask(0)[near]
+    assert prior.agreement(0, mask, near) == 1.0
+    assert prior.agreement(0, np.zeros_like(mask), near) == 0.0
+    half = mask.copy()
+    half[: len(near) // 2] = 0
+    assert 0.0 < prior.agreement(0, half, near) < 1.0
 
 
 def test_prior_config_is_checked():

@@ -17,14 +17,17 @@ turns it into what the one training loop composes, whatever the method:
 * **Fusion** (``prior.fuse``): the mask a user gets mixes the network's class
   probabilities with the prior's, voxel by voxel::
 
-      alpha = c(d) + (1 - c(d)) * H_net            c(d) = exp(-d / confidence_length)
-      p     = alpha * p_prior + (1 - alpha) * p_net
+      n = (1 - c(d)) * (1 - H_net) * a ** agreement_power     c(d) = exp(-d / confidence_length)
+      p = (1 - n) * p_prior + n * p_net
 
   with ``d`` the slice's distance (in slices) to the nearest painted slice, ``H_net`` the
-  network's normalised entropy and ``p_prior = softmax(scores / (temperature_px (1 + d)))``
-  over the interpolation's signed distances. Where the network is unsure, the prior wins;
-  near painted slices the prior wins; far from them a confident network decides. On painted
-  slices (``d = 0``) the result is the painted labels.
+  network's normalised entropy, ``a`` the network's Dice against the prior on the slices
+  within 2 of a painted one (where the fill is best) and ``p_prior = softmax(scores /
+  (temperature_px (1 + d)))`` over the interpolation's signed distances. Where the network
+  is unsure, the prior wins; near painted slices the prior wins; a network that does not yet
+  reproduce the fill next to the painted slices has little say anywhere; far from painted
+  slices a confident, consistent network decides. On painted slices (``d = 0``) the result
+  is the painted labels.
 
 Functions first; :class:`SlicePrior` holds the per-volume arrays in the dataset's slice
 layout (slicing axis first).
@@ -71,6 +74,11 @@ class PriorConfig:
         Slices: the prior's weight in the fusion is ``exp(-d / confidence_length)``.
     temperature_px : float
         Pixels: softness of the prior's class probabilities at distance 0 (grows as 1 + d).
+    agreement_power : float
+        The network's say in the fusion is scaled by ``agreement ** agreement_power``, its
+        Dice against the prior on the slices next to painted ones (within 2 slices), where
+        the fill is known to be good: a network that cannot yet reproduce the fill there is
+        not allowed to overrule it elsewhere. 0 switches the gate off.
     calibrate : bool
         With three painted slices or more, measure the interpolation on the volume itself
         (:func:`leave_one_out`) and set the band (pixels per slice) from it instead of
@@ -85,6 +93,7 @@ class PriorConfig:
     fuse: bool = True
     confidence_length: float = 8.0
     temperature_px: float = 2.0
+    agreement_power: float = 8.0
     calibrate: bool = True
 
     def validate(self, path: str = "prior") -> None:
@@ -94,6 +103,8 @@ class PriorConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{path}.{name} must be in [0, 1], got {value}")
+        if not self.agreement_power >= 0:
+            raise ConfigError(f"{path}.agreement_power must be >= 0, got {self.agreement_power}")
         for name in ("boundary_px", "confidence_length", "temperature_px"):
             value = getattr(self, name)
             if not value >= 0 or (name != "boundary_px" and value == 0):
@@ -126,15 +137,19 @@ def prior_probabilities(scores: torch.Tensor, slice_distance: torch.Tensor, temp
     return (scores.float() / t).softmax(dim=1)
 
 
-def fuse_probabilities(p_net: torch.Tensor, p_prior: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """alpha * p_prior + (1 - alpha) * p_net with alpha = w + (1 - w) H_net (module doc).
+def fuse_probabilities(p_net: torch.Tensor, p_prior: torch.Tensor, weight: torch.Tensor,
+                       agreement: float = 1.0, power: float = 0.0) -> torch.Tensor:
+    """(1 - n) * p_prior + n * p_net, the network's share n = (1 - w)(1 - H_net) a^power.
 
-    p_net, p_prior : (B, K, H, W) probabilities; weight : (B,) the prior's weight c(d).
+    p_net, p_prior : (B, K, H, W) probabilities; weight : (B,) the prior's weight c(d);
+    agreement : the network's Dice against the prior next to painted slices (``a``), with
+    ``power`` its exponent (0: no gate). With no gate this is alpha * p_prior +
+    (1 - alpha) * p_net, alpha = w + (1 - w) H (module doc).
     """
     ent = normalised_entropy(p_net, dim=1).unsqueeze(1)
     w = weight.float().view(-1, 1, 1, 1)
-    alpha = w + (1.0 - w) * ent
-    return alpha * p_prior + (1.0 - alpha) * p_net
+    share = (1.0 - w) * (1.0 - ent) * float(max(agreement, 0.0)) ** power
+    return (1.0 - share) * p_prior + share * p_net
 
 
 def dense_target(scores: np.ndarray, class_index: np.ndarray, distance: float, boundary_px: float) -> np.ndarray:
@@ -326,9 +341,30 @@ class SlicePrior:
             out[(p, s)] = dense_target(scores[s], class_index, float(dist[s]), self.calibration[p].band_px)
         return out
 
-    def fuser(self, pair_index: int):
+    def near_slices(self, pair_index: int, within: float = 2.0) -> np.ndarray:
+        """Unpainted slices within ``within`` slices of a painted one, where the fill is best."""
+        dist = self._volumes[pair_index][2]
+        return np.flatnonzero((dist > 0) & (dist <= within))
+
+    def agreement(self, pair_index: int, predicted: np.ndarray, slices) -> float:
+        """Mean Dice over the prior's foreground classes between network class indices
+        ``predicted`` (N, H, W) of ``slices`` and the prior there (1.0 with nothing to compare)."""
+        if len(slices) == 0:
+            return 1.0
+        mask = self.mask(pair_index)[np.asarray(slices)]
+        background = self._volumes[pair_index][1][0]
+        dices = []
+        for k in np.unique(mask):
+            if k == background:
+                continue
+            a, b = predicted == k, mask == k
+            dices.append(2.0 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1))
+        return float(np.mean(dices)) if dices else 1.0
+
+    def fuser(self, pair_index: int, agreement: float = 1.0):
         """``fuse(start, stop, probs)`` for :func:`~napari_semicl.engine.inference.predict_slices`:
-        the fused probabilities of slices ``[start, stop)`` of the pair; None without a prior."""
+        the fused probabilities of slices ``[start, stop)`` of the pair; None without a prior.
+        ``agreement``: :meth:`agreement` of the network being fused."""
         if pair_index not in self._volumes or not self.config.fuse:
             return None
         scores, class_index, dist = self._volumes[pair_index]
@@ -344,6 +380,7 @@ class SlicePrior:
             p_prior[:, torch.from_numpy(class_index).to(device)] = p_small.to(probs.dtype)
             if p_prior.shape[1] != n_classes:  # pragma: no cover - guarded by the class table
                 raise DataError("the prior's classes do not fit the network's")
-            return fuse_probabilities(probs, p_prior, torch.from_numpy(weight[start:stop]).to(device))
+            return fuse_probabilities(probs, p_prior, torch.from_numpy(weight[start:stop]).to(device),
+                                      agreement, self.config.agreement_power)
 
         return fuse
