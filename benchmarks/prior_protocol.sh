@@ -6,7 +6,7 @@
 # Step budgets stand for CPU minutes measured on a quiet core (supervised about 3 steps/s at
 # patch 128, Mean Teacher about 1.4: docs/benchmarks.md), so a busy machine changes the time,
 # not the result. One torch thread a job; run two jobs side by side on two cores.
-# LIMIT_LA / LIMIT_ACDC: how many volumes (default 4 and 6); OUT: where the JSON files go.
+# LIMIT_LA / LIMIT_ACDC: how many volumes (default 3 and 6); OUT: where the JSON files go.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DATA=${SEMICL_SHARED_DATA:-../shared/data}
@@ -16,17 +16,17 @@ export OMP_NUM_THREADS=1
 bench() { python -m napari_semicl.cli -q bench within-volume "$@"; }
 case "${1:-}" in
   la)
-    n=${LIMIT_LA:-4}
+    n=${LIMIT_LA:-3}
     bench --data "$DATA/la/train" --k 5 --limit "$n" --methods recommended --budget-steps 180 --out "$OUT/la_k5_60s.json"
     bench --data "$DATA/la/train" --k 5 --limit "$n" --methods recommended,supervised --budget-steps 900 --out "$OUT/la_k5.json"
-    bench --data "$DATA/la/train" --k 3 --limit "$n" --methods recommended --budget-steps 900 --out "$OUT/la_k3.json"
+    bench --data "$DATA/la/train" --k 3 --limit 2 --methods recommended --budget-steps 900 --out "$OUT/la_k3.json"
     bench --data "$DATA/la/train" --k 5 --limit 2 --methods "mean_teacher:prior.mode=targets" --budget-steps 420 \
         --out "$OUT/la_k5_mean_teacher.json"
     ;;
   acdc)
     n=${LIMIT_ACDC:-6}
     bench --data "$DATA/acdc/val" --k 3 --limit "$n" --methods recommended,supervised --budget-steps 360 --out "$OUT/acdc_k3.json"
-    bench --data "$DATA/acdc/val" --k 5 --limit "$n" --methods recommended --budget-steps 360 --out "$OUT/acdc_k5.json"
+    bench --data "$DATA/acdc/val" --k 5 --limit 3 --methods recommended --budget-steps 360 --out "$OUT/acdc_k5.json"
     bench --data "$DATA/acdc/val" --k 3 --limit 3 --methods "mean_teacher:prior.mode=targets" --budget-steps 170 \
         --out "$OUT/acdc_k3_mean_teacher.json"
     ;;
