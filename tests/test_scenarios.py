@@ -22,6 +22,7 @@ from napari_semicl.io.sample import SAMPLE_IMAGE_FILE, sample_data_dir  # noqa: 
 PLUGIN = "napari-semicl"
 PAINTED = (30, 50)
 VALIDATION = 44
+ACCEPTED = 40
 
 
 @pytest.fixture(autouse=True)
@@ -100,6 +101,15 @@ def test_open_paint_validate_train_review_resume_export(make_napari_viewer, qtbo
     curves.redraw(wait=True)
     assert len(curves.figure.axes) == 2  # losses and the validation Dice
 
+    # accept the pseudo-labels of an unpainted slice: with 'unpainted means background' the
+    # whole predicted slice goes into the labels layer, and Resume trains on it
+    viewer.layers.selection.active = labels
+    viewer.dims.set_current_step(0, ACCEPTED)
+    assert not labels.data[ACCEPTED].any()
+    assert review.accept_slice()
+    np.testing.assert_array_equal(labels.data[ACCEPTED], prediction.data[ACCEPTED])
+    assert review.accepted_list.item(0).text().startswith(f"slice {ACCEPTED}: whole slice accepted")
+
     # Resume for more steps, Stop part-way: the model is kept
     train.iterations_spin.setValue(1000)
     assert "1000 more steps" in train.resume_button.toolTip()
@@ -109,6 +119,7 @@ def test_open_paint_validate_train_review_resume_export(make_napari_viewer, qtbo
     train.stop_button.click()
     qtbot.waitUntil(lambda: not train.is_training, timeout=60_000)
     assert 8 <= trainer.step < 1006
+    assert (0, ACCEPTED) in trainer.dataset.labelled  # the accepted slice trains as labelled
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
     assert train.status_label.text().startswith("Stopped at step")
 
