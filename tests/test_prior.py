@@ -185,6 +185,7 @@ def test_the_prior_never_reaches_painted_or_validation_slices(brain):
     painted = reveal_slices(reference, [*PAINTED, VALIDATION], 0)
     pair = AnnotatedPair(image, painted, validation_slices=(VALIDATION,))
     trainer = Trainer(_config("supervised", calibrate=False), [pair], device=CPU)
+    assert trainer.prior is not None  # built at its first use
     ds = trainer.dataset
     assert set(ds.dense_targets).isdisjoint(ds.labelled) and (0, VALIDATION) not in ds.dense_targets
     assert {s for _, s in ds.dense_targets} == set(range(image.shape[0])) - {*PAINTED, VALIDATION}
@@ -247,8 +248,8 @@ def test_scribbles_get_no_prior_and_a_notice(brain):
     cfg = _config("supervised")
     cfg.data.unpainted = "ignore"
     trainer = Trainer(cfg, [AnnotatedPair(image, painted, name="brain")], device=CPU)
-    assert trainer.prior is None and not trainer.dataset.dense_targets
     events = list(trainer.run(previews=False))
+    assert trainer.prior is None and not trainer.dataset.dense_targets
     texts = [e.text for e in events if type(e).__name__ == "Notice"]
     assert any("no prior" in t and "scribble" in t for t in texts)
 

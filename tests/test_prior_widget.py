@@ -12,7 +12,7 @@ napari = pytest.importorskip("napari")
 
 from napari_semicl.data.interpolation import interpolate_labels  # noqa: E402
 from napari_semicl.data.reveal import reveal_slices  # noqa: E402
-from napari_semicl.engine.events import Finished  # noqa: E402
+from napari_semicl.engine.events import Finished, Preview  # noqa: E402
 from napari_semicl.io.sample import load_sample_volume  # noqa: E402
 
 CROP = slice(28, 52)
@@ -68,14 +68,31 @@ def test_train_with_the_prior_starts_from_the_filled_shape(dock, qtbot, tmp_path
     train.run_folder_edit.setText(str(tmp_path / "run"))
     cfg = train.build_config()
     assert cfg.prior.mode == "targets" and cfg.data.context_slices == 1
-    finished = []
+    import threading
+
+    import napari_semicl.engine.prior as prior_module
+
+    threads = []
+    fill = prior_module.interpolate_labels
+
+    def recording_fill(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return fill(*args, **kwargs)
+
+    monkeypatch.setattr(prior_module, "interpolate_labels", recording_fill)
+    finished, previews = [], []
     train.event_received.connect(lambda e: finished.append(e) if isinstance(e, Finished) else None)
-    assert train.start_training()
-    # at Train, before any step: the filled shape
+    train.event_received.connect(lambda e: previews.append(e) if isinstance(e, Preview) else None)
+    assert train.start_training()  # returns at once: the fill is computed in the training thread
+    qtbot.waitUntil(lambda: bool(finished) and not train.is_training, timeout=120_000)
+    # the fill (seconds with optical flow) ran in the training thread, never on the Qt thread
+    assert threads and threading.main_thread() not in threads
+    # before any step, the run showed the filled shape
     expected = interpolate_labels(reveal_slices(ref, PAINTED, 0), axis=0, spacing=img.scale, method="flow",
                                   image=img.data).labels
-    np.testing.assert_array_equal(viewer.layers["t1 prediction"].data, expected)
-    qtbot.waitUntil(lambda: bool(finished) and not train.is_training, timeout=120_000)
+    first = previews[0]
+    assert first.kind == "prediction" and first.step == 0
+    np.testing.assert_array_equal(first.array, expected)
     assert finished[0].reason == "budget"
     assert train.trainer.prior is not None and train.trainer.config.model.in_channels == 3
     final = viewer.layers["t1 prediction"].data

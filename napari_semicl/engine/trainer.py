@@ -133,7 +133,10 @@ class Trainer:
         self._previews: dict[int, list[Path]] = {}
         if self.method.uses_unlabelled and not self.dataset.unlabelled:
             self._notices.append(Notice("warning", "no unlabelled slice: the consistency term uses labelled slices"))
-        self.prior: SlicePrior | None = self._build_prior()
+        # the painted-slice prior is built at its first use (run() builds it in the training
+        # thread: the optical-flow fill takes seconds, never on the caller's (Qt) thread)
+        self._prior: SlicePrior | None = None
+        self._prior_stale = True
 
     # --- construction from a checkpoint ----------------------------------------------------
     @classmethod
@@ -169,6 +172,15 @@ class Trainer:
         if data.get("optimizer"):
             self.optimizer.load_state_dict(data["optimizer"])
         self.step = int(data.get("step", 0))
+
+    @property
+    def prior(self) -> SlicePrior | None:
+        """The painted-slice prior of the current data (``config.prior``), or None; built
+        on first access and again after new annotations."""
+        if self._prior_stale:
+            self._prior = self._build_prior()
+            self._prior_stale = False
+        return self._prior
 
     def _build_prior(self) -> SlicePrior | None:
         """The painted-slice prior of the current dataset (``config.prior``), or None.
@@ -290,7 +302,7 @@ class Trainer:
         dataset = make_dataset(pairs, copy.deepcopy(self.config.data), self.config.wsi)  # class table kept
         self.pairs, self.dataset = pairs, dataset
         self._annotations_version += 1
-        self.prior = self._build_prior()  # the new painted slices move the prior too
+        self._prior_stale = True  # the new painted slices move the prior: rebuilt at its next use
         if dataset.unknown_values:
             self._notices.append(Notice(
                 "warning",
@@ -381,9 +393,16 @@ class Trainer:
         warm_up = self._warm_up_notice(target)
         if warm_up is not None:
             self._notices.append(warm_up)
+        prior = self.prior  # built here, in the training thread
         for notice in self._notices:
             yield from self._emit(notice)
         self._notices.clear()
+        if prior is not None and previews and not isinstance(self.dataset, TileDataset):
+            # the filled shape at once: what the user sees until the first refresh
+            for p_idx in range(len(self.pairs)):
+                mask = self.prior_mask(p_idx)
+                if mask is not None:
+                    yield from self._emit(Preview(self.step, "prediction", p_idx, mask))
         reason, error, last_save = "budget", None, t0
         notice = self.autosave_annotations()
         if notice is not None:

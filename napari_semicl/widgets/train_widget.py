@@ -818,15 +818,16 @@ class TrainWidget(QWidget):
         dtype = decoded_dtype(trainer.dataset.class_values)
         wanted = set(getattr(trainer.method, "review_layers", ()))
         axis, k = trainer.config.data.axis, len(trainer.dataset.class_values)
-        for pair_index, (image, _) in enumerate(self._run_layers):
+        for image, _ in self._run_layers:
             if image.multiscale:
                 continue  # a slide: its prediction pyramid arrives with the first refresh
             shape = _layers.spatial_shape(image)
-            # with the painted-slice prior the user sees the filled shape at once; training refines it
-            first = trainer.prior_mask(pair_index)
-            if first is None or first.shape != tuple(shape):
-                first = np.zeros(shape, dtype=dtype)
-            _layers.show_prediction(self.viewer, image, first.astype(dtype, copy=False))
+            # until the run's first Preview (with the painted-slice prior: the filled shape, sent
+            # as soon as the training thread has computed it) a layer there already, e.g. from
+            # Fill between slices, is kept; else an empty one
+            existing = _layers._find(self.viewer, f"{image.name}{_layers.PREDICTION_SUFFIX}", Labels)
+            if existing is None or tuple(existing.data.shape) != tuple(shape) or existing.multiscale:
+                _layers.show_prediction(self.viewer, image, np.zeros(shape, dtype=dtype))
             _layers.show_entropy(self.viewer, image, np.zeros(shape, dtype=np.float32))
             if "patch_entropy" in wanted:
                 maps = np.zeros((k, *_layers.slice_shape(image, axis)), np.float32)
