@@ -439,15 +439,16 @@ KILLED_RUN = textwrap.dedent("""
         if where == "step" and trainer.step == 3:
             hang()
         return result
-    def save(obj, fh):
+    def save(obj, target):  # save_checkpoint hands torch.save a temporary path (io.atomic)
         buf = io.BytesIO()
         real_save(obj, buf)
         data = buf.getvalue()
-        fh.write(data[: len(data) // 2])  # half a checkpoint is on disk
-        fh.flush()
-        if where == "checkpoint" and trainer.step == 3:
-            hang()
-        fh.write(data[len(data) // 2:])
+        with open(target, "wb") as fh:
+            fh.write(data[: len(data) // 2])  # half a checkpoint is on disk
+            fh.flush()
+            if where == "checkpoint" and trainer.step == 3:
+                hang()
+            fh.write(data[len(data) // 2:])
     trainer.method.compute_losses = losses
     ck.torch.save = save
     for event in trainer.run(previews=False):
@@ -486,7 +487,8 @@ def test_a_run_killed_mid_step_keeps_checkpoint_and_annotations_and_resumes(wher
     data = load_checkpoint(out / "checkpoint.pt")
     assert data["step"] == (3 if where == "step" else 2)
     if where == "checkpoint":  # the half-written one is a hidden temporary file, never the checkpoint
-        assert [p.name.startswith(".checkpoint.pt.") for p in out.glob(".checkpoint.pt.*")] == [True]
+        # (io.atomic names it .checkpoint.<random>.tmp.pt beside the checkpoint)
+        assert [p.name.endswith(".tmp.pt") for p in out.glob(".checkpoint.*")] == [True]
     image, labels = blobs_volume()
     saved = load_annotations(out)
     assert saved[0]["name"] == "vol"
