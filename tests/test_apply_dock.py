@@ -13,31 +13,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.gui
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("one_torch_thread")]
 
 napari = pytest.importorskip("napari")
 nib = pytest.importorskip("nibabel")
 
-PLUGIN = "napari-semicl"
+from test_plugin_docks import open_dock  # noqa: E402  (the one way tests open docks)
+
 TRAIN = "Train (semi-supervised)"
 APPLY = "Apply model"
 CROP = slice(28, 44)
 PAINTED = (2, 12)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-def open_dock(viewer, name: str):
-    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
-    return widget
 
 
 def small_network(widget, monkeypatch) -> None:

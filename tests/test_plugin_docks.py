@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.gui
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("one_torch_thread")]
 
 napari = pytest.importorskip("napari")
 
@@ -28,15 +28,6 @@ VALIDATION = 14            # a painted slice held out for Dice
 IN_VIEW = 9                # the slice the user looks at
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: the Qt thread and Mesa's renderer need the other core."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

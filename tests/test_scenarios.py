@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.gui
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("one_torch_thread")]
 
 napari = pytest.importorskip("napari")
 nib = pytest.importorskip("nibabel")
@@ -19,25 +19,16 @@ nib = pytest.importorskip("nibabel")
 from napari_semicl.analysis.plots import DICE  # noqa: E402
 from napari_semicl.io.sample import SAMPLE_IMAGE_FILE, sample_data_dir  # noqa: E402
 
+from test_plugin_docks import open_dock  # noqa: E402  (the one way tests open docks)
+
 PLUGIN = "napari-semicl"
 PAINTED = (30, 50)
 VALIDATION = 44
 ACCEPTED = 40
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-def open_dock(viewer, name: str):
-    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
-    return widget
 
 
 def test_open_paint_validate_train_review_resume_export(make_napari_viewer, qtbot, tmp_path, monkeypatch):

@@ -109,6 +109,16 @@ def _dock_of(widget):
     return parent
 
 
+def watch_layers(viewer, callback, *, connect: bool = True) -> None:
+    """Call ``callback`` when layers are added, removed, moved or renamed (``connect=False``
+    undoes it; a dock calls that when it closes)."""
+    events = viewer.layers.events
+    for emitter in (events.inserted, events.removed, events.moved):
+        (emitter.connect if connect else emitter.disconnect)(callback)
+    for layer in viewer.layers:
+        (layer.events.name.connect if connect else layer.events.name.disconnect)(callback)
+
+
 def tabify_with_train_dock(widget) -> bool:
     """Put ``widget``'s dock in a tab beside the Train dock (same side of the window).
 

@@ -36,7 +36,7 @@ from ..data import decoded_dtype
 from ..engine.apply import Predictor, mask_path, predict_files
 from ..errors import SemiclError
 from . import _layers
-from ._link import StatusLabel, find_train_widget, start_worker, tabify_with_train_dock
+from ._link import StatusLabel, find_train_widget, start_worker, tabify_with_train_dock, watch_layers
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,7 @@ class ApplyWidget(QWidget):
         self._build_ui()
         self._file_progress.connect(self._on_file_progress)
         QTimer.singleShot(0, self._on_docked)
-        events = self.viewer.layers.events
-        for emitter in (events.inserted, events.removed, events.moved):
-            emitter.connect(self._on_layers_changed)
-        for layer in self.viewer.layers:
-            layer.events.name.connect(self._on_layers_changed)
+        watch_layers(self.viewer, self._on_layers_changed)
         self._on_layers_changed()
 
     def _on_docked(self) -> None:
@@ -374,9 +370,5 @@ class ApplyWidget(QWidget):
             pass
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
-        events = self.viewer.layers.events
-        for emitter in (events.inserted, events.removed, events.moved):
-            emitter.disconnect(self._on_layers_changed)
-        for layer in self.viewer.layers:
-            layer.events.name.disconnect(self._on_layers_changed)
+        watch_layers(self.viewer, self._on_layers_changed, connect=False)
         super().closeEvent(event)

@@ -33,7 +33,7 @@ from qtpy.QtWidgets import (
 
 from ..io import write_labels
 from . import _layers
-from ._link import tabify_with_train_dock
+from ._link import tabify_with_train_dock, watch_layers
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,7 @@ class ExportWidget(QWidget):
         self._worker = None
         self._build_ui()
         QTimer.singleShot(0, self._on_docked)  # once napari has docked us: a tab beside Train
-        events = self.viewer.layers.events
-        for emitter in (events.inserted, events.removed, events.moved):
-            emitter.connect(self._on_layers_changed)
-        for layer in self.viewer.layers:
-            layer.events.name.connect(self._on_layers_changed)
+        watch_layers(self.viewer, self._on_layers_changed)
         self._on_layers_changed()
 
     def _on_docked(self) -> None:
@@ -282,9 +278,5 @@ class ExportWidget(QWidget):
         self.export_button.setEnabled(True)
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
-        events = self.viewer.layers.events
-        for emitter in (events.inserted, events.removed, events.moved):
-            emitter.disconnect(self._on_layers_changed)
-        for layer in self.viewer.layers:
-            layer.events.name.disconnect(self._on_layers_changed)
+        watch_layers(self.viewer, self._on_layers_changed, connect=False)
         super().closeEvent(event)
