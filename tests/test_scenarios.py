@@ -91,6 +91,13 @@ def test_open_paint_validate_train_review_resume_export(make_napari_viewer, qtbo
     assert len(curves.history.series(DICE)[0]) >= 1
     curves.redraw(wait=True)
     assert len(curves.figure.axes) == 2  # losses and the validation Dice
+    # the feature space: a bounded t-SNE of the network's features, drawn off the Qt thread
+    feature = open_dock(viewer, "Feature space (t-SNE)")
+    feature.points_spin.setValue(100)
+    feature.slices_spin.setValue(3)
+    assert feature.compute()
+    qtbot.waitUntil(lambda: not feature.busy, timeout=120_000)
+    assert 0 < len(feature.points) <= 100 and feature.points.shape[1] == 2
 
     # accept the pseudo-labels of an unpainted slice: with 'unpainted means background' the
     # whole predicted slice goes into the labels layer, and Resume trains on it
