@@ -73,12 +73,17 @@ def plot(results: Path, out_png: Path) -> Path:
             k, rows, _ = _per_volume(f)
             for m, by_name in rows.items():
                 series.setdefault(f"{m} (all volumes)", {})[k] = list(by_name.values())
+        counts: dict[str, set] = {}
         for f in sorted((results / "prior").glob(f"{dataset}_k*.json")):
             k, rows, data = _per_volume(f)
             if "60s" in f.name:
                 continue
             for m, by_name in rows.items():
-                series.setdefault(f"{m} ({len(by_name)} volumes)", {})[k] = list(by_name.values())
+                series.setdefault(m, {})[k] = list(by_name.values())
+                counts.setdefault(m, set()).add(len(by_name))
+        for m, n in counts.items():  # the label says on how many volumes
+            low, high = min(n), max(n)
+            series[f"{m} ({low}{'' if low == high else f'-{high}'} volumes)"] = series.pop(m)
         for name, by_k in sorted(series.items()):
             ks = sorted(by_k)
             ax.errorbar(ks, [np.mean(by_k[k]) for k in ks], yerr=[np.std(by_k[k]) for k in ks], marker="o",
