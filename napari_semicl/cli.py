@@ -167,7 +167,7 @@ def _progress_printer(every: int = 25):
         elif isinstance(event, Evaluated):
             log.info("validation dice %.4f at step %d", event.metrics.get("dice", float("nan")), event.step)
         elif isinstance(event, Notice):
-            log.warning("%s", event.text)
+            (log.warning if event.level == "warning" else log.info)("%s", event.text)
     return callback
 
 
