@@ -20,8 +20,13 @@ case "${1:-}" in
     bench --data "$DATA/la/train" --k 5 --limit "$n" --methods recommended --budget-steps 180 --out "$OUT/la_k5_60s.json"
     bench --data "$DATA/la/train" --k 5 --limit "$n" --methods recommended,supervised --budget-steps 900 --out "$OUT/la_k5.json"
     bench --data "$DATA/la/train" --k 3 --limit 2 --methods recommended --budget-steps 900 --out "$OUT/la_k3.json"
+    for k in 2 10; do
+      bench --data "$DATA/la/train" --k "$k" --limit 2 --methods recommended --budget-steps 900 --out "$OUT/la_k$k.json"
+    done
     bench --data "$DATA/la/train" --k 5 --limit 2 --methods "mean_teacher:prior.mode=targets" --budget-steps 420 \
         --out "$OUT/la_k5_mean_teacher.json"
+    bench --data "$DATA/la/train" --k 5 --limit 2 --methods "recommended:data.context_slices=1" --budget-steps 900 \
+        --out "$OUT/la_k5_context1.json"
     ;;
   acdc)
     n=${LIMIT_ACDC:-6}
