@@ -30,7 +30,8 @@ def paired_rows(results: Path, dataset: str) -> list[str]:
         k, rows, _ = _per_volume(f)
         baselines[k] = rows
     out = []
-    for f in sorted((results / "prior").glob(f"{dataset}_k*.json")):
+    files = sorted((results / "prior").glob(f"{dataset}_k*.json"), key=lambda f: (_per_volume(f)[0], f.name))
+    for f in files:
         k, rows, data = _per_volume(f)
         flow = baselines.get(k, {}).get("interp_flow", {})
         sdf = baselines.get(k, {}).get("interp", {})
