@@ -222,6 +222,26 @@ def test_fused_prediction_keeps_painted_slices_and_is_never_below_an_unsure_netw
     assert (raw == prior).mean() < (fused.labels == prior).mean()
 
 
+def test_with_two_painted_slices_the_mask_is_the_fill(brain):
+    image, reference = brain
+    painted = reveal_slices(reference, [3, 20], 0)
+    trainer = Trainer(_config("supervised", iterations=3), [AnnotatedPair(image, painted)], device=CPU)
+    run_sync(trainer.run(previews=False))
+    assert trainer.prior.painted_count[0] == 2
+    np.testing.assert_array_equal(trainer.predict_pair(0).labels, trainer.prior_mask(0))
+    # a confident network that says "background" everywhere on slice 11, far from both
+    k = len(trainer.dataset.class_values)
+    h, w = image.shape[1:]
+    certain = torch.zeros(1, k, h, w)
+    certain[:, 0] = 1.0
+    fill = torch.from_numpy(trainer.prior_mask(0)[11].astype(np.int64))
+    fused = trainer.prior.fuser(0, agreement=1.0)(11, 12, certain)
+    assert torch.equal(fused.argmax(1)[0], fill)  # two painted slices: the fill alone
+    trainer.prior.config.network_min_painted = 2  # let the network take part
+    fused = trainer.prior.fuser(0, agreement=1.0)(11, 12, certain)
+    assert (fused.argmax(1)[0] == 0).all() and bool((fill != 0).any())
+
+
 @pytest.mark.parametrize("method", sorted(available_methods()))
 def test_every_method_trains_with_the_prior(brain, method):
     image, reference = brain

@@ -79,6 +79,10 @@ class PriorConfig:
         Dice against the prior on the slices next to painted ones (within 2 slices), where
         the fill is known to be good: a network that cannot yet reproduce the fill there is
         not allowed to overrule it elsewhere. 0 switches the gate off.
+    network_min_painted : int
+        Fewer painted slices than this in a volume and the fused mask is the fill alone: the
+        fill cannot be checked on the volume (no inner painted slice), and with two painted
+        slices the network made it worse (left atrium, K = 2: -0.06 Dice, docs/benchmarks.md).
     calibrate : bool
         With three painted slices or more, measure the interpolation on the volume itself
         (:func:`leave_one_out`) and set the band (pixels per slice) from it instead of
@@ -94,6 +98,7 @@ class PriorConfig:
     confidence_length: float = 8.0
     temperature_px: float = 2.0
     agreement_power: float = 8.0
+    network_min_painted: int = 3
     calibrate: bool = True
 
     def validate(self, path: str = "prior") -> None:
@@ -103,6 +108,8 @@ class PriorConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{path}.{name} must be in [0, 1], got {value}")
+        if self.network_min_painted < 0:
+            raise ConfigError(f"{path}.network_min_painted must be >= 0, got {self.network_min_painted}")
         if not self.agreement_power >= 0:
             raise ConfigError(f"{path}.agreement_power must be >= 0, got {self.agreement_power}")
         for name in ("boundary_px", "confidence_length", "temperature_px"):
@@ -278,6 +285,8 @@ class SlicePrior:
         self._volumes: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         #: pair index -> Calibration (the band and confidence length in use)
         self.calibration: dict[int, Calibration] = {}
+        #: pair index -> how many complete painted slices the fill starts from
+        self.painted_count: dict[int, int] = {}
         validation: dict[int, list[int]] = {}
         for p, s in dataset.validation:
             validation.setdefault(p, []).append(s)
@@ -287,7 +296,8 @@ class SlicePrior:
             if len(pair.spatial_shape) != 3:
                 continue  # a 2D image has no slices to fill between
             try:
-                *volume, self.calibration[p] = self._build(pair, validation.get(p, []), dataset.cfg.unpainted)
+                *volume, self.calibration[p], self.painted_count[p] = self._build(
+                    pair, validation.get(p, []), dataset.cfg.unpainted)
                 self._volumes[p] = tuple(volume)
             except DataError as exc:
                 self.notes.append(f"'{pair.name}': no prior from the painted slices: {exc}")
@@ -313,7 +323,8 @@ class SlicePrior:
         if self.config.calibrate:
             loo = leave_one_out(labels, interp.painted, axis=self.axis, spacing=pair.spacing, unpainted=unpainted,
                                 method=self.config.interpolation, image=image)
-        return scores, class_index, interp.slice_distance.astype(np.float32), calibrate(loo, self.config)
+        return (scores, class_index, interp.slice_distance.astype(np.float32), calibrate(loo, self.config),
+                len(interp.painted))
 
     # --- queries ------------------------------------------------------------------------
     def __contains__(self, pair_index: int) -> bool:
@@ -367,6 +378,7 @@ class SlicePrior:
         ``agreement``: :meth:`agreement` of the network being fused."""
         if pair_index not in self._volumes or not self.config.fuse:
             return None
+        fill_only = self.painted_count[pair_index] < self.config.network_min_painted  # PriorConfig doc
         scores, class_index, dist = self._volumes[pair_index]
         weight = prior_weight(dist, self.calibration[pair_index].length)
         n_classes = len(self.class_values)
@@ -380,6 +392,8 @@ class SlicePrior:
             p_prior[:, torch.from_numpy(class_index).to(device)] = p_small.to(probs.dtype)
             if p_prior.shape[1] != n_classes:  # pragma: no cover - guarded by the class table
                 raise DataError("the prior's classes do not fit the network's")
+            if fill_only:
+                return p_prior
             return fuse_probabilities(probs, p_prior, torch.from_numpy(weight[start:stop]).to(device),
                                       agreement, self.config.agreement_power)
 
