@@ -27,7 +27,8 @@ turns it into what the one training loop composes, whatever the method:
   is unsure, the prior wins; near painted slices the prior wins; a network that does not yet
   reproduce the fill next to the painted slices has little say anywhere; far from painted
   slices a confident, consistent network decides. On painted slices (``d = 0``) the result
-  is the painted labels.
+  is the painted labels. A volume with fewer than ``network_min_painted`` painted slices gets
+  the fill alone.
 
 Functions first; :class:`SlicePrior` holds the per-volume arrays in the dataset's slice
 layout (slicing axis first).
