@@ -40,6 +40,7 @@ from .engine import (
 )
 from .engine.apply import Predictor, predict_file, read_input_image
 from .engine.config import UNPAINTED_CHOICES, set_option
+from .engine.prior import INTERPOLATION_CHOICES, PRIOR_MODES
 from .engine.trainer import CHECKPOINT_NAME
 from .errors import ConfigError, DataError, SemiclError
 from .io import (
@@ -549,10 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="any setting, e.g. --set data.patch_size=96 --set prior.mode=targets; a bare KEY is a "
                         "setting of the chosen --method (repeatable)")
-    t.add_argument("--prior", choices=["off", "targets"],
+    t.add_argument("--prior", choices=PRIOR_MODES,
                    help="painted slices as a dense prior (fully painted slices; docs/prior.md): 'targets' trains "
                         "on the shape interpolated between them and falls back on it where the network is unsure")
-    t.add_argument("--interpolation", choices=["sdf", "flow"], help="how the prior fills between painted slices")
+    t.add_argument("--interpolation", choices=INTERPOLATION_CHOICES, help="how the prior fills between painted slices")
     t.add_argument("--context-slices", type=int,
                    help="2.5D: neighbouring slices on either side the network sees as channels (default 0)")
     t.add_argument("--config", help="a config.json to start from (flags override it)")
@@ -583,10 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("--image", required=True, help="the image: gives the geometry, and the intensities for --method flow")
     ip.add_argument("--out", required=True, help="mask file (.nii.gz, .nii, .tif), written with the image's geometry")
     ip.add_argument("--axis", type=int, help="slicing axis (default: the axis with the fewest slices)")
-    ip.add_argument("--method", choices=["flow", "sdf"], default="flow",
+    ip.add_argument("--method", choices=INTERPOLATION_CHOICES, default="flow",
                     help="flow (default): carry the painted shapes along the image by optical flow, then blend "
                          "their signed distance maps; sdf: blend the maps directly (faster, ignores the image)")
-    ip.add_argument("--unpainted", choices=["background", "ignore"], default="background",
+    ip.add_argument("--unpainted", choices=UNPAINTED_CHOICES, default="background",
                     help="background (default): 0 is background on painted slices; ignore: 0 is unpainted, so "
                          "painted slices must be painted in every pixel")
     ip.add_argument("--shrink", type=float,

@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import DataError
 from .entropy import UNKNOWN
 
+#: data.annotation.UNPAINTED_CHOICES (the import-layer contract keeps analysis off data)
 UNPAINTED_CHOICES = ("ignore", "background")
 
 

@@ -24,6 +24,9 @@ from ..errors import DataError
 
 UNLABELLED = 0
 IGNORE_INDEX = -1
+#: what 0 means on a painted slice: 'ignore' (scribbles: unpainted, no loss) or 'background'
+#: (complete slices: class 0); ``data.unpainted`` in the config
+UNPAINTED_CHOICES = ("ignore", "background")
 
 
 @dataclass

@@ -43,10 +43,10 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import ConfigError, DataError
+from .annotation import UNPAINTED_CHOICES
 
 log = logging.getLogger(__name__)
 
-UNPAINTED_MODES = ("background", "ignore")
 METHODS = ("sdf", "flow")
 #: Fall-off past the outermost painted slice, in in-plane pixels per slice (isotropic voxels).
 DEFAULT_SHRINK_PX = 3.0
@@ -103,8 +103,8 @@ def _check_axis(labels: np.ndarray, axis: int) -> int:
 
 
 def _check_mode(unpainted: str) -> None:
-    if unpainted not in UNPAINTED_MODES:
-        raise ConfigError(f"unpainted must be one of {set(UNPAINTED_MODES)}, got {unpainted!r}")
+    if unpainted not in UNPAINTED_CHOICES:
+        raise ConfigError(f"unpainted must be one of {set(UNPAINTED_CHOICES)}, got {unpainted!r}")
 
 
 def _slice_stats(labels: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:

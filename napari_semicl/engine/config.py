@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from ..data.annotation import UNPAINTED_CHOICES
 from ..data.tiles import WSIConfig
 from ..errors import ConfigError, check_choice as _check_choice, check_positive as _check_positive
 from ..methods.agcl import AGCLConfig
@@ -24,7 +25,6 @@ from ..methods.mean_teacher import MeanTeacherConfig
 from ..methods.plgcl import PLGCLConfig
 from .prior import PriorConfig
 
-UNPAINTED_CHOICES = ("ignore", "background")
 NORMALISE_CHOICES = ("percentile", "zscore", "none")
 BUDGET_CHOICES = ("iterations", "minutes")
 

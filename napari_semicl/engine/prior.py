@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ..data.annotation import IGNORE_INDEX
+from ..data.interpolation import METHODS as INTERPOLATION_METHODS
 from ..data.interpolation import interpolate_labels
 from ..errors import ConfigError, DataError
 from ..errors import check_choice as _check_choice
@@ -51,7 +52,8 @@ from ..models.ops import normalised_entropy
 log = logging.getLogger(__name__)
 
 PRIOR_MODES = ("off", "targets")
-INTERPOLATION_CHOICES = ("flow", "sdf")  # the default first (docs/benchmarks.md: flow measured better)
+#: the fills of data.interpolation, the default first (docs/benchmarks.md: flow measured better)
+INTERPOLATION_CHOICES = ("flow", *(m for m in INTERPOLATION_METHODS if m != "flow"))
 
 
 @dataclass
