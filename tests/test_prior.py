@@ -222,6 +222,23 @@ def test_fused_prediction_keeps_painted_slices_and_is_never_below_an_unsure_netw
     assert (raw == prior).mean() < (fused.labels == prior).mean()
 
 
+def test_a_refresh_measures_the_agreement_once(brain, monkeypatch):
+    # previews and validation Dice of one refresh share one prediction of the slices next to
+    # the painted ones
+    image, reference = brain
+    painted = reveal_slices(reference, [*PAINTED, VALIDATION], 0)
+    trainer = Trainer(_config("supervised", iterations=2), [AnnotatedPair(image, painted, validation_slices=(VALIDATION,))],
+                      device=CPU)
+    run_sync(trainer.run(previews=False))
+    calls = []
+    measure = trainer.prior.agreement
+    monkeypatch.setattr(trainer.prior, "agreement", lambda *a: calls.append(a[0]) or measure(*a))
+    events = trainer.refresh_events()
+    assert any(type(e).__name__ == "Evaluated" for e in events) and calls == [0]
+    trainer.predict_pair(0)  # the same step: measured already
+    assert calls == [0]
+
+
 def test_with_two_painted_slices_the_mask_is_the_fill(brain):
     image, reference = brain
     painted = reveal_slices(reference, [3, 20], 0)

@@ -137,6 +137,9 @@ class Trainer:
         # thread: the optical-flow fill takes seconds, never on the caller's (Qt) thread)
         self._prior: SlicePrior | None = None
         self._prior_stale = True
+        #: (step, pair) -> the network's agreement with the prior: measured once per step, for
+        #: the refresh's previews and its validation alike (cleared when the prior is rebuilt)
+        self._agreements: dict[tuple[int, int], float] = {}
 
     # --- construction from a checkpoint ----------------------------------------------------
     @classmethod
@@ -180,6 +183,7 @@ class Trainer:
         if self._prior_stale:
             self._prior = self._build_prior()
             self._prior_stale = False
+            self._agreements.clear()
         return self._prior
 
     def _build_prior(self) -> SlicePrior | None:
@@ -548,11 +552,9 @@ class Trainer:
             return {}
         model = self.method.inference_model()
         preds, refs = [], []
-        agreement = {p: self._prior_agreement(p) for p in {p for p, _ in self.dataset.validation}
-                     if self.prior is not None and p in self.prior and self.prior.config.fuse}
         for p_idx, s_idx in self.dataset.validation:
             img = self.dataset.images[p_idx][s_idx:s_idx + 1]
-            fuse = self._fuser(p_idx, offset=s_idx, agreement=agreement.get(p_idx))
+            fuse = self._fuser(p_idx, offset=s_idx)
             idx, _ = predict_slices(model, img, device=self.device, fuse=fuse)
             ref = self.dataset.targets[p_idx][s_idx]
             pred = decode_classes(idx[0], self.dataset.class_values)
@@ -565,25 +567,29 @@ class Trainer:
         mean = float(np.mean(list(per_class.values()))) if per_class else math.nan
         return {"dice": mean, "dice_per_class": per_class, "slices": len(self.dataset.validation)}
 
-    def _fuser(self, pair_index: int, offset: int = 0, agreement: float | None = None):
+    def _fuser(self, pair_index: int, offset: int = 0):
         """The prior's fusion for slices of pair ``pair_index`` (starting at ``offset``), or
         None. The network's agreement with the prior next to the painted slices is measured
-        here (one prediction of those slices) unless given."""
+        once a step (one prediction of those slices)."""
         if self.prior is None or pair_index not in self.prior or not self.prior.config.fuse:
             return None
-        if agreement is None:
-            agreement = self._prior_agreement(pair_index)
-        fuse = self.prior.fuser(pair_index, agreement)
+        fuse = self.prior.fuser(pair_index, self._prior_agreement(pair_index))
         if offset == 0:
             return fuse
         return lambda start, stop, probs: fuse(start + offset, stop + offset, probs)
 
     def _prior_agreement(self, pair_index: int) -> float:
-        near = self.prior.near_slices(pair_index)
-        if len(near) == 0:
-            return 1.0
-        idx, _ = predict_slices(self.method.inference_model(), self.dataset.images[pair_index][near], device=self.device)
-        return self.prior.agreement(pair_index, idx, near)
+        key = (self.step, pair_index)
+        if key not in self._agreements:
+            self._agreements = {k: v for k, v in self._agreements.items() if k[0] == self.step}
+            near = self.prior.near_slices(pair_index)
+            if len(near) == 0:
+                self._agreements[key] = 1.0
+            else:
+                idx, _ = predict_slices(self.method.inference_model(), self.dataset.images[pair_index][near],
+                                        device=self.device)
+                self._agreements[key] = self.prior.agreement(pair_index, idx, near)
+        return self._agreements[key]
 
     def prior_mask(self, pair_index: int = 0) -> np.ndarray | None:
         """The painted-slice prior's mask of a training pair (label values, the pair's
