@@ -5,6 +5,7 @@
 - ``requires_shared(subdir)``: returns ``SHARED_DATA / subdir`` or skips the test when absent.
   Tests marked ``@pytest.mark.shared_data`` (optionally ``("acdc", ...)``) skip the same way.
 - torch runs on 2 threads and every test starts from the same seeds.
+- ``crop_viewer``: a viewer with a 24-slice crop of the sample (GUI tests of several modules).
 - GUI tests (marked ``gui``, or using ``make_napari_viewer``/``qtbot``/``qapp``) are skipped
   with a message naming Xvfb when there is no usable display: on Linux no ``DISPLAY`` (or one
   that does not open, or has no GLX), anywhere ``QT_QPA_PLATFORM=offscreen`` (no OpenGL).
@@ -210,3 +211,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+#: 24 axial slices of the bundled sample: the GUI tests' small real volume
+SAMPLE_CROP = slice(28, 52)
+
+
+@pytest.fixture
+def crop_viewer(make_napari_viewer):
+    """A viewer with a 24-slice crop of the sample, its hidden reference and 'painted'
+    (napari's own ``make_napari_viewer`` fixture: napari is imported by its plugin, not here)."""
+    from napari_semicl.io.sample import load_sample_volume
+
+    viewer = make_napari_viewer()
+    image, reference = load_sample_volume()
+    img = viewer.add_image(image.data[SAMPLE_CROP].copy(), name="t1 crop", scale=image.scale)
+    ref = viewer.add_labels(reference.data[SAMPLE_CROP].copy(), name="reference", scale=image.scale, visible=False)
+    painted = viewer.add_labels(np.zeros(img.data.shape, np.uint16), name="painted", scale=image.scale)
+    return viewer, img, ref, painted

@@ -22,25 +22,9 @@ PLUGIN = "napari-semicl"
 TRAIN = "Train (semi-supervised)"
 REVIEW = "Review pseudo-labels"
 CURVES = "Training curves"
-CROP = slice(28, 52)       # 24 axial slices of the sample
 PAINTED = (2, 20)          # slices of the crop "painted" from the reference
 VALIDATION = 14            # a painted slice held out for Dice
 IN_VIEW = 9                # the slice the user looks at
-
-
-
-
-@pytest.fixture
-def crop_viewer(make_napari_viewer):
-    """A viewer with a 24-slice crop of the sample, its hidden reference and 'painted'."""
-    from napari_semicl.io.sample import load_sample_volume
-
-    viewer = make_napari_viewer()
-    image, reference = load_sample_volume()
-    img = viewer.add_image(image.data[CROP].copy(), name="t1 crop", scale=image.scale)
-    ref = viewer.add_labels(reference.data[CROP].copy(), name="reference", scale=image.scale, visible=False)
-    painted = viewer.add_labels(np.zeros(img.data.shape, np.uint16), name="painted", scale=image.scale)
-    return viewer, img, ref, painted
 
 
 def open_dock(viewer, name: str):

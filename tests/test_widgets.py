@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 PAINTED = (30, 50)      # axial slices "painted" by copying the reference labels
 VALIDATION = 45         # a painted slice held out for live Dice
-CROP = slice(28, 52)    # 24 axial slices of the sample, for the long training test
 CROP_PAINTED = (2, 20)
 CROP_VALIDATION = 14
 CROP_LATE = 9           # painted while training runs
@@ -103,19 +102,6 @@ def sample_viewer(make_napari_viewer):
     viewer = make_napari_viewer()
     image, reference, painted = add_sample_layers(viewer)
     return viewer, image, reference, painted
-
-
-@pytest.fixture
-def crop_viewer(make_napari_viewer):
-    """A viewer with a 24-slice crop of the sample, its hidden reference and 'painted'."""
-    from napari_semicl.io.sample import load_sample_volume
-
-    viewer = make_napari_viewer()
-    image, reference = load_sample_volume()
-    img = viewer.add_image(image.data[CROP].copy(), name="t1 crop", scale=image.scale)
-    ref = viewer.add_labels(reference.data[CROP].copy(), name="reference", scale=image.scale, visible=False)
-    painted = viewer.add_labels(np.zeros(img.data.shape, np.uint16), name="painted", scale=image.scale)
-    return viewer, img, ref, painted
 
 
 def make_train_widget(viewer, tmp_path, monkeypatch, *, iterations, method="supervised") -> TrainWidget:
