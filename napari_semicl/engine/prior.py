@@ -230,12 +230,10 @@ def leave_one_out(labels: np.ndarray, painted, *, axis: int, spacing=None, unpai
         inner[axis] = slice(1, b - a)
         sub[tuple(inner)] = 0
         sub_image = None if image is None else np.take(image, stretch, axis=axis)
-        filled = np.take(interpolate_labels(sub, axis=axis, spacing=spacing, unpainted=unpainted, method=method,
-                                            image=sub_image).labels, j - a, axis=axis)
-        values = [v for v in np.unique(truth) if v != 0]
-        if unpainted == "ignore":  # the painted background value is the most common one
-            background = np.bincount(truth.ravel()).argmax()
-            values = [v for v in values if v != background]
+        fill = interpolate_labels(sub, axis=axis, spacing=spacing, unpainted=unpainted, method=method, image=sub_image)
+        filled = np.take(fill.labels, j - a, axis=axis)
+        present = set(np.unique(truth).tolist())
+        values = [v for v in fill.class_values[1:] if v in present]  # the foreground (background first)
         dices, diff, edge = [], 0, 0
         for v in values:
             x, y = filled == v, truth == v
