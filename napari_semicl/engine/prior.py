@@ -363,8 +363,9 @@ class SlicePrior:
         ``predicted`` (N, H, W) of ``slices`` and the prior there (1.0 with nothing to compare)."""
         if len(slices) == 0:
             return 1.0
-        mask = self.mask(pair_index)[np.asarray(slices)]
-        background = self._volumes[pair_index][1][0]
+        scores, class_index, _ = self._volumes[pair_index]
+        mask = class_index[np.argmax(scores[np.asarray(slices)], axis=1)]  # those slices only
+        background = class_index[0]
         dices = []
         for k in np.unique(mask):
             if k == background:
