@@ -26,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from .data import AnnotatedPair
-from .data.reveal import choose_reveal_slices, reveal_slices
+from .data.reveal import PLACEMENTS, choose_reveal_slices, reveal_slices
 from .engine import (
     Evaluated,
     Finished,
@@ -458,7 +458,7 @@ def cmd_bench(args) -> int:
     elif args.bench == "within-volume":
         data = label_efficiency.within_volume(args.data, k=args.k, methods=methods, budget_s=args.budget_s,
                                               seed=args.seed, out=args.out, limit=args.limit, device=device,
-                                              budget_steps=args.budget_steps)
+                                              budget_steps=args.budget_steps, placement=args.placement)
     elif args.bench == "cohort":
         data = label_efficiency.cohort(args.train, args.test, labelled=args.labelled, methods=methods,
                                        budget_s=args.budget_s, seed=args.seed, out=args.out, device=device,
@@ -608,6 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     w = bsub.add_parser("within-volume", help="reveal K slices per volume, score the rest")
     w.add_argument("--data", required=True, help="folder of NAME.nii.gz + NAME_gt.nii.gz")
     w.add_argument("--k", type=int, required=True)
+    w.add_argument("--placement", choices=PLACEMENTS, default="ends",
+                   help="the K slices: 'ends' includes the first and last foreground slice (the tips), "
+                        "'inside' spaces them strictly inside that range")
     w.add_argument("--limit", type=int, help="only the first N volumes")
     c = bsub.add_parser("cohort", help="N fully labelled training volumes, the rest unlabelled")
     c.add_argument("--train", required=True)

@@ -56,6 +56,12 @@ def test_reveal_is_evenly_spaced_over_the_foreground_range():
     assert choose_reveal_slices(ref, 3, 0) == [4, 9, 14]
     assert choose_reveal_slices(ref, 1, 0) == [9]
     assert choose_reveal_slices(ref, 2, 0) == [4, 14]
+    # 'inside': at i / (K + 1) of the range 4..14, the tips left unpainted
+    assert choose_reveal_slices(ref, 2, 0, "inside") == [7, 11]
+    assert choose_reveal_slices(ref, 4, 0, "inside") == [6, 8, 10, 12]
+    assert choose_reveal_slices(ref, 1, 0, "inside") == [9]
+    with pytest.raises(DataError, match="placement"):
+        choose_reveal_slices(ref, 2, 0, "edges")
     painted = reveal_slices(ref, [4, 9], 0)
     assert painted[4].all() and painted[9].all() and painted.sum() == 18
     with pytest.raises(DataError, match="no foreground"):

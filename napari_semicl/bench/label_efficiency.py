@@ -92,17 +92,19 @@ def _spacing(case: Case):
 
 
 def within_volume(data_dir, *, k: int, methods, budget_s: float | None, seed: int = 0, out, limit=None,
-                  device=None, patch_size: int = 128, budget_steps: int | None = None) -> dict:
-    """Reveal ``k`` slices of each volume, train each method on them, score the rest."""
+                  device=None, patch_size: int = 128, budget_steps: int | None = None, placement: str = "ends") -> dict:
+    """Reveal ``k`` slices of each volume (``placement`` as in
+    :func:`~napari_semicl.data.reveal.choose_reveal_slices`), train each method on them,
+    score the rest."""
     methods = check_methods(methods)
     device = device or pick_device()
     cases = find_cases(data_dir, limit=limit)
     results = ResultsFile(out, {"protocol": "within-volume", "k": k, "budget_s": budget_s, "budget_steps": budget_steps, "seed": seed,
-                                "device": describe_device(device), "data": str(data_dir)})
+                                "placement": placement, "device": describe_device(device), "data": str(data_dir)})
     for case in cases:
         ref = case.reference.data
         axis = thinnest_axis(ref.shape)
-        revealed = choose_reveal_slices(ref, k, axis)
+        revealed = choose_reveal_slices(ref, k, axis, placement)
         painted = reveal_slices(ref, revealed, axis)
         keep = np.setdiff1d(np.arange(ref.shape[axis]), revealed)
         for method in methods:
