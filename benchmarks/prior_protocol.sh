@@ -3,6 +3,8 @@
 #   bash benchmarks/prior_protocol.sh la     # left atrium, 5 CPU-minutes a run (900 supervised steps)
 #   bash benchmarks/prior_protocol.sh acdc   # ACDC, 2 CPU-minutes a run (360 supervised steps)
 #   bash benchmarks/prior_protocol.sh interp # the interpolation baselines on every volume, K = 2, 3, 5, 10
+#   bash benchmarks/prior_protocol.sh la_inside  # left atrium with the K slices inside the structure
+#                                                # (--placement inside: the reading that reproduces issue 16's table)
 # Step budgets stand for CPU minutes measured on a quiet core (supervised about 3 steps/s at
 # patch 128, Mean Teacher about 1.4: docs/benchmarks.md), so a busy machine changes the time,
 # not the result. One torch thread a job; run two jobs side by side on two cores.
@@ -35,10 +37,25 @@ case "${1:-}" in
     bench --data "$DATA/acdc/val" --k 3 --limit 3 --methods "mean_teacher:prior.mode=targets" --budget-steps 170 \
         --out "$OUT/acdc_k3_mean_teacher.json"
     ;;
+  la_inside)
+    n=${LIMIT_LA:-3}
+    for k in 2 3 5 10; do
+      bench --data "$DATA/la/train" --k "$k" --placement inside --methods interp,interp_flow \
+          --out "docs/results/la_interp_inside_k$k.json"
+    done
+    bench --data "$DATA/la/train" --k 2 --placement inside --limit "$n" --budget-steps 900 \
+        --methods "interp,interp_flow,recommended,recommended:prior.network_min_painted=2" --out "$OUT/la_inside_k2.json"
+    for k in 3 5; do
+      bench --data "$DATA/la/train" --k "$k" --placement inside --limit "$n" --budget-steps 900 \
+          --methods interp,interp_flow,recommended --out "$OUT/la_inside_k$k.json"
+    done
+    bench --data "$DATA/la/train" --k 10 --placement inside --limit 2 --budget-steps 900 \
+        --methods interp,interp_flow,recommended --out "$OUT/la_inside_k10.json"
+    ;;
   interp)
     for k in 2 3 5 10; do
       bench --data "$DATA/la/train" --k "$k" --methods interp,interp_flow --out "docs/results/la_interp_k$k.json"
     done
     ;;
-  *) echo "usage: $0 la|acdc|interp" >&2; exit 2 ;;
+  *) echo "usage: $0 la|la_inside|acdc|interp" >&2; exit 2 ;;
 esac
