@@ -3,6 +3,7 @@
 #   bash benchmarks/prior_protocol.sh la     # left atrium, 5 CPU-minutes a run (900 supervised steps)
 #   bash benchmarks/prior_protocol.sh acdc   # ACDC, 2 CPU-minutes a run (360 supervised steps)
 #   bash benchmarks/prior_protocol.sh interp # the interpolation baselines on every volume, K = 2, 3, 5, 10
+#   bash benchmarks/prior_protocol.sh acdc_rest  # ACDC K = 3 on the other 14 volumes (recommended, baselines), rf on 16
 #   bash benchmarks/prior_protocol.sh la_inside  # left atrium with the K slices inside the structure
 #                                                # (--placement inside: the reading that reproduces issue 16's table)
 # Step budgets stand for CPU minutes measured on a quiet core (supervised about 3 steps/s at
@@ -37,6 +38,11 @@ case "${1:-}" in
     bench --data "$DATA/acdc/val" --k 3 --limit 3 --methods "mean_teacher:prior.mode=targets" --budget-steps 170 \
         --out "$OUT/acdc_k3_mean_teacher.json"
     ;;
+  acdc_rest)
+    bench --data "$DATA/acdc/val" --k 3 --offset 6 --methods interp,interp_flow,recommended --budget-steps 360 \
+        --out "$OUT/acdc_k3_rest.json"
+    bench --data "$DATA/acdc/val" --k 3 --offset 4 --methods rf --out "$OUT/acdc_rf_k3_rest.json"
+    ;;
   la_inside)
     n=${LIMIT_LA:-3}
     for k in 2 3 5 10; do
@@ -57,5 +63,5 @@ case "${1:-}" in
       bench --data "$DATA/la/train" --k "$k" --methods interp,interp_flow --out "docs/results/la_interp_k$k.json"
     done
     ;;
-  *) echo "usage: $0 la|la_inside|acdc|interp" >&2; exit 2 ;;
+  *) echo "usage: $0 la|la_inside|acdc_rest|acdc|interp" >&2; exit 2 ;;
 esac

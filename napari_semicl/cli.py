@@ -458,7 +458,8 @@ def cmd_bench(args) -> int:
     elif args.bench == "within-volume":
         data = label_efficiency.within_volume(args.data, k=args.k, methods=methods, budget_s=args.budget_s,
                                               seed=args.seed, out=args.out, limit=args.limit, device=device,
-                                              budget_steps=args.budget_steps, placement=args.placement)
+                                              budget_steps=args.budget_steps, placement=args.placement,
+                                              offset=args.offset)
     elif args.bench == "cohort":
         data = label_efficiency.cohort(args.train, args.test, labelled=args.labelled, methods=methods,
                                        budget_s=args.budget_s, seed=args.seed, out=args.out, device=device,
@@ -612,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the K slices: 'ends' includes the first and last foreground slice (the tips), "
                         "'inside' spaces them strictly inside that range")
     w.add_argument("--limit", type=int, help="only the first N volumes")
+    w.add_argument("--offset", type=int, default=0, help="skip the first N volumes (by name)")
     c = bsub.add_parser("cohort", help="N fully labelled training volumes, the rest unlabelled")
     c.add_argument("--train", required=True)
     c.add_argument("--test", required=True)

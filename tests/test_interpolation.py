@@ -257,9 +257,10 @@ def test_bench_within_volume_runs_the_interpolation_baselines_without_a_budget(t
         assert data["methods"][name]["dice"] > 0.9 and data["methods"][name]["steps"] is None
     # the reading of "evenly spaced": inside the foreground range, the tips unpainted
     code = main(["-q", "bench", "within-volume", "--data", str(folder), "--k", "3", "--methods", "interp",
-                 "--placement", "inside", "--device", "cpu", "--out", str(out)])
+                 "--placement", "inside", "--offset", "1", "--device", "cpu", "--out", str(out)])
     assert code == 0
     data = json.loads(out.read_text())
     assert data["placement"] == "inside"
+    assert [r["name"] for r in data["methods"]["interp"]["per_volume"]] == ["cone1"]  # --offset 1
     for row in data["methods"]["interp"]["per_volume"]:
         assert len(row["revealed"]) == 3 and 1 < row["revealed"][0] and row["revealed"][-1] < 10

@@ -25,13 +25,14 @@ class Case:
     reference: ImageData
 
 
-def find_cases(folder, *, limit: int | None = None) -> list[Case]:
-    """Every ``NAME.nii.gz`` with a ``NAME_gt.nii.gz`` beside it, sorted by name."""
+def find_cases(folder, *, limit: int | None = None, offset: int = 0) -> list[Case]:
+    """Every ``NAME.nii.gz`` with a ``NAME_gt.nii.gz`` beside it, sorted by name; the
+    first ``offset`` of them skipped, then at most ``limit``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"benchmark data folder {folder} does not exist")
     cases = []
-    for gt in sorted(folder.glob("*_gt.nii.gz")):
+    for gt in sorted(folder.glob("*_gt.nii.gz"))[offset:]:
         name = gt.name[: -len("_gt.nii.gz")]
         img_path = folder / f"{name}.nii.gz"
         if not img_path.exists():

@@ -92,13 +92,14 @@ def _spacing(case: Case):
 
 
 def within_volume(data_dir, *, k: int, methods, budget_s: float | None, seed: int = 0, out, limit=None,
-                  device=None, patch_size: int = 128, budget_steps: int | None = None, placement: str = "ends") -> dict:
+                  device=None, patch_size: int = 128, budget_steps: int | None = None, placement: str = "ends",
+                  offset: int = 0) -> dict:
     """Reveal ``k`` slices of each volume (``placement`` as in
     :func:`~napari_semicl.data.reveal.choose_reveal_slices`), train each method on them,
     score the rest."""
     methods = check_methods(methods)
     device = device or pick_device()
-    cases = find_cases(data_dir, limit=limit)
+    cases = find_cases(data_dir, limit=limit, offset=offset)
     results = ResultsFile(out, {"protocol": "within-volume", "k": k, "budget_s": budget_s, "budget_steps": budget_steps, "seed": seed,
                                 "placement": placement, "device": describe_device(device), "data": str(data_dir)})
     for case in cases:
