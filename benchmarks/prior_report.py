@@ -23,20 +23,73 @@ def _per_volume(path: Path) -> tuple[int, dict[str, dict[str, float]], dict]:
     return int(data["k"]), rows, data
 
 
+#: dataset -> (baselines over every volume, the prior runs, title). ``la_inside``: the K slices
+#: strictly inside the structure (``bench within-volume --placement inside``), the reading that
+#: reproduces issue 16's table; ``la`` and ``acdc``: the first and last foreground slice included.
+SETS = {
+    "la": ("la_interp_k*.json", "la_k*.json", "left atrium (la/train), tips painted"),
+    "la_inside": ("la_interp_inside_k*.json", "la_inside_k*.json", "left atrium (la/train), K inside"),
+    "acdc": ("acdc_interp_k*.json", "acdc_k*.json", "ACDC (acdc/val)"),
+}
+
+
+def _baselines(results: Path, dataset: str) -> dict[int, dict[str, dict[str, float]]]:
+    out: dict[int, dict[str, dict[str, float]]] = {}
+    for f in sorted(results.glob(SETS[dataset][0])):
+        k, rows, _ = _per_volume(f)
+        out[k] = rows
+    return out
+
+
+def _prior_files(results: Path, dataset: str) -> list[Path]:
+    return sorted((results / "prior").glob(SETS[dataset][1]), key=lambda f: (_per_volume(f)[0], f.name))
+
+
+def merged(results: Path, dataset: str, k: int, method: str, steps: int | None = None) -> dict[str, float]:
+    """``method``'s Dice by volume at ``k`` over every prior file of ``dataset`` (and the
+    ``rf`` runs beside them), runs at other step budgets left out."""
+    out: dict[str, float] = {}
+    paths = _prior_files(results, dataset)
+    paths += sorted((results / "prior").glob(f"{dataset}_rf_k{k}*.json")) + sorted(results.glob(f"{dataset}_rf_k{k}*.json"))
+    for f in paths:
+        fk, rows, data = _per_volume(f)
+        if fk != k or method not in rows or (steps is not None and data.get("budget_steps") not in (None, steps)):
+            continue
+        out.update(rows[method])
+    return out
+
+
+def summary(results: Path, dataset: str, k: int, steps: int) -> str:
+    """One line: ``recommended`` against the fills and rf on every volume it ran on."""
+    ours = merged(results, dataset, k, "recommended", steps)
+    base = _baselines(results, dataset).get(k, {})
+    rf = merged(results, dataset, k, "rf")
+    names = [n for n in ours if n in base.get("interp", {})]
+    if not names:
+        return ""
+    line = f"{dataset} K = {k}, {len(names)} volumes: recommended {np.mean([ours[n] for n in names]):.3f}"
+    for label, table_ in (("sdf fill", base.get("interp", {})), ("flow fill", base.get("interp_flow", {})), ("rf", rf)):
+        common = [n for n in names if n in table_]
+        if common:
+            diff = np.array([ours[n] - table_[n] for n in common])
+            line += (f"; vs {label} ({len(common)} volumes) {np.mean([table_[n] for n in common]):.3f}, "
+                     f"difference {diff.mean():+.3f} ± {diff.std():.3f}")
+    return line
+
+
 def paired_rows(results: Path, dataset: str) -> list[str]:
     """Markdown rows: for each prior run of ``dataset``, each method against the fill."""
-    baselines: dict[int, dict[str, dict[str, float]]] = {}
-    for f in sorted(results.glob(f"{dataset}_interp_k*.json")):
-        k, rows, _ = _per_volume(f)
-        baselines[k] = rows
+    baselines = _baselines(results, dataset)
     out = []
-    files = sorted((results / "prior").glob(f"{dataset}_k*.json"), key=lambda f: (_per_volume(f)[0], f.name))
+    files = _prior_files(results, dataset)
     for f in files:
         k, rows, data = _per_volume(f)
         flow = baselines.get(k, {}).get("interp_flow", {})
         sdf = baselines.get(k, {}).get("interp", {})
         steps = data.get("budget_steps")
         for method, by_name in rows.items():
+            if method in ("interp", "interp_flow"):  # the baselines a run carries for pairing
+                continue
             names = [n for n in by_name if n in flow]
             if not names:
                 continue
@@ -67,19 +120,21 @@ def plot(results: Path, out_png: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), dpi=120)
-    for ax, dataset, title in zip(axes, ("la", "acdc"), ("left atrium (la/train)", "ACDC (acdc/val)")):
+    fig, axes = plt.subplots(1, len(SETS), figsize=(4.5 * len(SETS), 3.5), dpi=120)
+    for ax, dataset in zip(axes, SETS):
+        title = SETS[dataset][2]
         series: dict[str, dict[int, list[float]]] = {}
-        for f in sorted(results.glob(f"{dataset}_interp_k*.json")):
-            k, rows, _ = _per_volume(f)
+        for k, rows in _baselines(results, dataset).items():
             for m, by_name in rows.items():
                 series.setdefault(f"{m} (all volumes)", {})[k] = list(by_name.values())
         counts: dict[str, set] = {}
-        for f in sorted((results / "prior").glob(f"{dataset}_k*.json")):
+        for f in _prior_files(results, dataset):
             k, rows, data = _per_volume(f)
-            if "60s" in f.name:
+            if "60s" in f.name or "rest" in f.name:
                 continue
             for m, by_name in rows.items():
+                if m in ("interp", "interp_flow"):
+                    continue
                 series.setdefault(m, {})[k] = list(by_name.values())
                 counts.setdefault(m, set()).add(len(by_name))
         for m, n in counts.items():  # the label says on how many volumes
@@ -106,8 +161,13 @@ def main(argv=None) -> int:
     parser.add_argument("--results", type=Path, default=Path("docs/results"))
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args(argv)
-    for dataset in ("la", "acdc"):
-        print(f"**{dataset}**\n\n{table(args.results, dataset)}")
+    for dataset in SETS:
+        print(f"**{SETS[dataset][2]}**\n\n{table(args.results, dataset)}")
+    for dataset, k, steps in (("la_inside", 2, 900), ("la_inside", 3, 900), ("la_inside", 5, 900),
+                              ("la_inside", 10, 900), ("acdc", 3, 360), ("acdc", 5, 360)):
+        line = summary(args.results, dataset, k, steps)
+        if line:
+            print(f"- {line}")
     if args.plot:
         print(f"plot: {plot(args.results, args.plot)}")
     return 0
