@@ -40,6 +40,8 @@ from .engine import (
 )
 from .engine.apply import Predictor, predict_file, read_input_image
 from .engine.config import UNPAINTED_CHOICES, set_option
+from .engine.distributed import env_rank, env_world_size
+from .engine.distributed import shutdown as shutdown_distributed
 from .engine.prior import INTERPOLATION_CHOICES, PRIOR_MODES
 from .engine.trainer import CHECKPOINT_NAME
 from .errors import ConfigError, DataError, SemiclError
@@ -203,6 +205,7 @@ def _final_metrics(trainer: Trainer, finished: Finished) -> dict:
         "steps": finished.step,
         "seconds": round(finished.seconds, 3),
         "device": str(trainer.device),
+        "world_size": trainer.dist.world_size,
         "method": trainer.config.method,
         "reason": finished.reason,
         "class_values": trainer.dataset.class_values,
@@ -263,6 +266,8 @@ def cmd_train(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     trainer = _make_trainer(args, cfg, pairs, out)
     finished = _train_or_fail(trainer)
+    if not trainer.dist.is_main:  # under torchrun rank 0 alone predicts and writes
+        return 0
     for i, img in enumerate(images):
         pred = trainer.predict_pair(i)  # fused with the painted-slice prior where there is one
         name = "prediction" if len(images) == 1 else f"prediction_{i}_{img.name}"
@@ -288,6 +293,8 @@ def _train_slides(args, out: Path, labels: list) -> int:
             opened.append(slide)
         trainer = _make_trainer(args, cfg, pairs, out)
         finished = _train_or_fail(trainer)
+        if not trainer.dist.is_main:  # under torchrun rank 0 alone predicts and writes
+            return 0
         outputs = []
         for i, pair in enumerate(pairs):
             name = "prediction" if len(pairs) == 1 else f"prediction_{i}_{pair.name}"
@@ -667,16 +674,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # under torchrun: rank 0 logs progress, the other ranks only warnings and errors, named
+    ranks = env_world_size() > 1
+    where = f" (rank {env_rank()})" if ranks else ""
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr,
+        level=logging.WARNING if args.quiet or (ranks and env_rank() != 0) else logging.INFO,
+        format=f"%(asctime)s %(levelname)s{where} %(message)s", datefmt="%H:%M:%S", stream=sys.stderr,
     )
     try:
         return int(args.func(args) or 0)
     except (SemiclError, CliError, FileNotFoundError, FileExistsError, ValueError, OSError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"napari-semicl: error: {message}", file=sys.stderr)
+        print(f"napari-semicl: error{where}: {message}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_distributed()
 
 
 if __name__ == "__main__":  # pragma: no cover
