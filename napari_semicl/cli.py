@@ -503,6 +503,13 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_job(args) -> int:
+    """One rank of a run the Train dock started on several devices (engine.launch)."""
+    from .engine.launch import run_job
+
+    return run_job(args.job_dir)
+
+
 # --- parser ----------------------------------------------------------------------------------
 def _add_method_flags(parser) -> None:
     """A flag for each setting a registered method offers on the command line
@@ -668,6 +675,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
         q.add_argument("--out", required=True, help="results JSON (written as results arrive)")
     b.set_defaults(func=cmd_bench)
+
+    j = sub.add_parser("job", help=argparse.SUPPRESS)  # a rank of the Train dock's torchrun run (engine/launch.py)
+    j.add_argument("job_dir")
+    j.set_defaults(func=cmd_job)
     return parser
 
 

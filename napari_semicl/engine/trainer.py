@@ -411,7 +411,10 @@ class Trainer:
             budget_s = None
         else:
             target, budget_s = None, cfg.minutes * 60.0
-        yield from self._emit(Started(describe_device(self.device, threads), self.step, target, budget_s, self.dataset.summary()))
+        where = describe_device(self.device, threads)
+        if self.dist.active:
+            where += f" x {self.dist.world_size} processes"
+        yield from self._emit(Started(where, self.step, target, budget_s, self.dataset.summary()))
         warm_up = self._warm_up_notice(target)
         if warm_up is not None:
             self._notices.append(warm_up)
