@@ -497,6 +497,8 @@ def cmd_bench(args) -> int:
         data = speed_mod.speed(methods=methods, steps=args.steps, device=device, threads=args.threads,
                                image=image, reference=reference)
         Path(args.out).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    if env_rank() != 0:  # under torchrun: rank 0 reports
+        return 0
     summary = {m: {k: v for k, v in row.items() if k != "per_volume" and k != "step_s_all"}
                for m, row in data["methods"].items()}
     print(json.dumps({"out": args.out, "methods": summary}, indent=2))
