@@ -239,7 +239,9 @@ def _train_or_fail(trainer: Trainer) -> Finished:
     log.info("training %s on %s: %s", trainer.config.method, trainer.device, trainer.dataset.summary())
     finished = _train(trainer)
     if finished.reason == "error":
-        raise CliError(f"training failed at step {finished.step}: {finished.error}")
+        said = "checkpoint" in (finished.error or "")  # e.g. the out-of-memory message says it
+        kept = f"; the last checkpoint is kept: {finished.checkpoint}" if finished.checkpoint and not said else ""
+        raise CliError(f"training failed at step {finished.step}: {finished.error}{kept}")
     return finished
 
 

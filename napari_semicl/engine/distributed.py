@@ -173,8 +173,9 @@ class Distributed:
         )
         if not lost:
             return str(exc)
+        detail = text if len(text) <= 120 else text[:117] + "..."
         return (f"rank {self.rank} lost contact with the other ranks at step {step}: another rank ended (its own "
-                f"error, or torchrun's summary, names it); the last checkpoint is kept ({text})")
+                f"error, or torchrun's summary, names it) [{detail}]")
 
     def broadcast_modules(self, *modules: nn.Module | None) -> None:
         """Copy rank 0's parameters and buffers of ``modules`` to every rank (e.g. after a

@@ -503,7 +503,10 @@ class Trainer:
                 )
             elif self.dist.active:
                 error = self.dist.explain_failure(exc, self.step)
-            log.exception("training stopped by an error at step %d", self.step)
+            if error == str(exc):
+                log.exception("training stopped by an error at step %d", self.step)
+            else:  # explained in words: no traceback
+                log.error("training stopped at step %d: %s", self.step, error)
         ckpt = None
         if self.out_dir is not None:
             self.autosave_annotations()  # the annotations survive an error too
