@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 #: torchrun's environment variables this module reads
@@ -210,11 +212,20 @@ def setup(device: torch.device) -> tuple[Distributed, torch.device]:
 
     local_rank = int(os.environ.get(ENV_LOCAL_RANK, "0"))
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"torchrun started local rank {local_rank} but this node shows {torch.cuda.device_count()} GPU(s): "
+                f"use --nproc_per_node {torch.cuda.device_count()} (one process per GPU), or --device cpu"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        try:
+            dist.init_process_group(backend=backend)
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(f"could not join torchrun's process group ({backend}): "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
         log.info("rank %d of %d joined the process group (%s)", dist.get_rank(), dist.get_world_size(), backend)
     global _CONTROL_GROUP
     if _CONTROL_GROUP is None:
