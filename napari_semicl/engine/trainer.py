@@ -493,7 +493,7 @@ class Trainer:
                 self.autosave_annotations()
             raise
         except (SemiclError, FloatingPointError, RuntimeError, ValueError, MemoryError) as exc:
-            reason, error = "error", str(exc)
+            reason, error, explained = "error", str(exc), False
             if is_out_of_memory(exc):
                 d = cfg.data
                 error = (
@@ -503,10 +503,11 @@ class Trainer:
                 )
             elif self.dist.active:
                 error = self.dist.explain_failure(exc, self.step)
-            if error == str(exc):
-                log.exception("training stopped by an error at step %d", self.step)
-            else:  # explained in words: no traceback
+                explained = error != str(exc)
+            if explained:  # a lost rank, said in words: no traceback
                 log.error("training stopped at step %d: %s", self.step, error)
+            else:
+                log.exception("training stopped by an error at step %d", self.step)
         ckpt = None
         if self.out_dir is not None:
             self.autosave_annotations()  # the annotations survive an error too
