@@ -47,6 +47,7 @@ import torch
 from ..data import AnnotatedPair
 from ..data.tiles import make_dataset
 from ..errors import ConfigError, DataError
+from ..io import atomic_path
 from ..methods import get_method
 from . import events as events_module
 from .config import TrainConfig
@@ -82,10 +83,8 @@ def visible_devices() -> tuple[int, str]:
 def _encode(value, folder: Path, names: list):
     if isinstance(value, np.ndarray):
         name = f"array{len(names)}_{time.monotonic_ns()}.npy"
-        tmp = folder / f".{name}"
-        with open(tmp, "wb") as fh:
+        with atomic_path(folder / name) as tmp, open(tmp, "wb") as fh:  # whole before its line is written
             np.save(fh, value, allow_pickle=False)
-        os.replace(tmp, folder / name)
         names.append(name)
         return {"__npy__": name}
     if isinstance(value, np.generic):
