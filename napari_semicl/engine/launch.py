@@ -430,6 +430,8 @@ def run_job(job_dir) -> int:
             out.flush()
             if (job / STOP_FILE).exists() or not _alive(parent):
                 trainer.request_stop()
+    if main and not _alive(parent):  # nobody is left to read or remove the job folder
+        shutil.rmtree(job, ignore_errors=True)
     if finished is not None and finished.reason == "error":
         if main:
             print(f"napari-semicl: error: training failed at step {finished.step}: {finished.error}", file=sys.stderr)
