@@ -40,6 +40,8 @@ from .engine import (
 )
 from .engine.apply import Predictor, predict_file, read_input_image
 from .engine.config import UNPAINTED_CHOICES, set_option
+from .engine.distributed import env_rank, env_world_size
+from .engine.distributed import shutdown as shutdown_distributed
 from .engine.prior import INTERPOLATION_CHOICES, PRIOR_MODES
 from .engine.trainer import CHECKPOINT_NAME
 from .errors import ConfigError, DataError, SemiclError
@@ -203,6 +205,7 @@ def _final_metrics(trainer: Trainer, finished: Finished) -> dict:
         "steps": finished.step,
         "seconds": round(finished.seconds, 3),
         "device": str(trainer.device),
+        "world_size": trainer.dist.world_size,
         "method": trainer.config.method,
         "reason": finished.reason,
         "class_values": trainer.dataset.class_values,
@@ -236,7 +239,9 @@ def _train_or_fail(trainer: Trainer) -> Finished:
     log.info("training %s on %s: %s", trainer.config.method, trainer.device, trainer.dataset.summary())
     finished = _train(trainer)
     if finished.reason == "error":
-        raise CliError(f"training failed at step {finished.step}: {finished.error}")
+        said = "checkpoint" in (finished.error or "")  # e.g. the out-of-memory message says it
+        kept = f"; the last checkpoint is kept: {finished.checkpoint}" if finished.checkpoint and not said else ""
+        raise CliError(f"training failed at step {finished.step}: {finished.error}{kept}")
     return finished
 
 
@@ -263,6 +268,8 @@ def cmd_train(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     trainer = _make_trainer(args, cfg, pairs, out)
     finished = _train_or_fail(trainer)
+    if not trainer.dist.is_main:  # under torchrun rank 0 alone predicts and writes
+        return 0
     for i, img in enumerate(images):
         pred = trainer.predict_pair(i)  # fused with the painted-slice prior where there is one
         name = "prediction" if len(images) == 1 else f"prediction_{i}_{img.name}"
@@ -288,6 +295,8 @@ def _train_slides(args, out: Path, labels: list) -> int:
             opened.append(slide)
         trainer = _make_trainer(args, cfg, pairs, out)
         finished = _train_or_fail(trainer)
+        if not trainer.dist.is_main:  # under torchrun rank 0 alone predicts and writes
+            return 0
         outputs = []
         for i, pair in enumerate(pairs):
             name = "prediction" if len(pairs) == 1 else f"prediction_{i}_{pair.name}"
@@ -491,10 +500,19 @@ def cmd_bench(args) -> int:
         data = speed_mod.speed(methods=methods, steps=args.steps, device=device, threads=args.threads,
                                image=image, reference=reference)
         Path(args.out).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    if env_rank() != 0:  # under torchrun: rank 0 reports
+        return 0
     summary = {m: {k: v for k, v in row.items() if k != "per_volume" and k != "step_s_all"}
                for m, row in data["methods"].items()}
     print(json.dumps({"out": args.out, "methods": summary}, indent=2))
     return 0
+
+
+def cmd_job(args) -> int:
+    """One rank of a run the Train dock started on several devices (engine.launch)."""
+    from .engine.launch import run_job
+
+    return run_job(args.job_dir)
 
 
 # --- parser ----------------------------------------------------------------------------------
@@ -666,22 +684,31 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
         q.add_argument("--out", required=True, help="results JSON (written as results arrive)")
     b.set_defaults(func=cmd_bench)
+
+    j = sub.add_parser("job", help=argparse.SUPPRESS)  # a rank of the Train dock's torchrun run (engine/launch.py)
+    j.add_argument("job_dir")
+    j.set_defaults(func=cmd_job)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # under torchrun: rank 0 logs progress, the other ranks only warnings and errors, named
+    ranks = env_world_size() > 1
+    where = f" (rank {env_rank()})" if ranks else ""
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr,
+        level=logging.WARNING if args.quiet or (ranks and env_rank() != 0) else logging.INFO,
+        format=f"%(asctime)s %(levelname)s{where} %(message)s", datefmt="%H:%M:%S", stream=sys.stderr,
     )
     try:
         return int(args.func(args) or 0)
     except (SemiclError, CliError, FileNotFoundError, FileExistsError, ValueError, OSError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"napari-semicl: error: {message}", file=sys.stderr)
+        print(f"napari-semicl: error{where}: {message}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_distributed()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engine import evaluate_segmentation
+from ..engine.distributed import env_rank
 from ..errors import DataError
 from ..io import ImageData, atomic_path, read_image, read_labels
 
@@ -71,7 +72,7 @@ def machine_info() -> dict:
 
 class ResultsFile:
     """A results JSON written atomically after every update, so a killed run keeps what
-    finished."""
+    finished (by rank 0 alone under ``torchrun``)."""
 
     def __init__(self, path, header: dict) -> None:
         self.path = Path(path)
@@ -88,6 +89,8 @@ class ResultsFile:
         self.write()
 
     def write(self) -> None:
+        if env_rank() != 0:  # under torchrun rank 0 alone writes
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.path) as tmp:
             tmp.write_text(json.dumps(self.data, indent=2), encoding="utf-8")

@@ -180,6 +180,8 @@ def cohort(train_dir, test_dir, *, labelled: int, methods, budget_s: float | Non
                            budget_steps=budget_steps)
         apply_overrides(cfg, cfg.method, overrides)
         trainer, finished = train_network(cfg, pairs, device)
+        if not trainer.dist.is_main:  # under torchrun every rank trains, rank 0 scores
+            continue
         for case in test:
             pred = trainer.predict(case.image.data).labels
             row = {"name": case.name, "train_s": finished.seconds, "steps": finished.step}

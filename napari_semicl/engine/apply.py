@@ -87,7 +87,12 @@ class Predictor:
     def from_trainer(cls, trainer) -> Predictor:
         """A copy of ``trainer``'s predicting network and config, independent of it (the
         trainer may train on while this one predicts). Take it between steps (not while a
-        step runs in another thread)."""
+        step runs in another thread). A run on several devices (``DistributedRun``) gives its
+        last checkpoint's."""
+        from .launch import DistributedRun
+
+        if isinstance(trainer, DistributedRun):  # trained in other processes
+            return cls.from_checkpoint(trainer.checkpoint)
         model = copy.deepcopy(trainer.method.inference_model()).eval()
         for p in model.parameters():
             p.requires_grad_(False)

@@ -11,8 +11,10 @@ and a slice to review (:class:`~napari_semicl.engine.events.ReviewSlice` or
 Closing the generator (a worker's quit) also stops cleanly and checkpoints.
 :func:`run_sync` drives the generator for the CLI and tests.
 
-Model wrapping, seeding and checkpoint I/O live here and nowhere else, so that the same
-loop can later run under ``torchrun`` with rank-0-only I/O.
+Model wrapping, seeding and checkpoint I/O live here and nowhere else; under ``torchrun``
+the trainer asks :mod:`~napari_semicl.engine.distributed` (the one module with the
+distributed pieces) for the process group, the DDP wrapper, per-rank random streams and the
+few collectives between steps, and writes on rank 0 only.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .autosave import save_annotations
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .device import describe_device, pick_device, set_threads
+from .distributed import setup as setup_distributed
 from .events import (
     Analysed,
     Checkpointed,
@@ -95,9 +98,11 @@ class Trainer:
         num_threads: int | None = None,
     ) -> None:
         self.config = copy.deepcopy(config).validate()
-        self.device = device if device is not None else pick_device()
+        #: this process's place among torchrun's ranks (engine.distributed.SINGLE without it)
+        self.dist, self.device = setup_distributed(device if device is not None else pick_device())
         self.num_threads = num_threads
-        self.out_dir = None if out_dir is None else Path(out_dir)
+        # rank 0 alone writes (checkpoints, annotations, previews): the others have no folder
+        self.out_dir = None if out_dir is None or not self.dist.is_main else Path(out_dir)
         self._torch_gen = _seed_everything(self.config.seed)
         self._rng = np.random.default_rng(self.config.seed)
         self.pairs = list(pairs)
@@ -115,6 +120,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [*self.model.parameters(), *self.method.extra_parameters()], lr=self.config.optim.lr, weight_decay=self.config.optim.weight_decay
         )
+        if self.dist.active:  # the same weights on every rank (above), each rank its own crops
+            self._rng, self._torch_gen = self.dist.rank_streams(self.config.seed)
+        #: the DDP wrapper of student and heads, built at the first step (after any resume)
+        self._ddp = None
         self.step = 0
         self.last_losses: dict[str, float] = {}
         self.history: list[dict] = []
@@ -276,17 +285,27 @@ class Trainer:
                 self.optimizer.state.clear()
             log.info("step %d: %s", self.step, change.message)
             self._notices.append(Notice("info", change.message))
+            # a method may have re-drawn weights from this rank's stream: rank 0's for all
+            self.dist.broadcast_modules(self.model, self.method.modules, self.method.teacher)
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(fraction)
         self.model.train()
         share = dense_share(self.config.prior, fraction) if self.prior is not None else 0.0
         batch = self.dataset.sample_batch(self._rng, self.device, with_unlabelled=self.method.uses_unlabelled,
                                           dense_share=share)
-        losses = self.method.compute_losses(batch, step=self.step, generator=self._torch_gen)
+        def compute() -> dict:
+            return self.method.compute_losses(batch, step=self.step, generator=self._torch_gen)
+
+        if self.dist.active and self._ddp is None:
+            self._ddp = self.dist.wrap(self.model, self.method.modules, self.device)
+        losses = compute() if self._ddp is None else self._ddp(compute)
         total = sum(losses.values())
-        if not torch.isfinite(total):
+        out = {k: float(v.detach()) for k, v in losses.items()}
+        out["total"] = float(total.detach())
+        out = self.dist.mean_losses(out)  # every rank's losses (and stops together on a NaN)
+        if not math.isfinite(out["total"]):
             raise FloatingPointError(
-                f"the loss became {float(total)} at step {self.step}: lower the learning rate "
+                f"the loss became {out['total']} at step {self.step}: lower the learning rate "
                 "(optim.lr) or check the image for extreme values"
             )
         self.optimizer.zero_grad(set_to_none=True)
@@ -294,8 +313,6 @@ class Trainer:
         self.optimizer.step()
         self.method.after_step(self.step)
         self.step += 1
-        out = {k: float(v.detach()) for k, v in losses.items()}
-        out["total"] = float(total.detach())
         return out
 
     def _apply_pending(self) -> DataUpdated | None:
@@ -385,6 +402,7 @@ class Trainer:
         """
         cfg = self.config
         self._stop.clear()
+        previews = previews and self.dist.is_main  # rank 0 alone predicts for the user
         threads = set_threads(self.num_threads)
         t0 = time.monotonic()
         start_step = self.step
@@ -393,7 +411,10 @@ class Trainer:
             budget_s = None
         else:
             target, budget_s = None, cfg.minutes * 60.0
-        yield from self._emit(Started(describe_device(self.device, threads), self.step, target, budget_s, self.dataset.summary()))
+        where = describe_device(self.device, threads)
+        if self.dist.active:
+            where += f" x {self.dist.world_size} processes"
+        yield from self._emit(Started(where, self.step, target, budget_s, self.dataset.summary()))
         warm_up = self._warm_up_notice(target)
         if warm_up is not None:
             self._notices.append(warm_up)
@@ -412,8 +433,12 @@ class Trainer:
         if notice is not None:
             yield from self._emit(notice)
         try:
-            while not self._stop.is_set():
-                elapsed = time.monotonic() - t0
+            while True:
+                # every rank leaves at the same step and runs on rank 0's clock (one process: as is)
+                stop, elapsed = self.dist.agree(self._stop.is_set(), time.monotonic() - t0)
+                if stop:
+                    self._stop.set()
+                    break
                 # the learning-rate schedule runs over the whole iteration budget, or this run's time
                 if target is not None:
                     if self.step >= target:
@@ -434,8 +459,8 @@ class Trainer:
                     yield from self._emit(reviewed)
                 for analysed in self._apply_analyses():
                     yield from self._emit(analysed)
-                if self._stop.is_set():  # asked while those events were handled
-                    break
+                if self._stop.is_set() and not self.dist.active:  # asked while those events were handled
+                    break  # (several ranks agree on it at the top of the next step)
                 losses = self.train_step(lr_fraction)
                 while self._notices:  # e.g. a method's stage change in that step
                     yield from self._emit(self._notices.pop(0))
@@ -468,7 +493,7 @@ class Trainer:
                 self.autosave_annotations()
             raise
         except (SemiclError, FloatingPointError, RuntimeError, ValueError, MemoryError) as exc:
-            reason, error = "error", str(exc)
+            reason, error, explained = "error", str(exc), False
             if is_out_of_memory(exc):
                 d = cfg.data
                 error = (
@@ -476,7 +501,13 @@ class Trainer:
                     f"crop (data.patch_size, now {d.patch_size}) or the batch sizes (data.batch_labelled "
                     f"{d.batch_labelled}, data.batch_unlabelled {d.batch_unlabelled}); the last checkpoint is kept"
                 )
-            log.exception("training stopped by an error at step %d", self.step)
+            elif self.dist.active:
+                error = self.dist.explain_failure(exc, self.step)
+                explained = error != str(exc)
+            if explained:  # a lost rank, said in words: no traceback
+                log.error("training stopped at step %d: %s", self.step, error)
+            else:
+                log.exception("training stopped by an error at step %d", self.step)
         ckpt = None
         if self.out_dir is not None:
             self.autosave_annotations()  # the annotations survive an error too

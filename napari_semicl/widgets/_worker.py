@@ -110,6 +110,13 @@ class RunControl:
         self.abandon = threading.Event()   # set by the dock when it closes
         self.done = threading.Event()      # set in the worker thread once it left the generator
         self._gen: Generator | None = None
+        self._priority: tuple[int, int] | None = None  # the worker thread's lowered priority
+
+    def restore_priority(self) -> None:
+        """Give the worker thread its priority back; a no-op from any other thread. Connected
+        to the worker's ``finished`` in that thread: a worker that napari quit leaves the
+        generator suspended, so its ``finally`` would run later, in another thread."""
+        restore_thread_priority(self._priority)
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the worker to finish; True if it did."""
@@ -132,20 +139,21 @@ class RunControl:
 
 def iterate_training(trainer, control: RunControl) -> Generator:
     """Yield ``trainer.run()``'s events until it finishes or ``control.abandon`` is set."""
-    with background_priority():
-        gen = trainer.run()
-        control._gen = gen
-        try:
-            for event in gen:
-                yield event
-                if control.abandon.is_set():
-                    log.info("training abandoned at step %d; checkpointing", trainer.step)
-                    control._gen = None
-                    gen.close()
-                    return
-            control._gen = None
-        finally:
-            control.done.set()
+    control._priority = lower_thread_priority()
+    gen = trainer.run()
+    control._gen = gen
+    try:
+        for event in gen:
+            yield event
+            if control.abandon.is_set():
+                log.info("training abandoned at step %d; checkpointing", trainer.step)
+                control._gen = None
+                gen.close()
+                return
+        control._gen = None
+    finally:
+        control.done.set()
+        control.restore_priority()
 
 
 def start_training_worker(
@@ -179,6 +187,7 @@ def start_training_worker(
     # cancel, or closing the viewer) and left the generator suspended: a Qt thread that
     # waits on `done` must not depend on its own (blocked) event queue.
     worker.finished.connect(control.done.set, Qt.DirectConnection)
+    worker.finished.connect(control.restore_priority, Qt.DirectConnection)  # pool threads are reused
     worker.yielded.connect(on_event)
     worker.errored.connect(on_error)
     worker.finished.connect(on_finished)

@@ -51,8 +51,9 @@ from superqt import QCollapsible
 
 from ..analysis import TrainingHistory
 from ..analysis.plots import DICE
-from ..engine import TrainConfig, Trainer, describe_device, pick_device
+from ..engine import TrainConfig, Trainer, describe_device, load_checkpoint, pick_device
 from ..engine.device import gui_thread_count
+from ..engine.launch import DistributedRun, visible_devices
 from ..engine.validation import ValidationMarks
 from ..engine.events import (
     Checkpointed,
@@ -286,8 +287,11 @@ class TrainWidget(QWidget):
         try:
             cfg = self.build_config()
             pairs = self.snapshot(cfg.wsi)
-            # leave a core to the Qt thread: napari stays fluent while training on the CPU
-            trainer = Trainer(cfg, pairs, out_dir=self._run_folder(), num_threads=self.num_threads)
+            if self.devices_spin.value() > 1:
+                trainer = self._distributed_run(cfg, pairs, self._run_folder())
+            else:
+                # leave a core to the Qt thread: napari stays fluent while training on the CPU
+                trainer = Trainer(cfg, pairs, out_dir=self._run_folder(), num_threads=self.num_threads)
         except (SemiclError, ValueError, OSError) as exc:
             notifications.show_error(f"Cannot train: {exc}")
             return False
@@ -310,7 +314,11 @@ class TrainWidget(QWidget):
             pairs = self.snapshot()
             out_dir = Path(self.run_folder_edit.text().strip()).expanduser() if self.run_folder_edit.text().strip() \
                 else path.parent
-            trainer = Trainer.from_checkpoint(path, pairs, out_dir=out_dir, num_threads=self.num_threads)
+            if self.devices_spin.value() > 1:
+                cfg = TrainConfig.from_json(load_checkpoint(path)["config"])  # as the ranks will resume it
+                trainer = self._distributed_run(cfg, pairs, out_dir, resume=path)
+            else:
+                trainer = Trainer.from_checkpoint(path, pairs, out_dir=out_dir, num_threads=self.num_threads)
         except (SemiclError, ValueError, OSError) as exc:
             notifications.show_error(f"Cannot resume from {path.name}: {exc}")
             return False
@@ -320,6 +328,13 @@ class TrainWidget(QWidget):
         trainer.config.refresh_every = self.refresh_spin.value()
         self._begin(trainer)
         return True
+
+    def _distributed_run(self, cfg: TrainConfig, pairs: list, out_dir: Path, *, resume=None) -> DistributedRun:
+        """The same training on ``devices`` processes under torchrun (engine.launch); on the
+        CPU the dock's threads are shared among them."""
+        n = self.devices_spin.value()
+        return DistributedRun(cfg, pairs, n_procs=n, out_dir=out_dir, device=self._device_kind, resume=resume,
+                              num_threads=max(1, self.num_threads // n))
 
     def _begin(self, trainer: Trainer) -> None:
         """Show and launch a freshly built trainer."""
@@ -478,6 +493,22 @@ class TrainWidget(QWidget):
         self.device_label = QLabel(f"Device: {describe_device(pick_device(), self.num_threads)}")
         self.device_label.setWordWrap(True)
         layout.addWidget(self.device_label)
+        # several GPUs (or NAPARI_SEMICL_CPU_RANKS): the same training under torchrun
+        n_devices, self._device_kind = visible_devices()
+        self.devices_spin = QSpinBox()
+        self.devices_spin.setRange(1, n_devices)
+        self.devices_spin.setValue(1)
+        self.devices_spin.setToolTip(
+            "Devices to train on: 1 trains in napari's worker thread; more starts the same training "
+            "under torchrun, one process per device (docs/distributed.md)"
+        )
+        devices_row = QHBoxLayout()
+        devices_row.addWidget(QLabel(f"Devices ({self._device_kind.upper()})"))
+        devices_row.addWidget(self.devices_spin, 1)
+        self.devices_row = QWidget()
+        self.devices_row.setLayout(devices_row)
+        self.devices_row.setVisible(n_devices > 1)
+        layout.addWidget(self.devices_row)
         run_row = QHBoxLayout()
         self.train_button = QPushButton("Train")
         self.train_button.setToolTip("Start a new training run (fresh weights)")
@@ -1131,7 +1162,9 @@ def _abandon_run(run_ref: dict, *_args, timeout: float = CLOSE_TIMEOUT_S) -> Non
     run_ref.update(control=None, worker=None)
     if control is None:
         return
-    if trainer is not None:
+    if isinstance(trainer, DistributedRun):
+        trainer.abandon()  # its generator returns at once; the ranks checkpoint and end in the background
+    elif trainer is not None:
         trainer.request_stop()
     control.abandon.set()
     if control.wait(timeout):
