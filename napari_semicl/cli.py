@@ -488,7 +488,8 @@ def cmd_bench(args) -> int:
             if image.shape != reference.shape:
                 raise DataError(f"bench speed: image {image.shape} and reference {reference.shape} differ in shape")
         data = speed_mod.speed(methods=methods, steps=args.steps, device=device, threads=args.threads,
-                               image=image, reference=reference)
+                               image=image, reference=reference, patch_size=args.patch_size, batch=args.batch,
+                               spatial_dims=args.spatial_dims, patch_depth=args.patch_depth)
         Path(args.out).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     summary = {m: {k: v for k, v in row.items() if k != "per_volume" and k != "step_s_all"}
                for m, row in data["methods"].items()}
@@ -626,6 +627,10 @@ def build_parser() -> argparse.ArgumentParser:
     s_.add_argument("--methods", help="comma-separated (default: every registered method)")
     s_.add_argument("--steps", type=int, default=10)
     s_.add_argument("--threads", type=int, help="torch CPU threads")
+    s_.add_argument("--patch-size", type=int, default=128, help="training crop side (default 128)")
+    s_.add_argument("--batch", type=int, default=4, help="labelled and unlabelled crops per step (default 4 each)")
+    s_.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2, help="2: slice network, 3: 3D patches")
+    s_.add_argument("--patch-depth", type=int, default=0, help="3D: patch depth (default: --patch-size)")
     s_.add_argument("--image", help="a volume to train on and infer (default: the bundled sample)")
     s_.add_argument("--reference", help="its labels (three slices are revealed for training)")
     r = bsub.add_parser("report", help="markdown tables from results JSON files (and a Dice-vs-K plot)")
