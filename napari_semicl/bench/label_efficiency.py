@@ -92,13 +92,17 @@ def _spacing(case: Case):
 
 
 def within_volume(data_dir, *, k: int, methods, budget_s: float | None, seed: int = 0, out, limit=None,
-                  device=None, patch_size: int = 128, budget_steps: int | None = None) -> dict:
-    """Reveal ``k`` slices of each volume, train each method on them, score the rest."""
+                  device=None, patch_size: int = 128, budget_steps: int | None = None,
+                  settings: dict | None = None) -> dict:
+    """Reveal ``k`` slices of each volume, train each method on them, score the rest.
+
+    ``settings`` ({'model.spatial_dims': '3', ...}) apply to every trained method, before
+    the method's own ``name:key=value`` settings."""
     methods = check_methods(methods)
     device = device or pick_device()
     cases = find_cases(data_dir, limit=limit)
     results = ResultsFile(out, {"protocol": "within-volume", "k": k, "budget_s": budget_s, "budget_steps": budget_steps, "seed": seed,
-                                "device": describe_device(device), "data": str(data_dir)})
+                                "device": describe_device(device), "data": str(data_dir), "settings": dict(settings or {})})
     for case in cases:
         ref = case.reference.data
         axis = thinnest_axis(ref.shape)
@@ -119,7 +123,7 @@ def within_volume(data_dir, *, k: int, methods, budget_s: float | None, seed: in
                 name, overrides = split_spec(method)
                 cfg = bench_config("supervised" if name == "full" else name, budget_s, seed, axis, patch_size=patch_size,
                                    budget_steps=budget_steps)
-                apply_overrides(cfg, cfg.method, overrides)
+                apply_overrides(cfg, cfg.method, {**(settings or {}), **overrides})
                 pair = AnnotatedPair(case.image.data, labels, name=case.name, spacing=_spacing(case))
                 trainer, finished = train_network(cfg, [pair], device)
                 pred = trainer.predict_pair(0).labels  # fused with the painted-slice prior where it is on
@@ -152,9 +156,15 @@ def choose_labelled(names: list[str], labelled: int, chosen: list[str] | None = 
 
 def cohort(train_dir, test_dir, *, labelled: int, methods, budget_s: float | None, seed: int = 0, out,
            device=None, patch_size: int = 128, limit_test=None, budget_steps: int | None = None,
-           labelled_names: list[str] | None = None) -> dict:
+           labelled_names: list[str] | None = None, settings: dict | None = None, skip_labelled: bool = False) -> dict:
     """``labelled`` fully labelled training volumes (:func:`choose_labelled`), the others
-    unlabelled; score every test volume."""
+    unlabelled; score every test volume.
+
+    ``settings`` ({'model.spatial_dims': '3', 'data.patch_depth': '80', ...}) apply to
+    every trained method, before its own ``name:key=value`` settings: the seeds'
+    left-atrium protocol is ``--spatial-dims 3 --patch-size 112 --patch-depth 80
+    --batch-labelled 2 --batch-unlabelled 2`` (docs/benchmarks.md). ``skip_labelled``
+    leaves the labelled training volumes out of the scores (test = train folder)."""
     methods = check_methods(methods)
     device = device or pick_device()
     train = find_cases(train_dir)
@@ -163,7 +173,10 @@ def cohort(train_dir, test_dir, *, labelled: int, methods, budget_s: float | Non
     axis = thinnest_axis(train[0].reference.data.shape)
     results = ResultsFile(out, {"protocol": "cohort", "labelled": len(chosen), "budget_s": budget_s, "budget_steps": budget_steps, "seed": seed,
                                 "device": describe_device(device), "train": str(train_dir), "test": str(test_dir),
-                                "labelled_volumes": [train[i].name for i in sorted(chosen)]})
+                                "labelled_volumes": [train[i].name for i in sorted(chosen)],
+                                "settings": dict(settings or {}), "skip_labelled": skip_labelled})
+    if skip_labelled:
+        test = [c for c in test if c.name not in {train[i].name for i in chosen}]
     for method in methods:
         if method == "rf":
             log.warning("rf is a within-volume baseline; skipped in the cohort protocol")
@@ -175,7 +188,7 @@ def cohort(train_dir, test_dir, *, labelled: int, methods, budget_s: float | Non
         name, overrides = split_spec(method)
         cfg = bench_config("supervised" if name == "full" else name, budget_s, seed, axis, patch_size=patch_size,
                            budget_steps=budget_steps)
-        apply_overrides(cfg, cfg.method, overrides)
+        apply_overrides(cfg, cfg.method, {**(settings or {}), **overrides})
         trainer, finished = train_network(cfg, pairs, device)
         for case in test:
             pred = trainer.predict(case.image.data).labels
