@@ -232,3 +232,28 @@ def test_loss_falls_on_real_left_atrium_patches(shared_data):
     trainer = Trainer(cfg, [AnnotatedPair(image, painted)], device=torch.device("cpu"))
     totals = [trainer.train_step(i / 20)["total"] for i in range(20)]
     assert np.mean(totals[-5:]) < 0.8 * np.mean(totals[:5]), totals
+
+
+def test_painted_slice_prior_gives_3d_patches_dense_targets_and_fuses_the_volume():
+    image, labels = tiny_volume()
+    cfg = tiny_config(unpainted="background")
+    cfg.prior.mode = "targets"
+    trainer = Trainer(cfg, [AnnotatedPair(image, labels)], device=torch.device("cpu"))
+    assert trainer.prior is not None and len(trainer.dataset.dense_targets) > 0
+    trainer.train_step(0.5)  # half-way: a share of the patches comes from the dense label volume
+    pred = trainer.predict_pair(0).labels
+    assert pred.shape == image.shape
+    for s in (8, 12, 16):  # the fused mask keeps the painted slices
+        np.testing.assert_array_equal(pred[s], labels[s])
+
+
+def test_slice_reviews_of_a_3d_run_are_notices_that_say_why():
+    image, labels = tiny_volume()
+    trainer = Trainer(tiny_config("mean_teacher"), [AnnotatedPair(image, labels)], device=torch.device("cpu"))
+    trainer.request_review(0, 12)
+    assert "3D network" in trainer._apply_review().text
+    trainer.request_analysis("embeddings")
+    trainer.request_analysis("disagreement", pair_index=0)
+    events = trainer._apply_analyses()
+    assert "3D network" in events[0].text
+    assert events[1].arrays["disagreement"].shape[-2:] == image.shape[-2:]
