@@ -282,12 +282,11 @@ class SliceDataset:
         if n == 0:
             return None
         pool = self.unlabelled or self.labelled
-        xs = []
-        for _ in range(n):
-            p_idx, s_idx = pool[int(rng.integers(len(pool)))]
-            x, _ = self._crop(self.images[p_idx][s_idx], None, None, rng)
-            xs.append(x)
-        return np.stack(xs)
+        return np.stack([self._unlabelled_crop(*pool[int(rng.integers(len(pool)))], rng) for _ in range(n)])
+
+    def _unlabelled_crop(self, p_idx: int, s_idx: int, rng: np.random.Generator) -> np.ndarray:
+        """A random (C, P, P) crop of slice ``s_idx`` of pair ``p_idx``."""
+        return self._crop(self.images[p_idx][s_idx], None, None, rng)[0]
 
     def sample_batch(self, rng: np.random.Generator, device: torch.device, *, with_unlabelled: bool = True,
                      dense_share: float = 0.0) -> Batch:

@@ -118,17 +118,10 @@ class VolumePatchDataset(SliceDataset):
             ys.append(y)
         return np.stack(xs), np.stack(ys)
 
-    def sample_unlabelled(self, n: int, rng: np.random.Generator) -> np.ndarray | None:
-        """``n`` unlabelled patches (n, C, D, H, W), centred on unlabelled slices (labelled
-        ones stand in when none is left)."""
-        if n == 0:
-            return None
-        pool = self.unlabelled or self.labelled
-        xs = []
-        for _ in range(n):
-            p_idx, s_idx = pool[int(rng.integers(len(pool)))]
-            xs.append(self._crop_volume(p_idx, None, (s_idx, None, None), rng)[0])
-        return np.stack(xs)
+    def _unlabelled_crop(self, p_idx: int, s_idx: int, rng: np.random.Generator) -> np.ndarray:
+        """A (C, D, H, W) patch centred on slice ``s_idx`` (an unlabelled one: see
+        :meth:`SliceDataset.sample_unlabelled`), at a random place in it."""
+        return self._crop_volume(p_idx, None, (s_idx, None, None), rng)[0]
 
 
 __all__ = ["VolumePatchDataset"]
