@@ -211,6 +211,12 @@ def test_cli_trains_and_predicts_in_3d_keeping_geometry(tmp_path):
     assert out.shape == ref.shape
     np.testing.assert_allclose(out.affine, ref.affine)
     assert np.array_equal(np.asanyarray(out.dataobj), np.asanyarray(nib.load(run / "prediction.nii.gz").dataobj))
+    from napari_semicl.engine.apply import Predictor  # the Apply-model dock's engine call
+
+    predictor = Predictor.from_checkpoint(run / "checkpoint.pt")
+    assert predictor.model.spatial_dims == 3
+    with pytest.raises(DataError, match="3D"):
+        predictor.check_image((94, 77))
 
 
 # --- real data -----------------------------------------------------------------------------------------
