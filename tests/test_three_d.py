@@ -25,6 +25,9 @@ from napari_semicl.methods.stratified_sampling import antithetic_partners, grid_
 from napari_semicl.models import UNet3D, build_model
 from napari_semicl.models.heads import AleatoricHead, ProjectionHead
 
+# one thread: 3D convolutions on tiny patches gain nothing from two, and a busy machine makes them spin
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def tiny_volume(seed: int = 0, shape=(24, 40, 40)):
     """A noisy ellipsoid; slices 8, 12 and 16 painted (1 inside, 2 outside)."""
