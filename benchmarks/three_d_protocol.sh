@@ -28,8 +28,8 @@ case "${1:-}" in
         --batch-labelled 2 --batch-unlabelled 2 --budget-steps 10 --device cpu --out "$OUT/la_cohort_3d_cpu.json"
     ;;
   within)
-    # 110 steps of 2.75 CPU-s (64^3, batch 2) = 5 CPU-minutes, the budget of the 2D and 2.5D rows
-    # (900 steps, results/prior/la_k5.json and la_k5_context1.json); two jobs side by side
+    # 110 steps of 2.97 CPU-s (64^3, batch 2) = 5.4 CPU-minutes, about the budget of the 2D and 2.5D
+    # rows (900 steps of 0.32 CPU-s, results/prior/la_k5.json and la_k5_context1.json); two jobs side by side
     export OMP_NUM_THREADS=1
     for m in recommended supervised; do
       bench within-volume --data "$DATA/la/train" --k 5 --limit 2 --methods "$m" --spatial-dims 3 --patch-size 64 \
