@@ -10,6 +10,7 @@ pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("one_torch_thread")]
 
 napari = pytest.importorskip("napari")
 
+from conftest import set_train_dock  # noqa: E402
 from napari_semicl.data.reveal import reveal_slices  # noqa: E402
 from napari_semicl.engine.events import Finished, Preview  # noqa: E402
 from napari_semicl.io.sample import load_sample_volume  # noqa: E402
@@ -32,12 +33,7 @@ def test_dock_trains_and_previews_in_3d_on_a_volume(make_napari_viewer, qtbot, t
     controls.network_combo.setCurrentText("3D patches")
     assert not controls.context_spin.isEnabled() and controls.depth_spin.isEnabled()
     controls.depth_spin.setValue(32)
-    train.background_check.setChecked(True)
-    train.method_combo.setCurrentText("mean_teacher")
-    train.iterations_spin.setValue(2)
-    train.patch_spin.setValue(32)
-    train.refresh_spin.setValue(1000)
-    train.run_folder_edit.setText(str(tmp_path / "run"))
+    set_train_dock(train, tmp_path / "run", method="mean_teacher", iterations=2, refresh_every=1000, patch_size=32)
     build = train.build_config
 
     def small():  # test speed only
