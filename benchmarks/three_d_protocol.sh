@@ -17,13 +17,13 @@ mkdir -p "$OUT"
 bench() { python -m napari_semicl.cli -q bench "$@"; }
 case "${1:-}" in
   gpu)
-    bench cohort --train "$DATA/la/train" --test "$DATA/la/train" --labelled 2 --skip-labelled \
+    bench cohort --train "$DATA/la/train" --test "$DATA/la/train" --labelled 2 --skip-labelled --complete-labels \
         --methods supervised,mean_teacher,plgcl,agcl,arco,aua --spatial-dims 3 --patch-size 112 --patch-depth 80 \
         --batch-labelled 2 --batch-unlabelled 2 --budget-steps 6000 --device cuda --out "$OUT/la_cohort_3d_gpu.json"
     ;;
   cpu)
     export OMP_NUM_THREADS=1
-    bench cohort --train "$DATA/la/train" --test "$DATA/la/train" --labelled 2 --skip-labelled --limit-test 3 \
+    bench cohort --train "$DATA/la/train" --test "$DATA/la/train" --labelled 2 --skip-labelled --complete-labels --limit-test 3 \
         --methods mean_teacher --spatial-dims 3 --patch-size 64 --patch-depth 64 \
         --batch-labelled 2 --batch-unlabelled 2 --budget-steps 10 --device cpu --out "$OUT/la_cohort_3d_cpu.json"
     ;;

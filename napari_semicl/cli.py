@@ -485,7 +485,8 @@ def cmd_bench(args) -> int:
                                        budget_s=args.budget_s, seed=args.seed, out=args.out, device=device,
                                        limit_test=args.limit_test, budget_steps=args.budget_steps,
                                        labelled_names=args.labelled_names.split(",") if args.labelled_names else None,
-                                       settings=_bench_settings(args), skip_labelled=args.skip_labelled)
+                                       settings=_bench_settings(args), skip_labelled=args.skip_labelled,
+                                       complete_labels=args.complete_labels)
     elif args.bench == "ui":
         import subprocess
 
@@ -646,6 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--limit-test", type=int, help="only the first N test volumes")
     c.add_argument("--skip-labelled", action="store_true",
                    help="leave the labelled training volumes out of the scores (when --test is the --train folder)")
+    c.add_argument("--complete-labels", action="store_true",
+                   help="train on every slice of the labelled volumes, slices without foreground as background "
+                        "(the papers' setting; by default such slices are unlabelled)")
     for q in (w, c):
         q.add_argument("--methods", required=True,
                        help="comma-separated: registered methods, rf, full (and within-volume: interp, interp_flow)")

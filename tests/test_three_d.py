@@ -266,3 +266,17 @@ def test_slice_reviews_of_a_3d_run_are_notices_that_say_why():
     events = trainer._apply_analyses()
     assert "3D network" in events[0].text
     assert events[1].arrays["disagreement"].shape == (image.shape[0],)  # one value a slice
+
+
+def test_complete_labels_make_every_slice_of_a_reference_labelled():
+    image, _ = tiny_volume()
+    reference = np.zeros(image.shape, np.uint8)
+    reference[6:18, 10:30, 10:30] = 1  # foreground on slices 6-17 only
+    cfg = tiny_config(unpainted="background")
+    default = make_dataset([AnnotatedPair(image, reference)], cfg.data, spatial_dims=3)
+    assert len(default.labelled) == 12
+    complete = make_dataset([AnnotatedPair(image, reference, complete=True)], tiny_config(unpainted="background").data,
+                            spatial_dims=3)
+    assert len(complete.labelled) == 24 and not complete.unlabelled
+    _, y = complete.sample_labelled(2, np.random.default_rng(0))
+    assert (y[:, 4:10] == 0).all()  # volume slices 0-5 (the patch pads 4 slices each side): background

@@ -156,7 +156,8 @@ def choose_labelled(names: list[str], labelled: int, chosen: list[str] | None = 
 
 def cohort(train_dir, test_dir, *, labelled: int, methods, budget_s: float | None, seed: int = 0, out,
            device=None, patch_size: int = 128, limit_test=None, budget_steps: int | None = None,
-           labelled_names: list[str] | None = None, settings: dict | None = None, skip_labelled: bool = False) -> dict:
+           labelled_names: list[str] | None = None, settings: dict | None = None, skip_labelled: bool = False,
+           complete_labels: bool = False) -> dict:
     """``labelled`` fully labelled training volumes (:func:`choose_labelled`), the others
     unlabelled; score every test volume.
 
@@ -164,7 +165,10 @@ def cohort(train_dir, test_dir, *, labelled: int, methods, budget_s: float | Non
     every trained method, before its own ``name:key=value`` settings: the seeds'
     left-atrium protocol is ``--spatial-dims 3 --patch-size 112 --patch-depth 80
     --batch-labelled 2 --batch-unlabelled 2`` (docs/benchmarks.md). ``skip_labelled``
-    leaves the labelled training volumes out of the scores (test = train folder)."""
+    leaves the labelled training volumes out of the scores (test = train folder).
+    ``complete_labels`` trains on every slice of a labelled volume, the slices without
+    foreground as background (:attr:`AnnotatedPair.complete`; the seeds' setting), where by
+    default those slices join the unlabelled pool."""
     methods = check_methods(methods)
     device = device or pick_device()
     train = find_cases(train_dir)
@@ -174,7 +178,8 @@ def cohort(train_dir, test_dir, *, labelled: int, methods, budget_s: float | Non
     results = ResultsFile(out, {"protocol": "cohort", "labelled": len(chosen), "budget_s": budget_s, "budget_steps": budget_steps, "seed": seed,
                                 "device": describe_device(device), "train": str(train_dir), "test": str(test_dir),
                                 "labelled_volumes": [train[i].name for i in sorted(chosen)],
-                                "settings": dict(settings or {}), "skip_labelled": skip_labelled})
+                                "settings": dict(settings or {}), "skip_labelled": skip_labelled,
+                                "complete_labels": complete_labels})
     if skip_labelled:
         test = [c for c in test if c.name not in {train[i].name for i in chosen}]
     for method in methods:
@@ -184,7 +189,8 @@ def cohort(train_dir, test_dir, *, labelled: int, methods, budget_s: float | Non
         pairs = []
         for i, case in enumerate(train):
             fully = method == "full" or i in chosen
-            pairs.append(AnnotatedPair(case.image.data, case.reference.data if fully else None, name=case.name))
+            pairs.append(AnnotatedPair(case.image.data, case.reference.data if fully else None, name=case.name,
+                                       complete=fully and complete_labels))
         name, overrides = split_spec(method)
         cfg = bench_config("supervised" if name == "full" else name, budget_s, seed, axis, patch_size=patch_size,
                            budget_steps=budget_steps)

@@ -167,6 +167,8 @@ class SliceDataset:
                 lab = _label_slices(pair.labels, data_config.axis)
                 self.targets.append(lab)
                 lab_idx = set(labelled_slice_indices(lab, 0).tolist())
+                if pair.complete and data_config.unpainted == "background":  # empty slices are background too
+                    lab_idx = set(range(lab.shape[0]))
             else:
                 self.targets.append(None)
             for s in range(img.shape[0]):
