@@ -102,6 +102,10 @@ def _build_config(args) -> TrainConfig:
         cfg.prior.interpolation = args.interpolation
     if getattr(args, "context_slices", None) is not None:
         cfg.data.context_slices = args.context_slices
+    if getattr(args, "spatial_dims", None) is not None:
+        cfg.model.spatial_dims = args.spatial_dims
+    if getattr(args, "patch_depth", None) is not None:
+        cfg.data.patch_depth = args.patch_depth
     return cfg.validate()
 
 
@@ -439,6 +443,23 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _bench_settings(args) -> dict[str, str]:
+    """The settings ``bench within-volume`` and ``bench cohort`` apply to every trained
+    method: the network and batch flags, then ``--set KEY=VALUE``."""
+    out = {}
+    for flag, key in (("spatial_dims", "model.spatial_dims"), ("patch_size", "data.patch_size"),
+                      ("patch_depth", "data.patch_depth"), ("batch_labelled", "data.batch_labelled"),
+                      ("batch_unlabelled", "data.batch_unlabelled")):
+        if getattr(args, flag, None) is not None:
+            out[key] = str(getattr(args, flag))
+    for item in getattr(args, "set", None) or []:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"--set takes SECTION.KEY=VALUE, got {item!r}")
+        out[key.strip()] = raw.strip()
+    return out
+
+
 def cmd_bench(args) -> int:
     from .bench import label_efficiency, speed as speed_mod
 
@@ -468,12 +489,14 @@ def cmd_bench(args) -> int:
         data = label_efficiency.within_volume(args.data, k=args.k, methods=methods, budget_s=args.budget_s,
                                               seed=args.seed, out=args.out, limit=args.limit, device=device,
                                               budget_steps=args.budget_steps, placement=args.placement,
-                                              offset=args.offset)
+                                              offset=args.offset, settings=_bench_settings(args))
     elif args.bench == "cohort":
         data = label_efficiency.cohort(args.train, args.test, labelled=args.labelled, methods=methods,
                                        budget_s=args.budget_s, seed=args.seed, out=args.out, device=device,
                                        limit_test=args.limit_test, budget_steps=args.budget_steps,
-                                       labelled_names=args.labelled_names.split(",") if args.labelled_names else None)
+                                       labelled_names=args.labelled_names.split(",") if args.labelled_names else None,
+                                       settings=_bench_settings(args), skip_labelled=args.skip_labelled,
+                                       complete_labels=args.complete_labels)
     elif args.bench == "ui":
         import subprocess
 
@@ -498,7 +521,8 @@ def cmd_bench(args) -> int:
             if image.shape != reference.shape:
                 raise DataError(f"bench speed: image {image.shape} and reference {reference.shape} differ in shape")
         data = speed_mod.speed(methods=methods, steps=args.steps, device=device, threads=args.threads,
-                               image=image, reference=reference)
+                               image=image, reference=reference, patch_size=args.patch_size, batch=args.batch,
+                               spatial_dims=args.spatial_dims, patch_depth=args.patch_depth)
         Path(args.out).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     if env_rank() != 0:  # under torchrun: rank 0 reports
         return 0
@@ -575,6 +599,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--interpolation", choices=INTERPOLATION_CHOICES, help="how the prior fills between painted slices")
     t.add_argument("--context-slices", type=int,
                    help="2.5D: neighbouring slices on either side the network sees as channels (default 0)")
+    t.add_argument("--spatial-dims", type=int, choices=(2, 3),
+                   help="the network: 2 = slices (default), 3 = 3D patches of volumes (MONAI BasicUNet, "
+                        "sliding-window prediction)")
+    t.add_argument("--patch-depth", type=int,
+                   help="3D: patch extent along the slicing axis, a multiple of 16 (default: --patch-size)")
     t.add_argument("--config", help="a config.json to start from (flags override it)")
     t.add_argument("--resume", help="a checkpoint, or a run folder (its last checkpoint), to continue training from; "
                    "the budget (--iterations / --minutes, else the checkpoint's) is trained on top of its steps")
@@ -639,16 +668,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many training volumes are fully labelled (evenly spaced through the sorted list)")
     c.add_argument("--labelled-names", help="comma-separated names of the labelled volumes (instead of evenly spaced)")
     c.add_argument("--limit-test", type=int, help="only the first N test volumes")
+    c.add_argument("--skip-labelled", action="store_true",
+                   help="leave the labelled training volumes out of the scores (when --test is the --train folder)")
+    c.add_argument("--complete-labels", action="store_true",
+                   help="train on every slice of the labelled volumes, slices without foreground as background "
+                        "(the papers' setting; by default such slices are unlabelled)")
     for q in (w, c):
         q.add_argument("--methods", required=True,
                        help="comma-separated: registered methods, rf, full (and within-volume: interp, interp_flow)")
         budget = q.add_mutually_exclusive_group(required=q is c)  # within-volume: baselines alone need none
         budget.add_argument("--budget-s", type=float, help="wall-clock training budget per method")
         budget.add_argument("--budget-steps", type=int, help="step budget per method (robust on a busy machine)")
+        q.add_argument("--spatial-dims", type=int, choices=(2, 3),
+                       help="2: slice network (default), 3: 3D network on volume patches")
+        q.add_argument("--patch-size", type=int, help="training crop side (default 128)")
+        q.add_argument("--patch-depth", type=int, help="3D: patch depth along the slicing axis (default: --patch-size)")
+        q.add_argument("--batch-labelled", type=int, help="labelled crops per step (default 4)")
+        q.add_argument("--batch-unlabelled", type=int, help="unlabelled crops per step (default 4)")
+        q.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                       help="any setting for every trained method, e.g. --set mean_teacher.ema_alpha=0.99 (repeatable)")
     s_ = bsub.add_parser("speed", help="step time, FLOP/s, inference throughput and memory")
     s_.add_argument("--methods", help="comma-separated (default: every registered method)")
     s_.add_argument("--steps", type=int, default=10)
     s_.add_argument("--threads", type=int, help="torch CPU threads")
+    s_.add_argument("--patch-size", type=int, default=128, help="training crop side (default 128)")
+    s_.add_argument("--batch", type=int, default=4, help="labelled and unlabelled crops per step (default 4 each)")
+    s_.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2, help="2: slice network, 3: 3D patches")
+    s_.add_argument("--patch-depth", type=int, default=0, help="3D: patch depth (default: --patch-size)")
     s_.add_argument("--image", help="a volume to train on and infer (default: the bundled sample)")
     s_.add_argument("--reference", help="its labels (three slices are revealed for training)")
     r = bsub.add_parser("report", help="markdown tables from results JSON files (and a Dice-vs-K plot)")

@@ -229,3 +229,15 @@ def crop_viewer(make_napari_viewer):
     ref = viewer.add_labels(reference.data[SAMPLE_CROP].copy(), name="reference", scale=image.scale, visible=False)
     painted = viewer.add_labels(np.zeros(img.data.shape, np.uint16), name="painted", scale=image.scale)
     return viewer, img, ref, painted
+
+
+def set_train_dock(train, run_folder, *, method: str, iterations: int, refresh_every: int, patch_size: int) -> None:
+    """The Train dock's settings a GUI test trains with: painted slices complete ('unpainted
+    means background'), ``method``, a step budget, the refresh interval, the patch size and
+    the run folder."""
+    train.background_check.setChecked(True)
+    train.method_combo.setCurrentText(method)
+    train.iterations_spin.setValue(iterations)
+    train.refresh_spin.setValue(refresh_every)
+    train.patch_spin.setValue(patch_size)
+    train.run_folder_edit.setText(str(run_folder))

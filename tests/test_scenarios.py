@@ -19,6 +19,7 @@ nib = pytest.importorskip("nibabel")
 from napari_semicl.analysis.plots import DICE  # noqa: E402
 from napari_semicl.io.sample import SAMPLE_IMAGE_FILE, sample_data_dir  # noqa: E402
 
+from conftest import set_train_dock  # noqa: E402
 from test_plugin_docks import open_dock  # noqa: E402  (the one way tests open docks)
 
 PLUGIN = "napari-semicl"
@@ -61,12 +62,7 @@ def test_open_paint_validate_train_review_resume_export(make_napari_viewer, qtbo
         return cfg
 
     monkeypatch.setattr(train, "build_config", build_small)
-    train.background_check.setChecked(True)
-    train.method_combo.setCurrentText("mean_teacher")
-    train.iterations_spin.setValue(6)
-    train.refresh_spin.setValue(3)
-    train.patch_spin.setValue(64)
-    train.run_folder_edit.setText(str(tmp_path / "run"))
+    set_train_dock(train, tmp_path / "run", method="mean_teacher", iterations=6, refresh_every=3, patch_size=64)
 
     train.train_button.click()
     assert train.is_training

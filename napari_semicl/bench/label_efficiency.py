@@ -93,15 +93,19 @@ def _spacing(case: Case):
 
 def within_volume(data_dir, *, k: int, methods, budget_s: float | None, seed: int = 0, out, limit=None,
                   device=None, patch_size: int = 128, budget_steps: int | None = None, placement: str = "ends",
-                  offset: int = 0) -> dict:
+                  offset: int = 0, settings: dict | None = None) -> dict:
     """Reveal ``k`` slices of each volume (``placement`` as in
     :func:`~napari_semicl.data.reveal.choose_reveal_slices`), train each method on them,
-    score the rest."""
+    score the rest.
+
+    ``settings`` ({'model.spatial_dims': '3', ...}) apply to every trained method, before
+    the method's own ``name:key=value`` settings."""
     methods = check_methods(methods)
     device = device or pick_device()
     cases = find_cases(data_dir, limit=limit, offset=offset)
     results = ResultsFile(out, {"protocol": "within-volume", "k": k, "budget_s": budget_s, "budget_steps": budget_steps, "seed": seed,
-                                "placement": placement, "device": describe_device(device), "data": str(data_dir)})
+                                "placement": placement, "device": describe_device(device), "data": str(data_dir),
+                                "settings": dict(settings or {})})
     for case in cases:
         ref = case.reference.data
         axis = thinnest_axis(ref.shape)
@@ -122,7 +126,7 @@ def within_volume(data_dir, *, k: int, methods, budget_s: float | None, seed: in
                 name, overrides = split_spec(method)
                 cfg = bench_config("supervised" if name == "full" else name, budget_s, seed, axis, patch_size=patch_size,
                                    budget_steps=budget_steps)
-                apply_overrides(cfg, cfg.method, overrides)
+                apply_overrides(cfg, cfg.method, {**(settings or {}), **overrides})
                 pair = AnnotatedPair(case.image.data, labels, name=case.name, spacing=_spacing(case))
                 trainer, finished = train_network(cfg, [pair], device)
                 pred = trainer.predict_pair(0).labels  # fused with the painted-slice prior where it is on
@@ -155,9 +159,19 @@ def choose_labelled(names: list[str], labelled: int, chosen: list[str] | None = 
 
 def cohort(train_dir, test_dir, *, labelled: int, methods, budget_s: float | None, seed: int = 0, out,
            device=None, patch_size: int = 128, limit_test=None, budget_steps: int | None = None,
-           labelled_names: list[str] | None = None) -> dict:
+           labelled_names: list[str] | None = None, settings: dict | None = None, skip_labelled: bool = False,
+           complete_labels: bool = False) -> dict:
     """``labelled`` fully labelled training volumes (:func:`choose_labelled`), the others
-    unlabelled; score every test volume."""
+    unlabelled; score every test volume.
+
+    ``settings`` ({'model.spatial_dims': '3', 'data.patch_depth': '80', ...}) apply to
+    every trained method, before its own ``name:key=value`` settings: the seeds'
+    left-atrium protocol is ``--spatial-dims 3 --patch-size 112 --patch-depth 80
+    --batch-labelled 2 --batch-unlabelled 2`` (docs/benchmarks.md). ``skip_labelled``
+    leaves the labelled training volumes out of the scores (test = train folder).
+    ``complete_labels`` trains on every slice of a labelled volume, the slices without
+    foreground as background (:attr:`AnnotatedPair.complete`; the seeds' setting), where by
+    default those slices join the unlabelled pool."""
     methods = check_methods(methods)
     device = device or pick_device()
     train = find_cases(train_dir)
@@ -166,7 +180,11 @@ def cohort(train_dir, test_dir, *, labelled: int, methods, budget_s: float | Non
     axis = thinnest_axis(train[0].reference.data.shape)
     results = ResultsFile(out, {"protocol": "cohort", "labelled": len(chosen), "budget_s": budget_s, "budget_steps": budget_steps, "seed": seed,
                                 "device": describe_device(device), "train": str(train_dir), "test": str(test_dir),
-                                "labelled_volumes": [train[i].name for i in sorted(chosen)]})
+                                "labelled_volumes": [train[i].name for i in sorted(chosen)],
+                                "settings": dict(settings or {}), "skip_labelled": skip_labelled,
+                                "complete_labels": complete_labels})
+    if skip_labelled:
+        test = [c for c in test if c.name not in {train[i].name for i in chosen}]
     for method in methods:
         if method == "rf":
             log.warning("rf is a within-volume baseline; skipped in the cohort protocol")
@@ -174,11 +192,12 @@ def cohort(train_dir, test_dir, *, labelled: int, methods, budget_s: float | Non
         pairs = []
         for i, case in enumerate(train):
             fully = method == "full" or i in chosen
-            pairs.append(AnnotatedPair(case.image.data, case.reference.data if fully else None, name=case.name))
+            pairs.append(AnnotatedPair(case.image.data, case.reference.data if fully else None, name=case.name,
+                                       complete=fully and complete_labels))
         name, overrides = split_spec(method)
         cfg = bench_config("supervised" if name == "full" else name, budget_s, seed, axis, patch_size=patch_size,
                            budget_steps=budget_steps)
-        apply_overrides(cfg, cfg.method, overrides)
+        apply_overrides(cfg, cfg.method, {**(settings or {}), **overrides})
         trainer, finished = train_network(cfg, pairs, device)
         if not trainer.dist.is_main:  # under torchrun every rank trains, rank 0 scores
             continue

@@ -70,10 +70,12 @@ class _PeakRSS:
 
 
 def speed(*, methods=None, image=None, reference=None, patch_size: int = 128, batch: int = 4,
-          steps: int = 10, warmup: int = 2, device=None, threads: int | None = None) -> dict:
+          steps: int = 10, warmup: int = 2, device=None, threads: int | None = None, spatial_dims: int = 2,
+          patch_depth: int = 0) -> dict:
     """Measure every method's step and the whole-volume inference on ``image``.
 
-    Defaults to the bundled sample volume with three revealed slices.
+    Defaults to the bundled sample volume with three revealed slices. ``spatial_dims = 3``
+    times the 3D network on (patch_depth or patch_size, patch_size, patch_size) patches.
     """
     device = device or pick_device()
     if threads:
@@ -86,6 +88,7 @@ def speed(*, methods=None, image=None, reference=None, patch_size: int = 128, ba
     methods = list(methods or available_methods())
     painted = reveal_slices(reference, [reference.shape[0] // 4, reference.shape[0] // 2, 3 * reference.shape[0] // 4], 0)
     out = {"device": describe_device(device), "machine": machine_info(), "patch_size": patch_size,
+           "spatial_dims": spatial_dims, "patch_depth": patch_depth,
            "batch_labelled": batch, "batch_unlabelled": batch, "threads": torch.get_num_threads(),
            "volume_shape": list(image.shape), "methods": {}}
     out["matmul_peak_flops"] = matmul_peak(device)
@@ -97,6 +100,7 @@ def speed(*, methods=None, image=None, reference=None, patch_size: int = 128, ba
         cfg = TrainConfig(method=name, iterations=10**6, refresh_every=10**9, seed=0)
         cfg.data.patch_size, cfg.data.batch_labelled, cfg.data.batch_unlabelled = patch_size, n_labelled, batch
         cfg.data.unpainted = "background"
+        cfg.model.spatial_dims, cfg.data.patch_depth = spatial_dims, patch_depth
         section = getattr(cfg, name, None)
         if section is not None and hasattr(section, "warmup_steps"):
             section.warmup_steps = 0  # time the full loss, contrastive terms included

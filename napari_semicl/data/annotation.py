@@ -47,6 +47,10 @@ class AnnotatedPair:
         Slices (along the slicing axis) held out for validation Dice, never trained on.
     spacing : tuple of float, optional
         Voxel spacing of the spatial axes, for metrics.
+    complete : bool
+        The labels are a complete segmentation (e.g. a benchmark's reference): with
+        ``unpainted='background'`` every slice is a labelled slice, the ones without a
+        non-zero value too (they are all background); by default such slices are unpainted.
     """
 
     image: np.ndarray
@@ -56,6 +60,7 @@ class AnnotatedPair:
     validation_slices: tuple[int, ...] = ()
     spacing: tuple[float, ...] | None = None
     metadata: dict = field(default_factory=dict)
+    complete: bool = False
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:

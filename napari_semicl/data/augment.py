@@ -8,8 +8,10 @@
   pixel-aligned with it, so student (strong) and teacher (weak) predictions compare pixel by
   pixel.
 
-Layout: images (B, C, H, W) float, targets (B, H, W) long with ``IGNORE_INDEX`` padding.
-All randomness comes from the ``torch.Generator`` passed in (CPU), so runs are repeatable.
+Layout: images (B, C, H, W) float, targets (B, H, W) long with ``IGNORE_INDEX`` padding;
+volume patches (B, C, D, H, W) and (B, D, H, W) take the same path: flips along D too,
+rot90 and the small rotation in the (H, W) plane, a 3D blur and a cutout cube (see
+:func:`weak_augment`, :func:`strong_augment`). All randomness comes from the ``torch.Generator`` passed in (CPU), so runs are repeatable.
 """
 
 from __future__ import annotations
@@ -37,21 +39,28 @@ def weak_augment(
 ):
     """Random flips, rot90 and a small rotation, the same for ``x`` and ``y``.
 
+    ``x`` is (B, C, H, W) or, for volume patches, (B, C, D, H, W) (``y`` without C). In 3D
+    the flips run along D as well; rot90 and the rotation stay in the (H, W) plane (slices
+    are often thicker than pixels are wide, so D is never rotated into H or W).
     Returns ``(x_aug, y_aug)`` (``y_aug`` is None when ``y`` is None). Pixels rotated in
     from outside are 0 in the image and ``IGNORE_INDEX`` in the target.
     """
     b = x.shape[0]
+    volume = x.dim() == 5
     x = x.clone()
     y = None if y is None else y.clone()
     flips_h = torch.rand(b, generator=generator) < 0.5
     flips_v = torch.rand(b, generator=generator) < 0.5
     k90 = torch.randint(0, 4, (b,), generator=generator) if x.shape[-1] == x.shape[-2] else torch.zeros(b, dtype=torch.long)
+    flips_d = torch.rand(b, generator=generator) < 0.5 if volume else torch.zeros(b, dtype=torch.bool)
     for i in range(b):
         dims = []
         if flips_h[i]:
             dims.append(-1)
         if flips_v[i]:
             dims.append(-2)
+        if flips_d[i]:
+            dims.append(-3)
         if dims:
             x[i] = x[i].flip(dims)
             if y is not None:
@@ -63,8 +72,10 @@ def weak_augment(
     if max_rotation_deg > 0:
         angles = _uniform(b, -max_rotation_deg, max_rotation_deg, generator) * math.pi / 180
         cos, sin = torch.cos(angles), torch.sin(angles)
-        theta = torch.zeros(b, 2, 3)
+        theta = torch.zeros(b, 3, 4) if volume else torch.zeros(b, 2, 3)
         theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+        if volume:  # grid coordinates are (x, y, z) = (W, H, D): D stays where it is
+            theta[:, 2, 2] = 1.0
         theta = theta.to(x.device, x.dtype)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -85,17 +96,23 @@ def _gaussian_kernel(sigma: float, device, dtype) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, C, H, W) with reflect padding."""
+    """Separable Gaussian blur of (B, C, H, W) or (B, C, D, H, W) with reflect padding
+    (along every spatial axis)."""
     if sigma <= 0:
         return x
     k = _gaussian_kernel(sigma, x.device, x.dtype)
     c = x.shape[1]
     r = k.numel() // 2
-    kx = k.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
-    ky = k.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
-    mode = "reflect" if min(x.shape[-2:]) > r else "replicate"
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode=mode), kx, groups=c)
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode=mode), ky, groups=c)
+    nd = x.dim() - 2
+    conv = {2: F.conv2d, 3: F.conv3d}[nd]
+    mode = "reflect" if min(x.shape[2:]) > r else "replicate"
+    for axis in range(nd):  # the last axis first, as the 2D blur always did
+        shape = [1] * nd
+        shape[nd - 1 - axis] = -1
+        pad = [0] * (2 * nd)
+        pad[2 * axis:2 * axis + 2] = [r, r]
+        x = conv(F.pad(x, tuple(pad), mode=mode), k.view(1, 1, *shape).repeat(c, *[1] * (nd + 1)), groups=c)
+    return x
 
 
 #: Stain vectors (rows: haematoxylin, eosin, DAB) in optical density, Ruifrok & Johnston
@@ -162,7 +179,8 @@ def strong_augment(
 ) -> torch.Tensor:
     """Intensity, blur, noise and cutout perturbation of an (already weak) view.
 
-    Each perturbation is applied to a sample with probability ``p``; ``cutout`` is the side
+    ``x`` is (B, C, H, W) or (B, C, D, H, W); in 3D the blur is 3D and the cutout a box of
+    ``cutout`` times each side. Each perturbation is applied to a sample with probability ``p``; ``cutout`` is the side
     of the erased square as a fraction of the crop (0 disables it). For 3-channel (RGB)
     crops, HED stain jitter of strength ``stain`` (:func:`hed_jitter`; 0 disables it)
     comes first.
@@ -170,27 +188,29 @@ def strong_augment(
     b = x.shape[0]
     out = x.clone()
     dev, dt = x.device, x.dtype
+    per_sample = (b,) + (1,) * (x.dim() - 1)  # broadcast one value per sample
+    axes = tuple(range(1, x.dim()))
 
     def coin() -> torch.Tensor:
-        return (torch.rand(b, generator=generator) < p).to(dev, dt).view(b, 1, 1, 1)
+        return (torch.rand(b, generator=generator) < p).to(dev, dt).view(per_sample)
 
-    if stain > 0 and x.shape[1] == 3:
+    if stain > 0 and x.shape[1] == 3 and x.dim() == 4:
         m = coin()
         out = m * hed_jitter(out, generator=generator, sigma=stain) + (1 - m) * out
 
-    lo = out.amin(dim=(1, 2, 3), keepdim=True)
-    hi = out.amax(dim=(1, 2, 3), keepdim=True)
+    lo = out.amin(dim=axes, keepdim=True)
+    hi = out.amax(dim=axes, keepdim=True)
     span = (hi - lo).clamp_min(1e-6)
     # gamma on the per-sample [0, 1] range, mapped back
-    g = torch.exp(_uniform(b, -gamma, gamma, generator)).to(dev, dt).view(b, 1, 1, 1)
+    g = torch.exp(_uniform(b, -gamma, gamma, generator)).to(dev, dt).view(per_sample)
     m = coin()
     out = m * (((out - lo) / span).clamp(0, 1) ** g * span + lo) + (1 - m) * out
     # contrast around the mean, then brightness relative to the range
-    c = _uniform(b, 1 - contrast, 1 + contrast, generator).to(dev, dt).view(b, 1, 1, 1)
-    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    c = _uniform(b, 1 - contrast, 1 + contrast, generator).to(dev, dt).view(per_sample)
+    mean = out.mean(dim=axes, keepdim=True)
     m = coin()
     out = m * ((out - mean) * c + mean) + (1 - m) * out
-    br = _uniform(b, -brightness, brightness, generator).to(dev, dt).view(b, 1, 1, 1)
+    br = _uniform(b, -brightness, brightness, generator).to(dev, dt).view(per_sample)
     out = out + coin() * br * span
     # blur (one sigma per batch keeps it a single convolution), noise, cutout
     sigma = float(_uniform(1, *blur_sigma, generator))
@@ -204,6 +224,13 @@ def strong_augment(
         do = torch.rand(b, generator=generator) < p * 0.5
         ys = torch.randint(0, h - side_h + 1, (b,), generator=generator)
         xs = torch.randint(0, w - side_w + 1, (b,), generator=generator)
+        depth: tuple = ()
+        if x.dim() == 5:  # a box: the same fraction of D
+            d = out.shape[2]
+            side_d = max(1, int(d * cutout))
+            zs = torch.randint(0, d - side_d + 1, (b,), generator=generator)
         for i in torch.nonzero(do).flatten().tolist():
-            out[i, :, ys[i]:ys[i] + side_h, xs[i]:xs[i] + side_w] = mean[i]
+            if x.dim() == 5:
+                depth = (slice(int(zs[i]), int(zs[i]) + side_d),)
+            out[(i, slice(None), *depth, slice(ys[i], ys[i] + side_h), slice(xs[i], xs[i] + side_w))] = mean[i]
     return out

@@ -167,6 +167,8 @@ class SliceDataset:
                 lab = _label_slices(pair.labels, data_config.axis)
                 self.targets.append(lab)
                 lab_idx = set(labelled_slice_indices(lab, 0).tolist())
+                if pair.complete and data_config.unpainted == "background":  # empty slices are background too
+                    lab_idx = set(range(lab.shape[0]))
             else:
                 self.targets.append(None)
             for s in range(img.shape[0]):
@@ -282,12 +284,11 @@ class SliceDataset:
         if n == 0:
             return None
         pool = self.unlabelled or self.labelled
-        xs = []
-        for _ in range(n):
-            p_idx, s_idx = pool[int(rng.integers(len(pool)))]
-            x, _ = self._crop(self.images[p_idx][s_idx], None, None, rng)
-            xs.append(x)
-        return np.stack(xs)
+        return np.stack([self._unlabelled_crop(*pool[int(rng.integers(len(pool)))], rng) for _ in range(n)])
+
+    def _unlabelled_crop(self, p_idx: int, s_idx: int, rng: np.random.Generator) -> np.ndarray:
+        """A random (C, P, P) crop of slice ``s_idx`` of pair ``p_idx``."""
+        return self._crop(self.images[p_idx][s_idx], None, None, rng)[0]
 
     def sample_batch(self, rng: np.random.Generator, device: torch.device, *, with_unlabelled: bool = True,
                      dense_share: float = 0.0) -> Batch:

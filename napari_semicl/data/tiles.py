@@ -29,6 +29,7 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from .annotation import IGNORE_INDEX, UNLABELLED, build_class_table, encode_targets
 from .dataset import SliceDataset
+from .volume_patches import VolumePatchDataset
 
 log = logging.getLogger(__name__)
 
@@ -455,20 +456,26 @@ class TileDataset:
     sample_batch = SliceDataset.sample_batch
 
 
-def make_dataset(pairs, data_config, wsi_config=None):
-    """A :class:`TileDataset` when the pairs are slides, else a :class:`SliceDataset`.
+def make_dataset(pairs, data_config, wsi_config=None, *, spatial_dims: int = 2):
+    """A :class:`TileDataset` when the pairs are slides, a
+    :class:`~napari_semicl.data.volume_patches.VolumePatchDataset` for a 3D network
+    (``spatial_dims = 3``), else a :class:`SliceDataset`.
 
     Raises
     ------
     DataError
-        Slides mixed with ordinary images.
+        Slides mixed with ordinary images; slides or 2D images for a 3D network.
     """
     slides = [isinstance(p, SlidePair) for p in pairs]
     if any(slides):
         if not all(slides):
             raise DataError("slides cannot be trained together with ordinary images: train them separately")
+        if spatial_dims == 3:
+            raise DataError("slides are 2D: train them with the slice network (model.spatial_dims = 2)")
         dataset = TileDataset(pairs, data_config)
         if wsi_config is not None:
             dataset.set_cache_size(wsi_config.cache_tiles)
         return dataset
+    if spatial_dims == 3:
+        return VolumePatchDataset(pairs, data_config)
     return SliceDataset(pairs, data_config)

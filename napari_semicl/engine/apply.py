@@ -111,7 +111,8 @@ class Predictor:
     @property
     def needs_volumes(self) -> bool:
         """Whether the network is 2.5D (trained on volumes, each slice with neighbours as
-        channels): it then predicts 3D volumes only."""
+        channels): it then predicts 3D volumes only (a 3D network, ``model.spatial_dims =
+        3``, too: :meth:`check_image` says so)."""
         context = int(self.config.data.context_slices)
         return context > 0 and int(self.config.model.in_channels) % (2 * context + 1) == 0
 
@@ -139,6 +140,8 @@ class Predictor:
                 f"the network was trained on {want} images but this image is {_KIND[have]}: "
                 "apply it to images like the ones it was trained on"
             )
+        if spatial == 2 and int(self.config.model.spatial_dims) == 3:
+            raise DataError("the network is 3D (trained on volume patches): it predicts 3D volumes, and this image is 2D")
         if spatial == 2 and self.needs_volumes:
             raise DataError(
                 f"the network is 2.5D (each slice with {self.config.data.context_slices} neighbour(s) on either "

@@ -30,12 +30,17 @@ BUDGET_CHOICES = ("iterations", "minutes")
 
 
 
+SPATIAL_DIMS_CHOICES = (2, 3)
+
+
 @dataclass
 class ModelConfig:
-    """The segmentation network (a 2D U-Net on slices).
+    """The segmentation network: a 2D U-Net on slices, or a 3D U-Net on volume patches.
 
     ``in_channels`` is set from the data (1 for grey, 3 for RGB); ``n_classes`` from the
-    class table. ``spatial_dims`` is kept a setting so 3D patches can be added later.
+    class table. ``spatial_dims``: 2 trains on slices (2.5D with ``data.context_slices``),
+    3 on (patch_depth, patch_size, patch_size) patches of volumes with MONAI's BasicUNet
+    (``depth`` must then be 4, its number of stages).
     """
 
     in_channels: int = 1
@@ -54,8 +59,12 @@ class ModelConfig:
             raise ConfigError(f"{path}.depth must be in 1..6, got {self.depth}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"{path}.dropout must be in [0, 1), got {self.dropout}")
-        if self.spatial_dims != 2:
-            raise ConfigError(f"{path}.spatial_dims: only 2 (slices) is implemented, got {self.spatial_dims}")
+        _check_choice(f"{path}.spatial_dims", self.spatial_dims, SPATIAL_DIMS_CHOICES)
+        if self.spatial_dims == 3 and self.depth != 4:
+            raise ConfigError(
+                f"{path}.depth must be 4 with {path}.spatial_dims = 3 (the 3D network, MONAI's BasicUNet, "
+                f"has 4 down-sampling stages), got {self.depth}"
+            )
 
 
 @dataclass
@@ -69,6 +78,9 @@ class DataConfig:
     (as a string, JSON keys are strings) to slice indices held out for live Dice.
     ``context_slices``: 2.5D input, the network sees each slice of a volume with this many
     neighbours on either side as extra channels (0: plain 2D slices; 2D images ignore it).
+    ``patch_depth``: with a 3D network (``model.spatial_dims = 3``), the patch's extent
+    along the slicing axis (0: ``patch_size``); patches are (patch_depth, patch_size,
+    patch_size), e.g. 80 x 112 x 112 as the seeds' left-atrium V-Nets.
     """
 
     axis: int = 0
@@ -81,6 +93,12 @@ class DataConfig:
     class_names: dict[str, str] = field(default_factory=dict)
     validation_slices: dict[str, list[int]] = field(default_factory=dict)
     context_slices: int = 0
+    patch_depth: int = 0
+
+    @property
+    def patch_shape(self) -> tuple[int, int, int]:
+        """(D, H, W) of a 3D training patch."""
+        return (self.patch_depth or self.patch_size, self.patch_size, self.patch_size)
 
     def validate(self, path: str = "data") -> None:
         _check_choice(f"{path}.unpainted", self.unpainted, UNPAINTED_CHOICES)
@@ -91,6 +109,8 @@ class DataConfig:
         _check_positive(f"{path}.batch_unlabelled", self.batch_unlabelled, allow_zero=True)
         if self.axis < 0:
             raise ConfigError(f"{path}.axis must be >= 0, got {self.axis}")
+        if self.patch_depth and (self.patch_depth < 16 or self.patch_depth % 16):
+            raise ConfigError(f"{path}.patch_depth must be 0 or a multiple of 16 and >= 16, got {self.patch_depth}")
         if not 0 <= self.context_slices <= 8:
             raise ConfigError(f"{path}.context_slices must be in 0..8, got {self.context_slices}")
         if len(set(self.class_values)) != len(self.class_values):
@@ -172,6 +192,16 @@ class TrainConfig:
         for name, section in self.method_sections.items():
             if hasattr(section, "validate"):
                 section.validate(name)
+        if self.model.spatial_dims == 3 and self.data.context_slices:
+            raise ConfigError(
+                "data.context_slices (2.5D) is for slice networks: a 3D network (model.spatial_dims = 3) "
+                "sees its neighbours itself; set data.context_slices to 0 or model.spatial_dims to 2"
+            )
+        if self.model.spatial_dims == 3 and min(self.data.patch_shape) < 32:
+            raise ConfigError(
+                f"data.patch_size and data.patch_depth must be >= 32 with a 3D network (its instance norm needs "
+                f"2 x 2 x 2 voxels after 4 halvings), got {self.data.patch_shape}"
+            )
         # the chosen method's section exists (and is checked) even when never touched
         getattr(self, self.method, None)
         return self

@@ -1,4 +1,6 @@
-"""Whole-volume inference: slices in batches, each slice by MONAI's sliding window.
+"""Whole-volume inference: slices in batches, each slice by MONAI's sliding window; a 3D
+network (``spatial_dims = 3``) gets the whole volume in 3D windows instead
+(:func:`predict_slices` chooses by the network).
 
 Memory stays bounded by one batch of slices: only the label map (and, on request, the
 normalised entropy map) of the whole volume is kept. When the device runs out of memory,
@@ -45,7 +47,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def _in_channels(model: torch.nn.Module) -> int | None:
     for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d):
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
             return int(module.in_channels)
     return None
 
@@ -68,6 +70,10 @@ def predict_slices(
     fuse=None,
 ):
     """Class indices (S, H, W) int64 and optional normalised entropy of (S, C, H, W) slices.
+
+    A 3D network (``model.spatial_dims == 3``) takes the S slices as one volume
+    (:func:`predict_volume_patches`; ``max_window`` then caps each side of its 3D windows
+    at :data:`MAX_WINDOW_3D`).
 
     ``fuse(start, stop, probs)``, when given, returns new class probabilities (B, K, H, W)
     for slices ``[start, stop)`` before the argmax and the entropy (e.g. the painted-slice
@@ -92,6 +98,9 @@ def predict_slices(
             f"the network was trained on {kind.get(expected, f'{expected}-channel')} images but this "
             f"image is {kind.get(c, f'{c}-channel')}: predict images like the ones it was trained on"
         )
+    if getattr(model, "spatial_dims", 2) == 3:
+        return predict_volume_patches(model, slices, device=device, max_window=min(max_window, MAX_WINDOW_3D),
+                                      overlap=overlap, with_entropy=with_entropy, notes=notes, fuse=fuse)
     was_training = model.training
     model.eval()
     multiple = getattr(model, "multiple", 16)
@@ -140,6 +149,73 @@ def predict_slices(
     return labels, entropy
 
 
+#: the largest side of a 3D inference window (voxels): 128^3 windows keep the activations
+#: of the 3D U-Net (b = 16) near 1 GB in float32
+MAX_WINDOW_3D = 128
+
+
+@torch.no_grad()
+def predict_volume_patches(
+    model: torch.nn.Module,
+    slices: np.ndarray,
+    *,
+    device: torch.device,
+    max_window: int = MAX_WINDOW_3D,
+    overlap: float = 0.25,
+    with_entropy: bool = False,
+    notes: list | None = None,
+    fuse=None,
+):
+    """3D sliding-window prediction of a volume given as (S, C, H, W) slices.
+
+    The volume (1, C, S, H, W) is covered by windows of each side rounded up to the
+    network's size multiple and capped at ``max_window``, blended with Gaussian weights
+    (MONAI's ``sliding_window_inference``, ``mode='gaussian'``). Returns class indices
+    (S, H, W) int64 and, with ``with_entropy``, the normalised entropy (S, H, W) float32.
+    ``fuse(0, S, probs)`` gets the probabilities as (S, K, H, W), as for slices. Out of
+    memory, the window is halved down to the network's multiple (each fallback logged and
+    appended to ``notes``).
+    """
+    s, _, h, w = slices.shape
+    was_training = model.training
+    model.eval()
+    multiple = getattr(model, "multiple", 16)
+    max_window = max(multiple, max_window // multiple * multiple)
+    volume = torch.from_numpy(np.ascontiguousarray(slices.transpose(1, 0, 2, 3)))[None]  # (1, C, S, H, W)
+    try:
+        while True:
+            roi = tuple(_window(n, multiple, max_window) for n in (s, h, w))
+            try:
+                logits = sliding_window_inference(
+                    volume.to(device), roi, sw_batch_size=1, predictor=model, overlap=overlap, mode="gaussian",
+                    sw_device=device, device=torch.device("cpu"),
+                )
+                probs = logits.float().softmax(dim=1)[0].transpose(0, 1)  # (S, K, H, W)
+                if fuse is not None:
+                    probs = fuse(0, s, probs)
+                labels = argmax_classes(probs).numpy()
+                entropy = normalised_entropy(probs, dim=1).numpy() if with_entropy else None
+                return labels, entropy
+            except (RuntimeError, MemoryError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                logits = probs = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if max(roi) <= multiple:
+                    raise DataError(
+                        f"out of memory on {device.type} even in {multiple}-voxel 3D windows: "
+                        "free memory (close other programs) or predict on the CPU"
+                    ) from None
+                max_window = max(multiple, max(roi) // 2 // multiple * multiple)
+                note = f"out of memory on {device.type}: predicting in {max_window}-voxel 3D windows"
+                log.warning(note)
+                if notes is not None:
+                    notes.append(note)
+    finally:
+        model.train(was_training)
+
+
 def predict_volume(
     model: torch.nn.Module,
     image: np.ndarray,
@@ -166,7 +242,12 @@ def predict_volume(
     context_slices : int
         2.5D: neighbours on either side stacked as channels, as in training
         (``data.context_slices``; ignored for 2D images).
+
+    A 3D network predicts the volume in 3D windows (:func:`predict_volume_patches`); a 2D
+    image raises :class:`~napari_semicl.errors.DataError` for it.
     """
+    if getattr(model, "spatial_dims", 2) == 3 and image.ndim - (1 if rgb else 0) != 3:
+        raise DataError("this network is 3D (trained on volume patches): it predicts volumes, not 2D images")
     norm = normalise_image(image, normalise, rgb=rgb)
     slices = to_slices(norm, axis, rgb=rgb)
     if image.ndim - (1 if rgb else 0) == 3:

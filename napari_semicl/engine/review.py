@@ -184,7 +184,12 @@ def method_review(method) -> dict[str, np.ndarray]:
 
 
 def run_analysis(method, dataset, kind: str, *, device, **params) -> dict[str, np.ndarray]:
-    """Dispatch one of :data:`ANALYSES` by name (``params`` go to its function)."""
+    """Dispatch one of :data:`ANALYSES` by name (``params`` go to its function).
+
+    'embeddings' and 'aleatoric' run the network on single slices: a 3D network (volume
+    patches) raises a ValueError saying so (the trainer turns it into a notice)."""
+    if kind in ("embeddings", "aleatoric") and getattr(method.student, "spatial_dims", 2) == 3:
+        raise ValueError(f"the {kind} review runs on single slices, for slice networks; this run trains a 3D network")
     if kind == "embeddings":
         return sample_embeddings(method, dataset, device=device, **params)
     if kind == "disagreement":

@@ -106,7 +106,8 @@ class Trainer:
         self._torch_gen = _seed_everything(self.config.seed)
         self._rng = np.random.default_rng(self.config.seed)
         self.pairs = list(pairs)
-        self.dataset = make_dataset(self.pairs, self.config.data, self.config.wsi)
+        self.dataset = make_dataset(self.pairs, self.config.data, self.config.wsi,
+                                    spatial_dims=self.config.model.spatial_dims)
         if getattr(self.dataset, "unknown_values", None):
             raise DataError(
                 f"label values {sorted(self.dataset.unknown_values)} are painted but are not in the class "
@@ -320,7 +321,8 @@ class Trainer:
             pairs, self._pending_pairs = self._pending_pairs, None
         if pairs is None:
             return None
-        dataset = make_dataset(pairs, copy.deepcopy(self.config.data), self.config.wsi)  # class table kept
+        dataset = make_dataset(pairs, copy.deepcopy(self.config.data), self.config.wsi,  # class table kept
+                               spatial_dims=self.config.model.spatial_dims)
         self.pairs, self.dataset = pairs, dataset
         self._annotations_version += 1
         self._prior_stale = True  # the new painted slices move the prior: rebuilt at its next use
@@ -372,7 +374,9 @@ class Trainer:
     def review_slice(self, pair_index: int, slice_index: int) -> dict:
         """:meth:`Method.review_slice` of one normalised slice, padded to the network's
         size multiple (zeros at the bottom and right; the method limits its output to the
-        slice)."""
+        slice). A 3D network has no per-slice review (ValueError, a notice)."""
+        if self.config.model.spatial_dims == 3:
+            raise ValueError("the per-slice sampler review is for slice networks; this run trains a 3D network")
         img = self.dataset.images[pair_index][slice_index]  # (C, H, W)
         h, w = img.shape[-2:]
         x = padded_slice(img, int(getattr(self.model, "multiple", 1)), self.device)
@@ -583,10 +587,16 @@ class Trainer:
             return {}
         model = self.method.inference_model()
         preds, refs = [], []
+        volumes: dict[int, np.ndarray] = {}  # a 3D network predicts each pair once
         for p_idx, s_idx in self.dataset.validation:
-            img = self.dataset.images[p_idx][s_idx:s_idx + 1]
-            fuse = self._fuser(p_idx, offset=s_idx)
-            idx, _ = predict_slices(model, img, device=self.device, fuse=fuse)
+            if self.config.model.spatial_dims == 3:
+                if p_idx not in volumes:
+                    volumes[p_idx] = predict_slices(model, self.dataset.images[p_idx], device=self.device,
+                                                    fuse=self._fuser(p_idx))[0]
+                idx = volumes[p_idx][s_idx:s_idx + 1]
+            else:
+                img = self.dataset.images[p_idx][s_idx:s_idx + 1]
+                idx, _ = predict_slices(model, img, device=self.device, fuse=self._fuser(p_idx, offset=s_idx))
             ref = self.dataset.targets[p_idx][s_idx]
             pred = decode_classes(idx[0], self.dataset.class_values)
             if self.config.data.unpainted == "ignore":
@@ -617,8 +627,11 @@ class Trainer:
             if len(near) == 0:
                 self._agreements[key] = 1.0
             else:
-                idx, _ = predict_slices(self.method.inference_model(), self.dataset.images[pair_index][near],
-                                        device=self.device)
+                images = self.dataset.images[pair_index]
+                if self.config.model.spatial_dims == 3:  # the whole volume, then those slices
+                    idx = predict_slices(self.method.inference_model(), images, device=self.device)[0][near]
+                else:
+                    idx, _ = predict_slices(self.method.inference_model(), images[near], device=self.device)
                 self._agreements[key] = self.prior.agreement(pair_index, idx, near)
         return self._agreements[key]
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError, check_choice, check_positive
 from ..models.heads import ProjectionHead
+from ..models.ops import channels_last
 from .base import eval_mode
 from .losses import consistency_loss, sigmoid_rampup, supervised_loss
 from .mean_teacher import MeanTeacher, ema_update
@@ -266,9 +267,9 @@ class ARCO(MeanTeacher):
 
         Parameters
         ----------
-        s_feat, t_feat : Tensor, shape (B, C, H, W)
+        s_feat, t_feat : Tensor, shape (B, C, H, W) or (B, C, D, H, W)
             Student and teacher decoder features, pixel-aligned.
-        class_map : Tensor of int64, shape (B, H, W)
+        class_map : Tensor of int64, shape (B, H, W) or (B, D, H, W)
             Candidate class per pixel, negative where not a candidate.
         rng : numpy.random.Generator
             For the pixel sampler.
@@ -287,14 +288,15 @@ class ARCO(MeanTeacher):
         if coords.shape[0] < 2 or int((class_map >= 0).sum()) < 2:  # batch norm needs 2 vectors
             self._review = {}
             return s_feat.sum() * 0.0
-        b, yy, xx = coords.unbind(1)
-        anchors = head.project_vectors(s_feat.permute(0, 2, 3, 1)[b, yy, xx])  # (N, D)
+        at = tuple(coords.unbind(1))  # (b, y, x), or (b, z, y, x) for volume patches
+        b = at[0]
+        anchors = head.project_vectors(channels_last(s_feat)[at])  # (N, D)
         with torch.no_grad():
             valid = class_map >= 0
-            t_emb = t_head.project_vectors(t_feat.permute(0, 2, 3, 1)[valid])  # (N_c, D)
+            t_emb = t_head.project_vectors(channels_last(t_feat)[valid])  # (N_c, D)
             prototypes = class_prototypes(t_emb, class_map[valid], self.n_classes)
             position = torch.cumsum(valid.reshape(-1).long(), 0).reshape(valid.shape) - 1
-            sampled_t = t_emb[position[b, yy, xx]]
+            sampled_t = t_emb[position[at]]
             self._enqueue(sampled_t, classes)
             negatives, negative_classes = self._draw_negatives(generator)
         loss = pixel_contrastive_loss(

@@ -136,9 +136,9 @@ def mc_supervised_loss(samples: torch.Tensor, target: torch.Tensor) -> torch.Ten
     Parameters
     ----------
     samples : Tensor
-        (S, B, K, H, W) logit samples.
+        (S, B, K, H, W) logit samples ((S, B, K, D, H, W) for volume patches).
     target : Tensor
-        (B, H, W) long class indices, ``IGNORE_INDEX`` where no loss applies.
+        (B, H, W) long class indices, ``IGNORE_INDEX`` where no loss applies ((B, D, H, W)).
 
     Returns
     -------
@@ -151,9 +151,10 @@ def mc_supervised_loss(samples: torch.Tensor, target: torch.Tensor) -> torch.Ten
     valid = target != IGNORE_INDEX
     safe = torch.where(valid, target, torch.zeros_like(target))
     log_p = samples.log_softmax(dim=2)
-    index = safe[None, :, None].expand(s, -1, 1, -1, -1)
-    ll = (log_p.gather(2, index).squeeze(2) * valid).sum(dim=(2, 3))  # (S, B)
-    n = valid.sum(dim=(1, 2))
+    index = safe[None, :, None].expand(s, -1, 1, *target.shape[1:])
+    pixels = tuple(range(2, target.dim() + 1))  # the spatial axes of (S, B, *spatial)
+    ll = (log_p.gather(2, index).squeeze(2) * valid).sum(dim=pixels)  # (S, B)
+    n = valid.sum(dim=tuple(range(1, target.dim())))
     keep = n > 0
     if not bool(keep.any()):
         return samples.sum() * 0.0
@@ -338,7 +339,8 @@ class AUA(MeanTeacher):
             labels = target[valid]
             self.stats.update(z, labels)  # Eq. 13, then Eq. 12 with the updated statistics
             losses["pcl"] = cfg.pcl_weight * prototype_contrastive_loss(z, labels, self.stats, cfg.pcl_tau)
-            is_labelled = (torch.arange(target.shape[0], device=target.device) < x.shape[0])[:, None, None]
+            is_labelled = (torch.arange(target.shape[0], device=target.device) < x.shape[0])
+            is_labelled = is_labelled.view(-1, *[1] * (target.dim() - 1))
             self._remember(z, labels, is_labelled.expand_as(target)[valid])
         return losses
 

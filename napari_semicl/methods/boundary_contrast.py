@@ -12,9 +12,9 @@ features (B, D, H, W), embeddings (N, D).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..data.annotation import IGNORE_INDEX
+from ..models.ops import channels_last, max_pool, one_hot_channels
 
 
 def boundary_mask(target: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -23,11 +23,12 @@ def boundary_mask(target: torch.Tensor, n_classes: int) -> torch.Tensor:
     For each class c this is ``dilation(c) - c`` (the outer ring) plus ``c - erosion(c)``
     (the inner rim), 1-pixel radius, joined over the classes; pixels with ``IGNORE_INDEX``
     are never boundary pixels nor make one. target : (B, H, W) long; returns (B, H, W) bool.
+    A (B, D, H, W) target of volume patches uses the 3x3x3 (26-)neighbourhood.
     """
     valid = target != IGNORE_INDEX
     safe = torch.where(valid, target, torch.zeros_like(target))
-    onehot = F.one_hot(safe, n_classes).permute(0, 3, 1, 2).float() * valid[:, None]
-    near = F.max_pool2d(onehot, 3, stride=1, padding=1)  # classes within the 3x3 neighbourhood
+    onehot = one_hot_channels(safe, n_classes).float() * valid[:, None]
+    near = max_pool(onehot, 3, stride=1, padding=1)  # classes within the 3x3 (3x3x3) neighbourhood
     return valid & (near.sum(dim=1) >= 2)
 
 
@@ -52,12 +53,13 @@ def sample_pixels(mask: torch.Tensor, max_per_image: int, generator: torch.Gener
 
 
 def pixel_vectors(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, D, H, W) features at the (B, H, W) ``mask`` -> (N, D), in ``tensor[mask]`` order.
+    """(B, D, H, W) features at the (B, H, W) ``mask`` -> (N, D), in ``tensor[mask]`` order
+    (volume patches: (B, D, Z, H, W) at a (B, Z, H, W) mask).
 
     ``features.permute(0, 2, 3, 1)[mask]``: row n belongs to the same pixel as
     ``labels[mask][n]`` and ``mask.nonzero()[n]``.
     """
-    return features.permute(0, 2, 3, 1)[mask]
+    return channels_last(features)[mask]
 
 
 def supervised_contrastive_loss(

@@ -1,7 +1,8 @@
 """Losses shared by the methods: masked cross-entropy + Dice, and consistency terms.
 
 Layout: logits (B, K, H, W); targets (B, H, W) long with ``IGNORE_INDEX`` for pixels that
-must not reach the loss (unpainted pixels of scribbled slices, crop padding).
+must not reach the loss (unpainted pixels of scribbled slices, crop padding). Volume
+patches, (B, K, D, H, W) and (B, D, H, W), go through the same functions.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.annotation import IGNORE_INDEX
+from ..models.ops import one_hot_channels
 
 
 def masked_dice_loss(logits: torch.Tensor, target: torch.Tensor, *, smooth: float = 1e-5) -> torch.Tensor:
@@ -23,12 +25,13 @@ def masked_dice_loss(logits: torch.Tensor, target: torch.Tensor, *, smooth: floa
     probs = logits.softmax(dim=1)
     k = logits.shape[1]
     safe = torch.where(valid, target, torch.zeros_like(target))
-    onehot = F.one_hot(safe, k).permute(0, 3, 1, 2).to(probs.dtype)
+    onehot = one_hot_channels(safe, k).to(probs.dtype)
     mask = valid.unsqueeze(1).to(probs.dtype)
     probs, onehot = probs * mask, onehot * mask
-    inter = (probs * onehot).sum(dim=(0, 2, 3))
-    denom = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
-    present = onehot.sum(dim=(0, 2, 3)) > 0
+    axes = (0, *range(2, logits.dim()))  # all but the class axis
+    inter = (probs * onehot).sum(dim=axes)
+    denom = probs.sum(dim=axes) + onehot.sum(dim=axes)
+    present = onehot.sum(dim=axes) > 0
     if not bool(present.any()):
         return logits.sum() * 0.0
     dice = (2 * inter + smooth) / (denom + smooth)

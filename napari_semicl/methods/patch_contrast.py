@@ -218,7 +218,7 @@ class PatchContrastMethod(MeanTeacher):
         averaged in each patch (:func:`~.patch_sampling.pool_patches`), then the student's
         (``side='student'``) or the teacher's projection head."""
         head = self.modules["projection" if side == "student" else "teacher_projection"]
-        return head.project_vectors(flatten_patch_grid(pool_patches(features, self.cfg.patch_size))[valid])
+        return head.project_vectors(flatten_patch_grid(pool_patches(features, self.cfg.patch_size), channels=True)[valid])
 
     def contrastive_losses(self, patches: PatchBatch, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """The method's weighted losses on the step's patches, by name (``contrast_losses``);

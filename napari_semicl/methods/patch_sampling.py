@@ -25,6 +25,11 @@ Layouts: images (B, C, H, W) float; confidences (B, K, H, W) float in [0, 1]; la
 (B, H, W) long with ``IGNORE_INDEX`` (= -1) for pixels without a (pseudo-)label; features
 (B, D, H, W). Class indices are network classes 0..K-1 (0 = background).
 
+Volume patches of a 3D network take the same functions with a depth axis before H and W:
+the patches are then non-overlapping ``P x P x P`` blocks on a (D', H', W') grid, numbered
+image by image in raster order, and a patch's entropy, class and pooled feature are means
+and votes over its P^3 voxels (docs/methods/three_d.md).
+
 Examples
 --------
 >>> import torch
@@ -44,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.annotation import IGNORE_INDEX
-from ..models.ops import argmax_classes
+from ..models.ops import argmax_classes, avg_pool, one_hot_channels
 
 __all__ = [
     "IGNORE_INDEX",
@@ -66,11 +71,11 @@ __all__ = [
 ]
 
 
-def _check_patch_size(patch_size: int, height: int, width: int) -> None:
+def _check_patch_size(patch_size: int, *spatial: int) -> None:
     if patch_size < 1:
         raise ValueError(f"patch_size must be >= 1, got {patch_size}")
-    if patch_size > min(height, width):
-        raise ValueError(f"patch_size {patch_size} is larger than the image ({height} x {width})")
+    if patch_size > min(spatial):
+        raise ValueError(f"patch_size {patch_size} is larger than the image ({' x '.join(map(str, spatial))})")
 
 
 # --- Eq. 3 and the attended image ---------------------------------------------------------
@@ -124,9 +129,10 @@ def attended_images(images: torch.Tensor, confidence: torch.Tensor) -> torch.Ten
     Tensor
         (B, K, C, H, W): channel c of class k is ``I~_c * C^k``.
     """
-    if images.dim() != 4 or confidence.dim() != 4 or images.shape[0] != confidence.shape[0] or images.shape[-2:] != confidence.shape[-2:]:
+    if (images.dim() not in (4, 5) or confidence.dim() != images.dim() or images.shape[0] != confidence.shape[0]
+            or images.shape[2:] != confidence.shape[2:]):
         raise ValueError(
-            f"images must be (B, C, H, W) and confidence (B, K, H, W) with the same B, H, W; "
+            f"images must be (B, C, [D,] H, W) and confidence (B, K, [D,] H, W) with the same B and spatial shape; "
             f"got {tuple(images.shape)} and {tuple(confidence.shape)}"
         )
     return minmax_scale(images).unsqueeze(1) * confidence.unsqueeze(2)
@@ -139,8 +145,8 @@ def average_patch_confidence(confidence: torch.Tensor, patch_size: int) -> torch
     (B, K, H, W) -> (B, K, H', W'). Kept for comparison with the entropy criterion (the
     paper's Table 3); the sampler itself uses :func:`patch_entropy`.
     """
-    _check_patch_size(patch_size, *confidence.shape[-2:])
-    return F.avg_pool2d(confidence, patch_size, stride=patch_size)
+    _check_patch_size(patch_size, *confidence.shape[2:])
+    return avg_pool(confidence, patch_size)
 
 
 def patch_entropy(images: torch.Tensor, confidence: torch.Tensor, patch_size: int, *, eps: float = 1e-6) -> torch.Tensor:
@@ -162,9 +168,9 @@ def patch_entropy(images: torch.Tensor, confidence: torch.Tensor, patch_size: in
     Tensor
         (B, K, H', W'): the mean of ``F`` over the pixels (and channels) of each patch.
     """
-    _check_patch_size(patch_size, *images.shape[-2:])
+    _check_patch_size(patch_size, *images.shape[2:])
     ent = binary_entropy(attended_images(images, confidence), eps).mean(dim=2)  # (B, K, H, W)
-    return F.avg_pool2d(ent, patch_size, stride=patch_size)
+    return avg_pool(ent, patch_size)
 
 
 # --- confidences and patch classes ---------------------------------------------------------------
@@ -191,7 +197,7 @@ def one_hot_confidence(labels: torch.Tensor, n_classes: int, fallback: torch.Ten
         raise ValueError(f"labels must be in 0..{n_classes - 1} or IGNORE_INDEX ({IGNORE_INDEX})")
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     dtype = fallback.dtype if fallback is not None else torch.float32
-    onehot = F.one_hot(safe, n_classes).permute(0, 3, 1, 2).to(dtype)
+    onehot = one_hot_channels(safe, n_classes).to(dtype)
     mask = valid.unsqueeze(1)
     if fallback is None:
         return onehot * mask.to(dtype)
@@ -218,34 +224,41 @@ def patch_majority_labels(labels: torch.Tensor, n_classes: int, patch_size: int)
     Tensor
         (B, H', W') long.
     """
-    _check_patch_size(patch_size, *labels.shape[-2:])
+    _check_patch_size(patch_size, *labels.shape[1:])
     votes = one_hot_confidence(labels, n_classes)  # zeros at ignored pixels
-    counts = F.avg_pool2d(votes, patch_size, stride=patch_size)  # fractions of the patch
+    counts = avg_pool(votes, patch_size)  # fractions of the patch
     best = argmax_classes(counts)
     return torch.where(counts.sum(dim=1) > 0, best, torch.full_like(best, IGNORE_INDEX))
 
 
 # --- patch features and locations -------------------------------------------------------------
 def pool_patches(features: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Average features inside each patch: (B, D, H, W) -> (B, D, H', W')."""
-    _check_patch_size(patch_size, *features.shape[-2:])
-    return F.avg_pool2d(features, patch_size, stride=patch_size)
+    """Average features inside each patch: (B, D, H, W) -> (B, D, H', W') (3D: blocks)."""
+    _check_patch_size(patch_size, *features.shape[2:])
+    return avg_pool(features, patch_size)
 
 
-def flatten_patch_grid(grid: torch.Tensor) -> torch.Tensor:
+def flatten_patch_grid(grid: torch.Tensor, *, channels: bool | None = None) -> torch.Tensor:
     """(B, D, H', W') -> (B * H' * W', D), or (B, H', W') -> (B * H' * W',).
 
-    Order: image by image, then row by row (patch ``b * H' * W' + i * W' + j``).
+    Order: image by image, then row by row (patch ``b * H' * W' + i * W' + j``). A 3D grid
+    ((B, D, D', H', W') or (B, D', H', W')) is flattened in raster order; since a 3D class
+    grid and a 2D feature grid both have 4 axes, say which with ``channels`` (default:
+    True for 4 or 5 axes, False for 3).
     """
-    if grid.dim() == 3:
+    if channels is None:
+        if grid.dim() not in (3, 4, 5):
+            raise ValueError(f"grid must be (B, D, H', W') or (B, H', W') (3D: one axis more), got {tuple(grid.shape)}")
+        channels = grid.dim() != 3
+    if not channels:
         return grid.reshape(-1)
-    if grid.dim() == 4:
-        return grid.permute(0, 2, 3, 1).reshape(-1, grid.shape[1])
-    raise ValueError(f"grid must be (B, D, H', W') or (B, H', W'), got {tuple(grid.shape)}")
+    return grid.movedim(1, -1).reshape(-1, grid.shape[1])
 
 
 def extract_patches(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Cut (B, C, H, W) into (B * H' * W', C, P, P) patch images, in grid order."""
+    """Cut (B, C, H, W) into (B * H' * W', C, P, P) patch images, in grid order (2D only)."""
+    if images.dim() != 4:
+        raise ValueError(f"patch images are cut from (B, C, H, W) slices, got shape {tuple(images.shape)}")
     _check_patch_size(patch_size, *images.shape[-2:])
     b, c, h, w = images.shape
     p = patch_size
@@ -254,21 +267,21 @@ def extract_patches(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b * hp * wp, c, p, p)
 
 
-def patch_centres(batch: int, grid_shape: tuple[int, int], patch_size: int, *, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def patch_centres(batch: int, grid_shape: tuple[int, ...], patch_size: int, *, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel centres (row, col) and image index of every patch, in grid order.
 
     Returns
     -------
     centres : Tensor
-        (B * H' * W', 2) float32, ``(i * P + (P - 1) / 2, j * P + (P - 1) / 2)``.
+        (B * H' * W', 2) float32, ``(i * P + (P - 1) / 2, j * P + (P - 1) / 2)``; for a
+        3D grid (D', H', W') the centres are (B * D' * H' * W', 3) (z, row, col).
     image_index : Tensor
         (B * H' * W',) long, the image each patch comes from.
     """
-    hp, wp = grid_shape
-    ii, jj = torch.meshgrid(torch.arange(hp, device=device), torch.arange(wp, device=device), indexing="ij")
-    one = torch.stack([ii.reshape(-1), jj.reshape(-1)], dim=1).float() * patch_size + (patch_size - 1) / 2
+    axes = torch.meshgrid(*(torch.arange(n, device=device) for n in grid_shape), indexing="ij")
+    one = torch.stack([a.reshape(-1) for a in axes], dim=1).float() * patch_size + (patch_size - 1) / 2
     centres = one.repeat(batch, 1)
-    image_index = torch.arange(batch, device=device).repeat_interleave(hp * wp)
+    image_index = torch.arange(batch, device=device).repeat_interleave(one.shape[0])
     return centres, image_index
 
 
@@ -401,13 +414,13 @@ def select_patches(
     n_classes = confidence.shape[1]
     entropy = patch_entropy(images, confidence, patch_size, eps=eps)
     grid_classes = patch_majority_labels(labels, n_classes, patch_size)
-    flat_classes = flatten_patch_grid(grid_classes)
+    flat_classes = flatten_patch_grid(grid_classes, channels=False)
     valid = flat_classes != IGNORE_INDEX
     classes = flat_classes[valid]
-    ent_flat = flatten_patch_grid(entropy)[valid]  # (N, K)
+    ent_flat = flatten_patch_grid(entropy, channels=True)[valid]  # (N, K)
     own = ent_flat.gather(1, classes.unsqueeze(1)).squeeze(1)
     positives, mask = nearest_entropy_positives(own, classes, n_positives)
-    centres, image_index = patch_centres(images.shape[0], tuple(grid_classes.shape[-2:]), patch_size, device=images.device)
+    centres, image_index = patch_centres(images.shape[0], tuple(grid_classes.shape[1:]), patch_size, device=images.device)
     return PatchSelection(
         entropy=entropy,
         grid_classes=grid_classes,

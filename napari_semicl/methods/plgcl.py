@@ -240,6 +240,11 @@ class PLGCL(PatchContrastMethod):
         cfg = config.plgcl
         if cfg.embedding != "image":
             return super().projection_in_channels(config, student)
+        if config.model.spatial_dims == 3:
+            raise ConfigError(
+                "plgcl.embedding='image' (each patch through the encoder) is for the slice network; with "
+                "model.spatial_dims = 3 use plgcl.embedding='pooled' (decoder features averaged in each block)"
+            )
         multiple = 2 ** config.model.depth
         if cfg.patch_size % multiple:
             raise ConfigError(

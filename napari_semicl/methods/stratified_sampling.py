@@ -194,18 +194,21 @@ def _slots(counts: np.ndarray) -> np.ndarray:
     return np.repeat(np.tile(np.arange(m), r), counts.ravel()).reshape(r, n)
 
 
-def grid_groups(mask, grid: int = 4) -> GridGroups:
+def grid_groups(mask, grid: int = 4, *, spatial_dims: int = 2) -> GridGroups:
     """Split the candidate pixels of ``mask`` into groups by a ``grid x grid`` grid per image.
 
     Cell ``(i, j)`` of an ``H x W`` image holds rows ``y`` with ``floor(y G / H) == i`` and
     columns with ``floor(x G / W) == j``; the group ``P_m`` is the candidate pixels in one
-    cell of one image (empty cells are no group).
+    cell of one image (empty cells are no group). With ``spatial_dims = 3`` the last three
+    axes (D, H, W) are the image and the grid is ``G x G x G`` (cell ``(k, i, j)``).
 
     Parameters
     ----------
-    mask : array_like of bool, shape (..., H, W)
+    mask : array_like of bool, shape (..., H, W) or (..., D, H, W)
     grid : int
         ``G`` (>= 1).
+    spatial_dims : {2, 3}
+        How many trailing axes form one image; the leading axes number the images.
 
     Returns
     -------
@@ -213,21 +216,23 @@ def grid_groups(mask, grid: int = 4) -> GridGroups:
     """
     mask = _check_mask(mask)
     g = _check_grid(grid)
-    h, w = mask.shape[-2:]
+    if spatial_dims not in (2, 3) or mask.ndim < spatial_dims:
+        raise ValueError(f"spatial_dims must be 2 or 3 and at most mask.ndim ({mask.ndim}), got {spatial_dims!r}")
+    size = mask.shape[mask.ndim - spatial_dims:]
     coords = np.stack(np.nonzero(mask), axis=1).astype(np.int64)
-    lead = mask.reshape(-1, h, w)
+    lead = mask.reshape(-1, *size)
     flat = np.nonzero(lead)
-    image = flat[0].astype(np.int64)
-    cell = image * g * g + (flat[1] * g // h) * g + (flat[2] * g // w)
+    cell = flat[0].astype(np.int64)  # the image, then the cell index along each axis
+    for axis, n in enumerate(size):
+        cell = cell * g + flat[axis + 1] * g // n
     uniq, group = np.unique(cell, return_inverse=True)
     group = group.reshape(-1).astype(np.int64)
     sizes = np.bincount(group, minlength=len(uniq)).astype(np.int64)
     if len(uniq):
-        cy = np.bincount(group, weights=coords[:, -2], minlength=len(uniq)) / sizes
-        cx = np.bincount(group, weights=coords[:, -1], minlength=len(uniq)) / sizes
-        centres = np.stack([cy, cx], axis=1)
+        centres = np.stack([np.bincount(group, weights=coords[:, a], minlength=len(uniq)) / sizes
+                            for a in range(mask.ndim - spatial_dims, mask.ndim)], axis=1)
     else:
-        centres = np.zeros((0, 2))
+        centres = np.zeros((0, spatial_dims))
     return GridGroups(coords, group, sizes, centres, uniq.astype(np.int64))
 
 
@@ -247,27 +252,27 @@ def antithetic_partners(groups: GridGroups) -> np.ndarray:
     """
     if len(groups.group) == 0:
         return np.zeros(0, np.int64)
-    yx = groups.coords[:, -2:].astype(np.float64)
+    nd = groups.centres.shape[1]  # 2 for (y, x), 3 for (z, y, x): the grid's axes
+    yx = groups.coords[:, -nd:].astype(np.float64)
     reflected = 2.0 * groups.centres[groups.group] - yx
     idx = np.full(len(yx), -1, np.int64)
     # fast path: where the reflection's nearest grid point is unique (no coordinate half-way
     # between two) and is a candidate of the same group, it is the nearest candidate
     near = np.rint(reflected)
     unique = (np.abs(reflected - near) < 0.5 - 1e-9).all(axis=1)
-    lead = groups.coords[:, :-2]
-    ny, nx = near[:, 0].astype(np.int64), near[:, 1].astype(np.int64)
-    lo = groups.coords[:, -2:].min(axis=0)
-    hi = groups.coords[:, -2:].max(axis=0)
-    inside = unique & (ny >= lo[0]) & (ny <= hi[0]) & (nx >= lo[1]) & (nx <= hi[1])
+    lead = groups.coords[:, :-nd]
+    near = near.astype(np.int64)
+    lo = groups.coords[:, -nd:].min(axis=0)
+    hi = groups.coords[:, -nd:].max(axis=0)
+    inside = unique & ((near >= lo) & (near <= hi)).all(axis=1)
     if inside.any():
         # index of every candidate by (leading coordinates, y, x), via a dense lookup table
         lead_ids = (np.ravel_multi_index(tuple(lead.T), tuple(lead.max(axis=0) + 1))
                     if lead.shape[1] else np.zeros(len(yx), np.int64))
-        h, w = int(hi[0] - lo[0] + 1), int(hi[1] - lo[1] + 1)
-        table = np.full((int(lead_ids.max()) + 1, h, w), -1, np.int64)
-        table[lead_ids, groups.coords[:, -2] - lo[0], groups.coords[:, -1] - lo[1]] = np.arange(len(yx))
+        table = np.full((int(lead_ids.max()) + 1, *(hi - lo + 1)), -1, np.int64)
+        table[(lead_ids, *(groups.coords[:, -nd:] - lo).T)] = np.arange(len(yx))
         rows = np.flatnonzero(inside)
-        hit = table[lead_ids[rows], ny[rows] - lo[0], nx[rows] - lo[1]]
+        hit = table[(lead_ids[rows], *(near[rows] - lo).T)]
         ok = hit >= 0
         ok[ok] = groups.group[hit[ok]] == groups.group[rows[ok]]
         idx[rows[ok]] = hit[ok]
@@ -320,7 +325,7 @@ def sample_naive(mask, n: int, rng: np.random.Generator, *, repeats: int | None 
 
 
 def sample_stratified_groups(
-    mask, n: int, rng: np.random.Generator, *, grid: int = 4, repeats: int | None = None
+    mask, n: int, rng: np.random.Generator, *, grid: int = 4, repeats: int | None = None, spatial_dims: int = 2,
 ) -> PixelSample:
     """Stratified Group sampling (SG, ARCO Sec. 3.3, Theorem 3.2).
 
@@ -344,6 +349,8 @@ def sample_stratified_groups(
     grid : int, optional
         ``G``: the grid is ``G x G`` per image (``G = 1`` is NS).
     repeats : int, optional
+    spatial_dims : {2, 3}, optional
+        3: the last three axes are an image and the grid is ``G x G x G`` (:func:`grid_groups`).
 
     Returns
     -------
@@ -352,7 +359,7 @@ def sample_stratified_groups(
     """
     mask = _check_mask(mask)
     n = _check_n(n)
-    groups = grid_groups(mask, grid)
+    groups = grid_groups(mask, grid, spatial_dims=spatial_dims)
     if n == 0 or len(groups.coords) == 0:
         return _empty(mask.ndim, repeats)
     r = _reps(repeats)
@@ -364,7 +371,7 @@ def sample_stratified_groups(
 
 
 def sample_stratified_antithetic(
-    mask, n: int, rng: np.random.Generator, *, grid: int = 4, repeats: int | None = None
+    mask, n: int, rng: np.random.Generator, *, grid: int = 4, repeats: int | None = None, spatial_dims: int = 2,
 ) -> PixelSample:
     """Stratified-Antithetic Group sampling (SAG, ARCO Sec. 3.3, Lemma 3.1).
 
@@ -399,7 +406,7 @@ def sample_stratified_antithetic(
     """
     mask = _check_mask(mask)
     n = _check_n(n)
-    groups = grid_groups(mask, grid)
+    groups = grid_groups(mask, grid, spatial_dims=spatial_dims)
     if n == 0 or len(groups.coords) == 0:
         return _empty(mask.ndim, repeats)
     r = _reps(repeats)
@@ -481,7 +488,7 @@ def sample_index_strata(
 
 def sample_pixels(
     mask, n: int, rng: np.random.Generator, *, sampler: str = "sag", grid: int = 4,
-    strata: int | None = None, repeats: int | None = None,
+    strata: int | None = None, repeats: int | None = None, spatial_dims: int = 2,
 ) -> PixelSample:
     """Dispatch to a sampler by name.
 
@@ -490,6 +497,8 @@ def sample_pixels(
     sampler : {'ns', 'sg', 'sag', 'index'}
     grid : int
         For 'sg' and 'sag'.
+    spatial_dims : {2, 3}
+        For 'sg' and 'sag': the grid's axes (see :func:`grid_groups`).
     strata : int, optional
         For 'index'.
 
@@ -501,9 +510,9 @@ def sample_pixels(
     if sampler == "ns":
         return sample_naive(mask, n, rng, repeats=repeats)
     if sampler == "sg":
-        return sample_stratified_groups(mask, n, rng, grid=grid, repeats=repeats)
+        return sample_stratified_groups(mask, n, rng, grid=grid, repeats=repeats, spatial_dims=spatial_dims)
     if sampler == "sag":
-        return sample_stratified_antithetic(mask, n, rng, grid=grid, repeats=repeats)
+        return sample_stratified_antithetic(mask, n, rng, grid=grid, repeats=repeats, spatial_dims=spatial_dims)
     if sampler == "index":
         return sample_index_strata(mask, n, rng, strata=strata, repeats=repeats)
     raise ValueError(f"sampler must be one of {set(SAMPLERS)}, got {sampler!r}")
@@ -523,11 +532,13 @@ def sample_class_pixels(
     """Sample up to ``n_per_class`` pixels of every class of a batch of class maps.
 
     For class ``c`` the candidates are ``(class_map == c) & confident``; the sampler runs on
-    that ``(B, H, W)`` mask (grid cells per image, so groups never span two images).
+    that ``(B, H, W)`` mask (grid cells per image, so groups never span two images). A
+    ``(B, D, H, W)`` class map of volume patches is sampled with a ``G x G x G`` grid per
+    patch.
 
     Parameters
     ----------
-    class_map : Tensor of int64, shape (B, H, W)
+    class_map : Tensor of int64, shape (B, H, W) or (B, D, H, W)
         Class per pixel; negative values (e.g. ``IGNORE_INDEX``) are never candidates.
     n_per_class : int
         Draws per class present (classes without candidates get none).
@@ -542,15 +553,15 @@ def sample_class_pixels(
 
     Returns
     -------
-    coords : Tensor of int64, shape (N, 3)
-        (batch index, y, x), on ``class_map``'s device.
+    coords : Tensor of int64, shape (N, 3) or (N, 4)
+        (batch index, y, x) or (batch index, z, y, x), on ``class_map``'s device.
     classes : Tensor of int64, shape (N,)
     weights : Tensor of float32, shape (N,)
         Per-class estimator weights (see the samplers): for every class,
         ``sum_{i: classes[i] == c} weights[i] * h_i`` estimates the class mean of ``h``.
     """
-    if class_map.ndim != 3:
-        raise ValueError(f"class_map must be (B, H, W), got shape {tuple(class_map.shape)}")
+    if class_map.ndim not in (3, 4):
+        raise ValueError(f"class_map must be (B, H, W) or (B, D, H, W), got shape {tuple(class_map.shape)}")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {set(SAMPLERS)}, got {sampler!r}")
     cmap = class_map.detach().cpu().numpy()
@@ -563,13 +574,14 @@ def sample_class_pixels(
         mask = valid & (cmap == c)
         if not mask.any():
             continue
-        s = sample_pixels(mask, n_per_class, rng, sampler=sampler, grid=grid, strata=strata)
+        s = sample_pixels(mask, n_per_class, rng, sampler=sampler, grid=grid, strata=strata,
+                          spatial_dims=class_map.ndim - 1)
         coords.append(s.coords)
         classes.append(np.full(len(s), c, np.int64))
         weights.append(s.weights)
     dev = class_map.device
     if not coords:
-        return (torch.zeros((0, 3), dtype=torch.long, device=dev), torch.zeros(0, dtype=torch.long, device=dev),
+        return (torch.zeros((0, class_map.ndim), dtype=torch.long, device=dev), torch.zeros(0, dtype=torch.long, device=dev),
                 torch.zeros(0, device=dev))
     return (
         torch.from_numpy(np.concatenate(coords)).to(dev),

@@ -13,10 +13,22 @@ from torch.distributions import LowRankMultivariateNormal
 DIAGONAL_EPS = 1e-5
 
 
+def _as_planes(features: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(B, C, *spatial) -> (B, C, N, 1) and the spatial shape: a 1x1 convolution and batch
+    norm act on every voxel alike, so 2D layers serve 3D (and any) feature maps."""
+    if features.dim() < 3:
+        raise ValueError(f"features must be (B, C, *spatial), got shape {tuple(features.shape)}")
+    b, c, *spatial = features.shape
+    if len(spatial) == 2:  # already planes: the 2D path runs unchanged
+        return features, tuple(spatial)
+    return features.reshape(b, c, -1, 1), tuple(spatial)
+
+
 class ProjectionHead(nn.Module):
     """Per-pixel MLP (1x1 convolutions) to ``out_dim`` channels, L2-normalised over channels.
 
-    Input (B, C, H, W) features; output (B, out_dim, H, W) unit vectors (``normalise=True``).
+    Input (B, C, H, W) or (B, C, D, H, W) features; output (B, out_dim, *spatial) unit
+    vectors (``normalise=True``); the same weights serve 2D and 3D.
     Use :meth:`project_vectors` for already pooled (N, C) features. ``n_layers`` counts the
     convolutions (each but the last followed by batch norm and ReLU); 2 by default, 3 for
     the BCL/PCL head of AUA.
@@ -40,7 +52,9 @@ class ProjectionHead(nn.Module):
         self.normalise = normalise
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        z = self.net(features)
+        flat, spatial = _as_planes(features)
+        z = self.net(flat)
+        z = z.reshape(z.shape[0], z.shape[1], *spatial)
         return F.normalize(z, dim=1) if self.normalise else z
 
     def project_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -52,8 +66,9 @@ class ProjectionHead(nn.Module):
 class AleatoricHead(nn.Module):
     """The covariance branches of a low-rank Gaussian over logits (AUA, Eq. 5).
 
-    Two 1x1 convolutions on the last decoder features (B, C, H, W): the log of the diagonal
-    ``log_d`` (B, K, H, W) and the low-rank factor ``factor`` (B, K, rank, H, W). The mean
+    Two 1x1 convolutions on the last decoder features (B, C, *spatial), 2D or 3D: the log of
+    the diagonal ``log_d`` (B, K, *spatial) and the low-rank factor ``factor``
+    (B, K, rank, *spatial). The mean
     of the Gaussian is the segmentation network's own 1x1 output convolution, so the plain
     network keeps predicting ``mu`` (:func:`low_rank_logit_distribution` builds the
     distribution, :func:`sample_logits` draws from it).
@@ -77,9 +92,10 @@ class AleatoricHead(nn.Module):
         self.factor = nn.Conv2d(in_channels, n_classes * rank, 1)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, _, h, w = features.shape
-        factor = self.factor(features).view(b, self.n_classes, self.rank, h, w)
-        return self.log_diagonal(features), factor
+        flat, spatial = _as_planes(features)
+        b = flat.shape[0]
+        factor = self.factor(flat).view(b, self.n_classes, self.rank, *spatial)
+        return self.log_diagonal(flat).view(b, self.n_classes, *spatial), factor
 
 
 def low_rank_logit_distribution(
@@ -90,20 +106,21 @@ def low_rank_logit_distribution(
     Parameters
     ----------
     mu, log_diagonal : Tensor
-        (B, K, H, W) mean and log of the diagonal; ``D = exp(log_diagonal) + 1e-5``.
+        (B, K, *spatial) mean and log of the diagonal; ``D = exp(log_diagonal) + 1e-5``;
+        spatial is (H, W) or (D, H, W).
     factor : Tensor
-        (B, K, r, H, W) low-rank factor F.
+        (B, K, r, *spatial) low-rank factor F.
 
     Returns
     -------
     LowRankMultivariateNormal
-        Batch shape (B,), event shape (K*H*W,), flattened in (K, H, W) order, so that
-        ``sample.view(B, K, H, W)`` is a logit map.
+        Batch shape (B,), event shape (K*prod(spatial),), flattened in (K, *spatial) order,
+        so that ``sample.view(mu.shape)`` is a logit map.
     """
-    b, _, _, _ = mu.shape
+    b = mu.shape[0]
     r = factor.shape[2]
     loc = mu.reshape(b, -1)
-    cov_factor = factor.permute(0, 1, 3, 4, 2).reshape(b, -1, r)
+    cov_factor = factor.movedim(2, -1).reshape(b, -1, r)
     cov_diag = log_diagonal.reshape(b, -1).exp() + DIAGONAL_EPS
     return LowRankMultivariateNormal(loc, cov_factor, cov_diag, validate_args=False)
 

@@ -20,6 +20,37 @@ def argmax_classes(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return x.max(dim=dim).indices
 
 
+def avg_pool(x: torch.Tensor, kernel: int, stride: int | None = None) -> torch.Tensor:
+    """Average pooling over the spatial axes of (B, C, H, W) or (B, C, D, H, W).
+
+    ``F.avg_pool2d`` or ``F.avg_pool3d`` by ``x.dim()``: the one place the methods choose
+    between the 2D and the 3D operation (patches are squares in 2D, cubes in 3D).
+    """
+    pool = {4: F.avg_pool2d, 5: F.avg_pool3d}.get(x.dim())
+    if pool is None:
+        raise ValueError(f"expected (B, C, H, W) or (B, C, D, H, W), got shape {tuple(x.shape)}")
+    return pool(x, kernel, stride=kernel if stride is None else stride)
+
+
+def max_pool(x: torch.Tensor, kernel: int, stride: int = 1, padding: int = 0) -> torch.Tensor:
+    """Max pooling over the spatial axes of (B, C, H, W) or (B, C, D, H, W) (see :func:`avg_pool`)."""
+    pool = {4: F.max_pool2d, 5: F.max_pool3d}.get(x.dim())
+    if pool is None:
+        raise ValueError(f"expected (B, C, H, W) or (B, C, D, H, W), got shape {tuple(x.shape)}")
+    return pool(x, kernel, stride=stride, padding=padding)
+
+
+def one_hot_channels(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(B, *spatial) long in 0..K-1 -> (B, K, *spatial) one-hot (the class axis second)."""
+    return F.one_hot(labels, n_classes).movedim(-1, 1)
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, *spatial) -> (B, *spatial, C), so that ``x[mask]`` with a (B, *spatial) mask
+    gives (N, C) vectors aligned with the mask's pixels (2D or 3D alike)."""
+    return x.movedim(1, -1)
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad the last two axes of ``x`` at the bottom and right to multiples of ``multiple``.
 

@@ -10,6 +10,8 @@ and the 2.5D context.
   training starts from that shape and the mask falls back on it where the network is unsure
   (:mod:`napari_semicl.engine.prior`).
 * **Context slices** sets ``data.context_slices`` (2.5D input).
+* **Network** chooses 2D slices or 3D patches (``model.spatial_dims``, volumes only) and
+  **Patch depth** the 3D patch's extent along the slicing axis (``data.patch_depth``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ from . import _layers
 from ._link import start_worker
 
 log = logging.getLogger(__name__)
+
+SLICES = "2D slices"
+#: the Network choices of the Advanced section -> ``model.spatial_dims``
+NETWORKS = {SLICES: 2, "3D patches": 3}
 
 
 def fill_pairs(pairs, *, axis: int, unpainted: str, method: str) -> list:
@@ -101,17 +107,45 @@ class PriorControls(QWidget):
         self.context_spin.setToolTip(
             "2.5D: neighbouring slices on either side the network sees as extra channels (0 = 2D slices)"
         )
+        self.network_combo = QComboBox()
+        self.network_combo.addItems(list(NETWORKS))
+        self.network_combo.setToolTip(
+            "Volumes: a 2D network on slices (fast on a CPU), or a 3D network on volume patches\n"
+            "(MONAI's BasicUNet, predicted by a 3D sliding window; much slower per step on a CPU, see\n"
+            "docs/methods/three_d.md). 2D images always train on slices."
+        )
+        self.network_combo.currentTextChanged.connect(self._on_network_changed)
+        self.depth_spin = QSpinBox()
+        self.depth_spin.setRange(0, 512)
+        self.depth_spin.setSingleStep(16)
+        self.depth_spin.setSpecialValueText("= patch size")
+        self.depth_spin.setToolTip("3D patches: extent along the slicing axis, a multiple of 16 (0: the patch size)")
+        self._on_network_changed(self.network_combo.currentText())
 
     def advanced_rows(self) -> list[tuple[str, QWidget]]:
         """(label, widget) rows for the Train dock's Advanced section."""
-        return [("Fill by", self.interpolation_combo), ("Context slices", self.context_spin)]
+        return [("Fill by", self.interpolation_combo), ("Context slices", self.context_spin),
+                ("Network", self.network_combo), ("Patch depth (3D)", self.depth_spin)]
+
+    def set_volumes(self, volumes: bool) -> None:
+        """Offer 3D patches only when the chosen images are volumes (2D images: slices)."""
+        if not volumes:
+            self.network_combo.setCurrentText(SLICES)
+        self.network_combo.setEnabled(volumes)
+
+    def _on_network_changed(self, text: str) -> None:
+        three_d = NETWORKS.get(text) == 3
+        self.depth_spin.setEnabled(three_d)
+        self.context_spin.setEnabled(not three_d)  # a 3D network sees its neighbours itself
 
     # --- config -------------------------------------------------------------------------
     def apply(self, cfg) -> None:
         """Write the controls into a TrainConfig."""
         cfg.prior.mode = "targets" if self.prior_check.isChecked() else "off"
         cfg.prior.interpolation = self.interpolation_combo.currentText()
-        cfg.data.context_slices = self.context_spin.value()
+        cfg.model.spatial_dims = NETWORKS[self.network_combo.currentText()]
+        cfg.data.context_slices = self.context_spin.value() if cfg.model.spatial_dims == 2 else 0
+        cfg.data.patch_depth = self.depth_spin.value() if cfg.model.spatial_dims == 3 else 0
 
     # --- fill ---------------------------------------------------------------------------
     def fill_between_slices(self, *, wait: bool = False) -> bool:

@@ -1039,9 +1039,18 @@ class TrainWidget(QWidget):
         for row in self._rows:
             self._fill_row(row)
         self._update_validation_label()
+        self._update_network_choice()
 
     def _on_image_changed(self, row: _PairRow, _text: str = "") -> None:
         self._fill_labels_combo(row)
+        self._update_network_choice()
+
+    def _update_network_choice(self) -> None:
+        """3D patches are offered for volumes only (Advanced: Network)."""
+        controls = getattr(self, "prior_controls", None)
+        if controls is not None:
+            images = [image for image, _ in self.pairs()]
+            controls.set_volumes(bool(images) and all(len(_layers.spatial_shape(im)) == 3 for im in images))
 
     def _on_add_pair_clicked(self) -> None:
         self.add_pair()
