@@ -46,7 +46,7 @@ case "${1:-}" in
         --out "$OUT/acdc_k3_rest.json"
     ;;
   seeds)
-    for seed in 1 2; do
+    for seed in ${SEEDS:-1 2}; do
       bench --data "$DATA/la/train" --k 3 --placement inside --limit 2 --seed "$seed" --budget-steps 900 \
           --methods interp_flow,recommended --out "$OUT/seeds_la_inside_k3_seed$seed.json"
       bench --data "$DATA/acdc/val" --k 3 --limit 2 --seed "$seed" --budget-steps 360 \
