@@ -127,19 +127,18 @@ def plot(results: Path, out_png: Path) -> Path:
         for k, rows in _baselines(results, dataset).items():
             for m, by_name in rows.items():
                 series.setdefault(f"{m} (all volumes)", {})[k] = list(by_name.values())
-        counts: dict[str, set] = {}
+        trained: dict[str, dict[int, dict[str, float]]] = {}  # method -> K -> volume -> Dice, over files
         for f in _prior_files(results, dataset):
             k, rows, data = _per_volume(f)
-            if "60s" in f.name or "rest" in f.name:
+            if "60s" in f.name:
                 continue
             for m, by_name in rows.items():
-                if m in ("interp", "interp_flow"):
-                    continue
-                series.setdefault(m, {})[k] = list(by_name.values())
-                counts.setdefault(m, set()).add(len(by_name))
-        for m, n in counts.items():  # the label says on how many volumes
+                if m not in ("interp", "interp_flow"):
+                    trained.setdefault(m, {}).setdefault(k, {}).update(by_name)
+        for m, by_k in trained.items():  # the label says on how many volumes
+            n = [len(v) for v in by_k.values()]
             low, high = min(n), max(n)
-            series[f"{m} ({low}{'' if low == high else f'-{high}'} volumes)"] = series.pop(m)
+            series[f"{m} ({low}{'' if low == high else f'-{high}'} volumes)"] = {k: list(v.values()) for k, v in by_k.items()}
         for name, by_k in sorted(series.items()):
             ks = sorted(by_k)
             ax.errorbar(ks, [np.mean(by_k[k]) for k in ks], yerr=[np.std(by_k[k]) for k in ks], marker="o",
