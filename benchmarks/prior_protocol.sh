@@ -5,6 +5,7 @@
 #   bash benchmarks/prior_protocol.sh interp # the interpolation baselines on every volume, K = 2, 3, 5, 10
 #   bash benchmarks/prior_protocol.sh acdc_rest  # ACDC K = 3 on the other 14 volumes (recommended, baselines), rf on 16
 #   bash benchmarks/prior_protocol.sh seeds      # seeds 1 and 2 on 2 volumes (LA inside K = 3, ACDC K = 3), for the spread
+#   bash benchmarks/prior_protocol.sh la_inside_more  # LA K = 3 and 5 inside on volumes 3-6
 #   bash benchmarks/prior_protocol.sh la_inside  # left atrium with the K slices inside the structure
 #                                                # (--placement inside: the reading that reproduces issue 16's table)
 # Step budgets stand for CPU minutes measured on a quiet core (supervised about 3 steps/s at
@@ -45,6 +46,13 @@ case "${1:-}" in
     bench --data "$DATA/acdc/val" --k 3 --offset 6 --methods interp,interp_flow,recommended --budget-steps 360 \
         --out "$OUT/acdc_k3_rest.json"
     ;;
+  la_inside_more)  # volumes 3-6 at K = 3 and 5 (the two jobs side by side)
+    for k in 3 5; do
+      bench --data "$DATA/la/train" --k "$k" --placement inside --offset 2 --limit 4 --budget-steps 900 \
+          --methods interp,interp_flow,recommended --out "$OUT/la_inside_k${k}_more.json" &
+    done
+    wait
+    ;;
   seeds)
     for seed in ${SEEDS:-1 2}; do
       bench --data "$DATA/la/train" --k 3 --placement inside --limit 2 --seed "$seed" --budget-steps 900 \
@@ -81,5 +89,5 @@ case "${1:-}" in
       bench --data "$DATA/la/train" --k "$k" --methods interp,interp_flow --out "docs/results/la_interp_k$k.json"
     done
     ;;
-  *) echo "usage: $0 la|la_inside|acdc_rest|seeds|acdc|interp" >&2; exit 2 ;;
+  *) echo "usage: $0 la|la_inside|la_inside_more|acdc_rest|seeds|acdc|interp" >&2; exit 2 ;;
 esac
