@@ -138,3 +138,35 @@ def test_a_killed_rank_ends_the_run_with_a_clear_error_and_a_usable_checkpoint(s
     with torch.no_grad():
         logits = model(torch.zeros(1, 1, 32, 32))
     assert logits.shape == (1, len(config.data.class_values), 32, 32)
+
+
+def test_an_abandoned_run_ends_its_ranks_even_when_its_generator_is_never_resumed(tmp_path, monkeypatch):
+    """The viewer closes while napari's worker has quit: run()'s generator stays suspended at
+    a yield, so abandon() alone must end torchrun and every rank (its own thread)."""
+    from napari_semicl.data.annotation import AnnotatedPair
+    from napari_semicl.engine.events import StepDone
+    from napari_semicl.engine.launch import DistributedRun, _alive
+
+    monkeypatch.setattr(os, "environ", _env())  # the children import this checkout, one thread each
+    image, reference = load_sample_volume()
+    crop = (slice(20, 60), slice(20, 84), slice(20, 84))
+    painted = reveal_slices(reference.data[crop], [5, 30], 0)
+    cfg = TrainConfig(iterations=100_000, refresh_every=10_000)
+    cfg.data.patch_size, cfg.data.unpainted = 32, "background"
+    run = DistributedRun(cfg, [AnnotatedPair(image.data[crop], painted, name="crop")], n_procs=2,
+                         out_dir=tmp_path / "run")
+    gen = run.run(previews=False)
+    try:
+        for event in gen:  # until the ranks train, then the generator is left at its yield
+            if isinstance(event, StepDone):
+                break
+        pids = run.processes()
+        assert len(pids) == 3
+        run.abandon()
+        deadline = time.monotonic() + 60
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in pids)
+    finally:
+        run.kill()
+        gen.close()

@@ -181,6 +181,11 @@ class DistributedRun:
         for the ranks to checkpoint and end, then kills what is left."""
         self._abandoned.set()
         self.request_stop()
+        # the ranks end even if run()'s generator never resumes (a worker that napari quit
+        # leaves it suspended at a yield, so its own clean-up would not run)
+        if self._proc is not None and self._proc.poll() is None:
+            threading.Thread(target=self._end, args=(CLOSE_GRACE_S,), name="napari-semicl-job-abandon",
+                             daemon=False).start()
 
     def submit_data(self, pairs) -> None:
         """New snapshots: used by the next :meth:`run` (a running job keeps its data)."""

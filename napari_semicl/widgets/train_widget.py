@@ -1169,11 +1169,13 @@ def _abandon_run(run_ref: dict, *_args, timeout: float = CLOSE_TIMEOUT_S) -> Non
     """
     trainer, control, worker = run_ref.get("trainer"), run_ref.get("control"), run_ref.get("worker")
     run_ref.update(control=None, worker=None)
+    if isinstance(trainer, DistributedRun):
+        # even when the worker is already gone (napari may quit it first as the viewer closes,
+        # leaving the job's generator suspended): the ranks checkpoint and end in the background
+        trainer.abandon()
     if control is None:
         return
-    if isinstance(trainer, DistributedRun):
-        trainer.abandon()  # its generator returns at once; the ranks checkpoint and end in the background
-    elif trainer is not None:
+    if trainer is not None and not isinstance(trainer, DistributedRun):
         trainer.request_stop()
     control.abandon.set()
     if control.wait(timeout):
