@@ -52,8 +52,7 @@ def test_a_two_process_run_from_the_dock_streams_stops_and_leaves_no_process(cro
     qtbot.waitUntil(lambda: bool(run.processes()) and run.step > finished[0].step, timeout=120_000)
     pids = run.processes()
     viewer.close()
-    # up to 10 s to checkpoint, then SIGTERM and SIGKILL 5 s apart: on a loaded 2-core CI
-    # machine that took over 30 s once (the ranks run 10 nice levels down, like the worker)
+    # up to 10 s to checkpoint, then SIGTERM and SIGKILL 5 s apart; room left for a loaded machine
     qtbot.waitUntil(lambda: not run.processes(), timeout=90_000)
     from napari_semicl.engine.launch import _alive
 
