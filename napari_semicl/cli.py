@@ -91,11 +91,8 @@ def _build_config(args) -> TrainConfig:
             value = getattr(args, name, None)
             if value is not None:
                 set_option(cfg, f"{method}.{name}", value)
-    for item in getattr(args, "set", None) or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set takes SECTION.KEY=VALUE, got {item!r}")
-        set_option(cfg, key.strip(), raw.strip(), default_section=cfg.method)
+    for key, raw in _set_items(args):
+        set_option(cfg, key, raw, default_section=cfg.method)
     if getattr(args, "prior", None) is not None:
         cfg.prior.mode = args.prior
     if getattr(args, "interpolation", None) is not None:
@@ -443,6 +440,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _set_items(args, *, sections: bool = False) -> list[tuple[str, str]]:
+    """(key, value) of each ``--set KEY=VALUE``; ``sections``: the key must name its
+    section (``SECTION.KEY``, for settings that apply to every method)."""
+    items = []
+    for item in getattr(args, "set", None) or []:
+        key, sep, raw = item.partition("=")
+        if not sep or (sections and "." not in key):
+            raise ConfigError(f"--set takes SECTION.KEY=VALUE, got {item!r}")
+        items.append((key.strip(), raw.strip()))
+    return items
+
+
 def _bench_settings(args) -> dict[str, str]:
     """The settings ``bench within-volume`` and ``bench cohort`` apply to every trained
     method: the network and batch flags, then ``--set KEY=VALUE``."""
@@ -452,11 +461,8 @@ def _bench_settings(args) -> dict[str, str]:
                       ("batch_unlabelled", "data.batch_unlabelled")):
         if getattr(args, flag, None) is not None:
             out[key] = str(getattr(args, flag))
-    for item in getattr(args, "set", None) or []:
-        key, sep, raw = item.partition("=")
-        if not sep or "." not in key:
-            raise ConfigError(f"--set takes SECTION.KEY=VALUE, got {item!r}")
-        out[key.strip()] = raw.strip()
+    for key, raw in _set_items(args, sections=True):
+        out[key] = raw
     return out
 
 
