@@ -58,10 +58,15 @@ class VolumePatchDataset(SliceDataset):
         if self.n_classes > 127:
             raise DataError(f"3D patches support up to 127 classes, the class table has {self.n_classes}")
         for p_idx, slices in by_pair.items():
-            vol = np.full((self.images[p_idx].shape[0], *self.images[p_idx].shape[2:]), IGNORE_INDEX, np.int8)
+            vol = self._ignored_volume(p_idx)
             for s_idx in slices:
                 vol[s_idx] = self.target(p_idx, s_idx)
             self._volume_targets[p_idx] = vol
+
+    def _ignored_volume(self, p_idx: int) -> np.ndarray:
+        """An (S, H, W) int8 target volume of pair ``p_idx`` holding ``IGNORE_INDEX`` only."""
+        img = self.images[p_idx]
+        return np.full((img.shape[0], *img.shape[2:]), IGNORE_INDEX, np.int8)
 
     def set_dense_targets(self, targets) -> None:
         """As :meth:`SliceDataset.set_dense_targets`; the dense slices join the pair's label
@@ -73,7 +78,7 @@ class VolumePatchDataset(SliceDataset):
                 base = self._volume_targets[p_idx]
                 self._dense_volumes[p_idx] = (
                     base.copy() if base is not None
-                    else np.full((self.images[p_idx].shape[0], *self.images[p_idx].shape[2:]), IGNORE_INDEX, np.int8)
+                    else self._ignored_volume(p_idx)
                 )
             self._dense_volumes[p_idx][s_idx] = tgt
 
