@@ -645,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="background (default): 0 is background on painted slices; ignore: 0 is unpainted, so "
                          "painted slices must be painted in every pixel")
     ip.add_argument("--shrink", type=float,
-                    help="fall-off past the outermost painted slice, in-plane pixels per slice (default 3 x slice "
+                    help="fall-off past the outermost painted slice, in-plane pixels per slice (default 1.5 x slice "
                          "spacing / pixel size)")
     ip.add_argument("--overwrite", action="store_true", help="replace an existing mask")
     ip.set_defaults(func=cmd_interpolate)

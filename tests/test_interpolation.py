@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 
 from napari_semicl.cli import main
-from napari_semicl.data.interpolation import Interpolation, complete_slice_indices, interpolate_labels
+from napari_semicl.data.interpolation import (
+    BASELINE_SHRINK_PX,
+    Interpolation,
+    complete_slice_indices,
+    default_shrink,
+    interpolate_labels,
+)
 from napari_semicl.data.reveal import choose_reveal_slices, reveal_slices
 from napari_semicl.errors import ConfigError, DataError
 from napari_semicl.io import write_labels
@@ -114,9 +120,17 @@ def test_anisotropic_spacing_changes_the_fall_off():
     lab[0] = disc((40, 40), (20, 20), 12)
     iso = interpolate_labels(lab, axis=0, spacing=(1.0, 1.0, 1.0))
     thick = interpolate_labels(lab, axis=0, spacing=(2.0, 1.0, 1.0))
-    assert iso.shrink == pytest.approx(3.0) and thick.shrink == pytest.approx(6.0)
+    assert iso.shrink == pytest.approx(1.5) and thick.shrink == pytest.approx(3.0)
+    assert iso.shrink == default_shrink((1.0, 1.0, 1.0), 3, 0) and thick.shrink == default_shrink((2.0, 1.0, 1.0), 3, 0)
     assert (iso.labels[1] == 1).sum() > (thick.labels[1] == 1).sum() > 0
-    assert (thick.labels[2] == 1).sum() == 0 and (iso.labels[2] == 1).sum() > 0
+    # radius 12: gone after 12 / 3 = 4 slices when they are twice as thick, at 12 - 6 = 6 px isotropic
+    assert (thick.labels[4] == 1).sum() == 0 and radius_of(iso.labels[4] == 1) == pytest.approx(6, abs=1.0)
+
+
+def test_the_baseline_fall_off_is_3d_slicers_3_px():
+    assert BASELINE_SHRINK_PX == 3.0
+    assert default_shrink(None, 3, 0, BASELINE_SHRINK_PX) == 3.0
+    assert default_shrink((1.0, 0.5, 0.5), 3, 0, BASELINE_SHRINK_PX) == pytest.approx(6.0)
 
 
 def test_in_plane_spacing_measures_distances_in_pixels_of_the_finer_axis():

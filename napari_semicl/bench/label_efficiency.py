@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from ..data import AnnotatedPair
-from ..data.interpolation import interpolate_labels
+from ..data.interpolation import BASELINE_SHRINK_PX, default_shrink, interpolate_labels
 from ..data.reveal import choose_reveal_slices, reveal_slices
 from ..engine import Finished, TrainConfig, Trainer, describe_device, pick_device, recommended_config
 from ..engine.config import set_option
@@ -27,7 +27,10 @@ BASELINES = ("rf", "full", "interp", "interp_flow")
 #: The Train dock's default for fully painted slices (:func:`~napari_semicl.engine.recommended_config`).
 RECOMMENDED = "recommended"
 #: Baselines without training: fill between the revealed slices (data.interpolation), by method.
-INTERPOLATION_BASELINES = {"interp": "sdf", "interp_flow": "flow"}
+#: name -> (fill, fall-off in px a slice or None for the plugin's): ``interp`` is issue 16's
+#: baseline, 3D Slicer's fill (signed distance, 3 px a slice past the outermost painted slice);
+#: ``interp_flow`` the plugin's own fill as "Fill between slices" makes it.
+INTERPOLATION_BASELINES = {"interp": ("sdf", BASELINE_SHRINK_PX), "interp_flow": ("flow", None)}
 
 
 def split_spec(spec: str) -> tuple[str, dict]:
@@ -118,8 +121,10 @@ def within_volume(data_dir, *, k: int, methods, budget_s: float | None, seed: in
                 pred, info = rf_segment(case.image.data, painted, painted_slices=revealed, axis=axis, seed=seed)
                 row = {"train_s": info["total_s"], "steps": None}
             elif method in INTERPOLATION_BASELINES:  # revealed slices are whole slices: 'background' semantics
+                fill, px = INTERPOLATION_BASELINES[method]
+                shrink = None if px is None else default_shrink(case.image.scale, ref.ndim, axis, px)
                 pred = interpolate_labels(painted, axis=axis, spacing=case.image.scale, image=case.image.data,
-                                          method=INTERPOLATION_BASELINES[method], unpainted="background").labels
+                                          method=fill, shrink=shrink, unpainted="background").labels
                 row = {"train_s": time.perf_counter() - t0, "steps": None}
             else:
                 labels = ref if method == "full" else painted
