@@ -6,6 +6,11 @@
 #   bash benchmarks/prior_protocol.sh acdc_rest  # ACDC K = 3 on the other 14 volumes (recommended, baselines), rf on 16
 #   bash benchmarks/prior_protocol.sh seeds      # seeds 1 and 2 on 2 volumes (LA inside K = 3, ACDC K = 3), for the spread
 #   bash benchmarks/prior_protocol.sh la_inside_more  # LA K = 3 and 5 inside on volumes 3-6
+#   bash benchmarks/prior_protocol.sh fill15     # the runs after the fall-off became 1.5 px a slice (was 3):
+#                                                # OUT=docs/results/prior15; the runs above used 3
+#   bash benchmarks/prior_protocol.sh fill15_more  # the same: LA K = 2 and 10, ACDC K = 3 and 5
+#   bash benchmarks/prior_protocol.sh baselines  # interp (3 px) and interp_flow (the plugin's fill) on every volume
+#                                                # (BASE_OUT=docs/results/fill15; ACDC has no K = 10: ~10 slices)
 #   bash benchmarks/prior_protocol.sh la_inside  # left atrium with the K slices inside the structure
 #                                                # (--placement inside: the reading that reproduces issue 16's table)
 # Step budgets stand for CPU minutes measured on a quiet core (supervised about 3 steps/s at
@@ -84,10 +89,38 @@ case "${1:-}" in
           --methods interp,interp_flow,recommended --out "$OUT/la_inside_k10.json"
     fi
     ;;
+  fill15)  # LIMIT: volumes a set (6); the 60 s check first
+    n=${LIMIT:-6}
+    bench --data "$DATA/la/train" --k 5 --placement inside --limit 2 --budget-steps 180 \
+        --methods interp_flow,recommended --out "$OUT/la_inside_k5_60s.json"
+    for k in 3 5; do
+      bench --data "$DATA/la/train" --k "$k" --placement inside --limit "$n" --budget-steps 900 \
+          --methods interp,interp_flow,recommended --out "$OUT/la_inside_k$k.json"
+    done
+    ;;
+  fill15_more)
+    bench --data "$DATA/la/train" --k 2 --placement inside --limit 2 --budget-steps 900 \
+        --methods "interp,interp_flow,recommended,recommended:prior.network_min_painted=2" --out "$OUT/la_inside_k2.json"
+    bench --data "$DATA/acdc/val" --k 3 --limit "${LIMIT:-6}" --budget-steps 360 \
+        --methods interp,interp_flow,recommended --out "$OUT/acdc_k3.json"
+    bench --data "$DATA/la/train" --k 10 --placement inside --limit 2 --budget-steps 900 \
+        --methods interp,interp_flow,recommended --out "$OUT/la_inside_k10.json"
+    bench --data "$DATA/acdc/val" --k 5 --limit "${LIMIT:-6}" --budget-steps 360 \
+        --methods interp,interp_flow,recommended --out "$OUT/acdc_k5.json"
+    ;;
+  baselines)  # every volume, every K: la (tips painted), la inside, acdc; BASE_OUT beside the fill15 runs
+    b=${BASE_OUT:-docs/results/fill15}
+    mkdir -p "$b"
+    for k in 2 3 5 10; do
+      bench --data "$DATA/la/train" --k "$k" --placement inside --methods interp,interp_flow --out "$b/la_interp_inside_k$k.json"
+      bench --data "$DATA/la/train" --k "$k" --methods interp,interp_flow --out "$b/la_interp_k$k.json"
+      [[ $k == 10 ]] || bench --data "$DATA/acdc/val" --k "$k" --methods interp,interp_flow --out "$b/acdc_interp_k$k.json"
+    done
+    ;;
   interp)
     for k in 2 3 5 10; do
       bench --data "$DATA/la/train" --k "$k" --methods interp,interp_flow --out "docs/results/la_interp_k$k.json"
     done
     ;;
-  *) echo "usage: $0 la|la_inside|la_inside_more|acdc_rest|seeds|acdc|interp" >&2; exit 2 ;;
+  *) echo "usage: $0 fill15|fill15_more|baselines|la|la_inside|la_inside_more|acdc_rest|seeds|acdc|interp" >&2; exit 2 ;;
 esac

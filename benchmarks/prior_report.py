@@ -23,14 +23,22 @@ def _per_volume(path: Path) -> tuple[int, dict[str, dict[str, float]], dict]:
     return int(data["k"]), rows, data
 
 
-#: dataset -> (baselines over every volume, the prior runs, title). ``la_inside``: the K slices
-#: strictly inside the structure (``bench within-volume --placement inside``), the reading that
-#: reproduces issue 16's table; ``la`` and ``acdc``: the first and last foreground slice included.
+#: dataset -> (baselines over every volume, the prior runs, title, rf runs with ``{k}``), globs
+#: under ``--results``. The current figures (the fill's fall-off 1.5 px a slice) are
+#: ``la_inside`` (the K slices strictly inside the structure, ``bench within-volume --placement
+#: inside``, the reading that reproduces issue 16's table) and ``acdc`` (first and last
+#: foreground slice among the K); the ``*_3px`` sets are the earlier runs with a 3 px fall-off.
 SETS = {
-    "la": ("la_interp_k*.json", "la_k*.json", "left atrium (la/train), tips painted"),
-    "la_inside": ("la_interp_inside_k*.json", "la_inside_k*.json", "left atrium (la/train), K inside"),
-    "acdc": ("acdc_interp_k*.json", "acdc_k*.json", "ACDC (acdc/val)"),
+    "la_inside": ("fill15/la_interp_inside_k*.json", "prior15/la_inside_k*.json",
+                  "left atrium (la/train), K inside", ("fill15/la_rf_inside_k{k}.json",)),
+    "acdc": ("fill15/acdc_interp_k*.json", "prior15/acdc_k*.json", "ACDC (acdc/val)",
+             ("acdc_rf_k{k}.json", "prior/acdc_rf_k{k}_rest.json", "fill15/acdc_rf_k{k}.json")),
+    "la_3px": ("la_interp_k*.json", "prior/la_k*.json", "left atrium, tips painted (fall-off 3 px)", ()),
+    "la_inside_3px": ("la_interp_inside_k*.json", "prior/la_inside_k*.json", "left atrium, K inside (fall-off 3 px)", ()),
+    "acdc_3px": ("acdc_interp_k*.json", "prior/acdc_k*.json", "ACDC (fall-off 3 px)", ()),
 }
+#: the sets of the plot and of the summary lines
+CURRENT = ("la_inside", "acdc")
 
 
 def _baselines(results: Path, dataset: str) -> dict[int, dict[str, dict[str, float]]]:
@@ -42,16 +50,24 @@ def _baselines(results: Path, dataset: str) -> dict[int, dict[str, dict[str, flo
 
 
 def _prior_files(results: Path, dataset: str) -> list[Path]:
-    return sorted((results / "prior").glob(SETS[dataset][1]), key=lambda f: (_per_volume(f)[0], f.name))
+    return sorted(results.glob(SETS[dataset][1]), key=lambda f: (_per_volume(f)[0], f.name))
+
+
+def rf_runs(results: Path, dataset: str, k: int) -> dict[str, float]:
+    """The random forest's Dice by volume at ``k`` over the set's rf files."""
+    out: dict[str, float] = {}
+    for pattern in SETS[dataset][3]:
+        f = results / pattern.format(k=k)
+        if f.exists():
+            out.update(_per_volume(f)[1].get("rf", {}))
+    return out
 
 
 def merged(results: Path, dataset: str, k: int, method: str, steps: int | None = None) -> dict[str, float]:
-    """``method``'s Dice by volume at ``k`` over every prior file of ``dataset`` (and the
-    ``rf`` runs beside them), runs at other step budgets left out."""
+    """``method``'s Dice by volume at ``k`` over every prior file of ``dataset``, runs at
+    other step budgets left out."""
     out: dict[str, float] = {}
-    paths = _prior_files(results, dataset)
-    paths += sorted((results / "prior").glob(f"{dataset}_rf_k{k}*.json")) + sorted(results.glob(f"{dataset}_rf_k{k}*.json"))
-    for f in paths:
+    for f in _prior_files(results, dataset):
         fk, rows, data = _per_volume(f)
         if fk != k or method not in rows or (steps is not None and data.get("budget_steps") not in (None, steps)):
             continue
@@ -63,7 +79,7 @@ def summary(results: Path, dataset: str, k: int, steps: int) -> str:
     """One line: ``recommended`` against the fills and rf on every volume it ran on."""
     ours = merged(results, dataset, k, "recommended", steps)
     base = _baselines(results, dataset).get(k, {})
-    rf = merged(results, dataset, k, "rf")
+    rf = rf_runs(results, dataset, k)
     names = [n for n in ours if n in base.get("interp", {})]
     if not names:
         return ""
@@ -120,13 +136,18 @@ def plot(results: Path, out_png: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(SETS), figsize=(4.5 * len(SETS), 3.5), dpi=120)
-    for ax, dataset in zip(axes, SETS):
+    fig, axes = plt.subplots(1, len(CURRENT), figsize=(5.5 * len(CURRENT), 4.0), dpi=120)
+    for ax, dataset in zip(axes, CURRENT):
         title = SETS[dataset][2]
         series: dict[str, dict[int, list[float]]] = {}
-        for k, rows in _baselines(results, dataset).items():
+        baselines = _baselines(results, dataset)
+        for k, rows in baselines.items():
             for m, by_name in rows.items():
-                series.setdefault(f"{m} (all volumes)", {})[k] = list(by_name.values())
+                label = {"interp": "interp: 3D Slicer's fill", "interp_flow": "interp_flow: the plugin's fill"}.get(m, m)
+                series.setdefault(f"{label} (all volumes)", {})[k] = list(by_name.values())
+            rf = rf_runs(results, dataset, k)
+            if rf:
+                series.setdefault("rf (all volumes)", {})[k] = list(rf.values())
         trained: dict[str, dict[int, dict[str, float]]] = {}  # method -> K -> volume -> Dice, over files
         for f in _prior_files(results, dataset):
             k, rows, data = _per_volume(f)
@@ -163,7 +184,7 @@ def main(argv=None) -> int:
     for dataset in SETS:
         print(f"**{SETS[dataset][2]}**\n\n{table(args.results, dataset)}")
     for dataset, k, steps in (("la_inside", 2, 900), ("la_inside", 3, 900), ("la_inside", 5, 900),
-                              ("la_inside", 10, 900), ("acdc", 3, 360), ("acdc", 5, 360)):
+                              ("la_inside", 10, 900), ("acdc", 2, 360), ("acdc", 3, 360), ("acdc", 5, 360)):
         line = summary(args.results, dataset, k, steps)
         if line:
             print(f"- {line}")

@@ -1,0 +1,72 @@
+"""The fill's fall-off past the outermost painted slice (docs/benchmarks.md#fall-off-past-the-outermost-painted-slice).
+
+    python benchmarks/falloff_grid.py --data ../shared/data/la/train --placement inside --method flow \
+        --k 2,3,5,10 --px 1,1.5,2,3 --out docs/results/falloff/la_inside_flow.json
+
+For each volume and K (slices revealed as in ``bench within-volume``), the fill with a fall-off
+of each ``px`` (in-plane pixels a slice, scaled by the slice spacing as the plugin does), scored
+on the unrevealed slices: mean Dice over the foreground classes. No training; seconds a volume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from napari_semicl.bench.common import find_cases, thinnest_axis
+from napari_semicl.data.interpolation import default_shrink, interpolate_labels
+from napari_semicl.data.reveal import PLACEMENTS, choose_reveal_slices, reveal_slices
+
+
+def mean_dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    dices = []
+    for v in np.unique(ref):
+        if v == 0:
+            continue
+        a, b = pred == v, ref == v
+        dices.append(2.0 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1))
+    return float(np.mean(dices)) if dices else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--placement", choices=PLACEMENTS, default="ends")
+    ap.add_argument("--method", choices=("sdf", "flow"), default="flow")
+    ap.add_argument("--k", default="2,3,5,10")
+    ap.add_argument("--px", default="1,1.5,2,3")
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    ks = [int(k) for k in args.k.split(",")]
+    pxs = [float(p) for p in args.px.split(",")]
+    out = {"data": args.data, "placement": args.placement, "method": args.method, "px": pxs, "k": {}}
+    cases = find_cases(args.data, limit=args.limit)
+    for k in ks:
+        rows = {}
+        for case in cases:
+            ref = case.reference.data
+            axis = thinnest_axis(ref.shape)
+            revealed = choose_reveal_slices(ref, k, axis, args.placement)
+            painted = reveal_slices(ref, revealed, axis)
+            keep = np.setdiff1d(np.arange(ref.shape[axis]), revealed)
+            image = case.image.data if args.method == "flow" else None
+            rows[case.name] = [
+                mean_dice(np.take(interpolate_labels(painted, axis=axis, spacing=case.image.scale, image=image,
+                                                     method=args.method, unpainted="background",
+                                                     shrink=default_shrink(case.image.scale, ref.ndim, axis, px)).labels,
+                                  keep, axis), np.take(ref, keep, axis))
+                for px in pxs]
+        table = np.array(list(rows.values()))
+        out["k"][str(k)] = {"per_volume": rows, "mean": table.mean(0).round(4).tolist(), "sd": table.std(0).round(4).tolist()}
+        print(f"{args.data} {args.placement} {args.method} K={k} n={len(rows)}: "
+              + "  ".join(f"{px:g} px {m:.3f}" for px, m in zip(pxs, table.mean(0))), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
