@@ -191,6 +191,57 @@ def test_sliding_window_matches_a_direct_forward():
     assert np.array_equal(predict_slices(local, volume, device=torch.device("cpu"), max_window=16)[0], labels)
 
 
+class _OOMAbove3D(nn.Module):
+    """Wraps a 3D network; raises the CUDA OOM error for windows above ``max_voxels`` (D*H*W)."""
+
+    spatial_dims, multiple = 3, 16
+
+    def __init__(self, net: nn.Module, max_voxels: int) -> None:
+        super().__init__()
+        self.net, self.max_voxels = net, max_voxels
+        self.seen: list[tuple] = []
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape[2:]))
+        if x.shape[2] * x.shape[3] * x.shape[4] > self.max_voxels:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.net(x)
+
+
+def test_3d_prediction_out_of_memory_falls_back_to_smaller_windows_then_says_so():
+    torch.manual_seed(0)
+    volume = np.random.default_rng(0).random((40, 1, 48, 56)).astype(np.float32)  # (S, C, H, W)
+    local = _Local3D().eval()
+    reference, _ = predict_volume_patches(local, volume, device=torch.device("cpu"), max_window=64)
+    # a 48x48x64 window does not fit, 32^3 does: one halving, logged as a note
+    wrapped = _OOMAbove3D(local, max_voxels=32**3).train()
+    notes: list[str] = []
+    labels, ent = predict_volume_patches(wrapped, volume, device=torch.device("cpu"), max_window=64,
+                                         with_entropy=True, notes=notes)
+    assert notes == ["out of memory on cpu: predicting in 32-voxel 3D windows"]
+    assert wrapped.seen[0] == (48, 48, 64) and set(wrapped.seen[1:]) == {(32, 32, 32)}
+    assert np.array_equal(labels, reference) and ent.shape == labels.shape  # a voxel-wise network: exact
+    assert wrapped.training  # the mode it came in with
+    # nothing fits: each halving said, then a clear error at the network's multiple
+    notes = []
+    with pytest.raises(DataError, match="out of memory on cpu even in 16-voxel 3D windows"):
+        predict_volume_patches(_OOMAbove3D(local, max_voxels=0), volume, device=torch.device("cpu"), max_window=64,
+                               notes=notes)
+    assert notes == ["out of memory on cpu: predicting in 32-voxel 3D windows",
+                     "out of memory on cpu: predicting in 16-voxel 3D windows"]
+    # any other error is the network's own: raised as it is, at the first try
+
+    class Broken(_OOMAbove3D):
+        def forward(self, x):
+            self.seen.append(tuple(x.shape[2:]))
+            raise RuntimeError("expected 5D input")
+
+    broken, notes = Broken(local, max_voxels=0), []
+    with pytest.raises(RuntimeError, match="expected 5D input"):
+        predict_volume_patches(broken, volume, device=torch.device("cpu"), max_window=64, notes=notes)
+    assert len(broken.seen) == 1 and notes == []
+
+
 # --- the CLI: train, config.json, predict with the 3D checkpoint ------------------------------------
 def test_cli_trains_and_predicts_in_3d_keeping_geometry(tmp_path):
     from napari_semicl.io import write_labels
