@@ -1,6 +1,7 @@
 """Whole-volume inference: slices in batches, each slice by MONAI's sliding window; a 3D
 network (``spatial_dims = 3``) gets the whole volume in 3D windows instead
-(:func:`predict_slices` chooses by the network).
+(:func:`predict_slices` chooses by the network; :func:`predict_volume_probabilities` gives
+its class probabilities, for a caller that uses them more than once).
 
 Memory stays bounded by one batch of slices: only the label map (and, on request, the
 normalised entropy map) of the whole volume is kept. When the device runs out of memory,
@@ -140,12 +141,11 @@ def predict_slices(
         logits = sliding_window_inference(
             x, roi(window), sw_batch_size=batch, predictor=model, overlap=overlap, mode="gaussian"
         )
-        probs = logits.float().softmax(dim=1)
-        if fuse is not None:
-            probs = fuse(start, start + probs.shape[0], probs)
-        labels[start:start + batch] = argmax_classes(probs).cpu().numpy()
+        idx, ent = classes_from_probabilities(logits.float().softmax(dim=1), fuse=fuse, start=start,
+                                              with_entropy=with_entropy)
+        labels[start:start + batch] = idx
         if with_entropy:
-            entropy[start:start + batch] = normalised_entropy(probs, dim=1).cpu().numpy()
+            entropy[start:start + batch] = ent
 
     def shrink(size: tuple[int, int]) -> tuple[tuple[int, int], str]:
         batch, window = size
@@ -179,6 +179,71 @@ MAX_WINDOW_3D = 128
 
 
 @torch.no_grad()
+def predict_volume_probabilities(
+    model: torch.nn.Module,
+    slices: np.ndarray,
+    *,
+    device: torch.device,
+    max_window: int = MAX_WINDOW_3D,
+    overlap: float = 0.25,
+    notes: list | None = None,
+) -> torch.Tensor:
+    """A 3D network's class probabilities (S, K, H, W) float32, on the CPU, of a volume
+    given as (S, C, H, W) slices.
+
+    The volume (1, C, S, H, W) is covered by windows of each side rounded up to the
+    network's size multiple and capped at ``max_window``, blended with Gaussian weights
+    (MONAI's ``sliding_window_inference``, ``mode='gaussian'``). Out of memory, the window
+    is halved down to the network's multiple (each fallback logged and appended to
+    ``notes``); below that it raises :class:`~napari_semicl.errors.DataError`.
+    """
+    s, _, h, w = slices.shape
+    was_training = model.training
+    model.eval()
+    multiple = getattr(model, "multiple", 16)
+    volume = torch.from_numpy(np.ascontiguousarray(slices.transpose(1, 0, 2, 3)))[None]  # (1, C, S, H, W)
+
+    def roi(window: int) -> tuple[int, ...]:
+        return tuple(_window(n, multiple, window) for n in (s, h, w))
+
+    def predict(window: int) -> torch.Tensor:
+        logits = sliding_window_inference(
+            volume.to(device), roi(window), sw_batch_size=1, predictor=model, overlap=overlap, mode="gaussian",
+            sw_device=device, device=torch.device("cpu"),
+        )
+        return logits.float().softmax(dim=1)[0].transpose(0, 1)  # (S, K, H, W)
+
+    def shrink(window: int) -> tuple[int, str]:
+        side = max(roi(window))
+        if side <= multiple:
+            raise DataError(
+                f"out of memory on {device.type} even in {multiple}-voxel 3D windows: "
+                "free memory (close other programs) or predict on the CPU"
+            )
+        window = max(multiple, side // 2 // multiple * multiple)
+        return window, f"out of memory on {device.type}: predicting in {window}-voxel 3D windows"
+
+    try:
+        probs, _ = _retry_out_of_memory(predict, shrink, max(multiple, max_window // multiple * multiple),
+                                        device=device, notes=notes)
+    finally:
+        model.train(was_training)
+    return probs
+
+
+def classes_from_probabilities(probs: torch.Tensor, *, fuse=None, start: int = 0, with_entropy: bool = False):
+    """Class indices (B, H, W) int64 numpy and, with ``with_entropy``, the normalised entropy
+    (B, H, W) float32 of class probabilities ``probs`` (B, K, H, W) of slices
+    ``[start, start + B)``, after ``fuse(start, start + B, probs)`` when given (as in
+    :func:`predict_slices`). ``probs`` is only read.
+    """
+    if fuse is not None:
+        probs = fuse(start, start + probs.shape[0], probs)
+    labels = argmax_classes(probs).cpu().numpy()
+    entropy = normalised_entropy(probs, dim=1).cpu().numpy() if with_entropy else None
+    return labels, entropy
+
+
 def predict_volume_patches(
     model: torch.nn.Module,
     slices: np.ndarray,
@@ -192,51 +257,14 @@ def predict_volume_patches(
 ):
     """3D sliding-window prediction of a volume given as (S, C, H, W) slices.
 
-    The volume (1, C, S, H, W) is covered by windows of each side rounded up to the
-    network's size multiple and capped at ``max_window``, blended with Gaussian weights
-    (MONAI's ``sliding_window_inference``, ``mode='gaussian'``). Returns class indices
-    (S, H, W) int64 and, with ``with_entropy``, the normalised entropy (S, H, W) float32.
-    ``fuse(0, S, probs)`` gets the probabilities as (S, K, H, W), as for slices. Out of
-    memory, the window is halved down to the network's multiple (each fallback logged and
-    appended to ``notes``).
+    The probabilities of :func:`predict_volume_probabilities` (its windows, its fallbacks
+    out of memory), fused by ``fuse(0, S, probs)`` when given, as for slices. Returns class
+    indices (S, H, W) int64 and, with ``with_entropy``, the normalised entropy (S, H, W)
+    float32.
     """
-    s, _, h, w = slices.shape
-    was_training = model.training
-    model.eval()
-    multiple = getattr(model, "multiple", 16)
-    volume = torch.from_numpy(np.ascontiguousarray(slices.transpose(1, 0, 2, 3)))[None]  # (1, C, S, H, W)
-
-    def roi(window: int) -> tuple[int, ...]:
-        return tuple(_window(n, multiple, window) for n in (s, h, w))
-
-    def predict(window: int):
-        logits = sliding_window_inference(
-            volume.to(device), roi(window), sw_batch_size=1, predictor=model, overlap=overlap, mode="gaussian",
-            sw_device=device, device=torch.device("cpu"),
-        )
-        probs = logits.float().softmax(dim=1)[0].transpose(0, 1)  # (S, K, H, W)
-        if fuse is not None:
-            probs = fuse(0, s, probs)
-        labels = argmax_classes(probs).numpy()
-        entropy = normalised_entropy(probs, dim=1).numpy() if with_entropy else None
-        return labels, entropy
-
-    def shrink(window: int) -> tuple[int, str]:
-        side = max(roi(window))
-        if side <= multiple:
-            raise DataError(
-                f"out of memory on {device.type} even in {multiple}-voxel 3D windows: "
-                "free memory (close other programs) or predict on the CPU"
-            )
-        window = max(multiple, side // 2 // multiple * multiple)
-        return window, f"out of memory on {device.type}: predicting in {window}-voxel 3D windows"
-
-    try:
-        result, _ = _retry_out_of_memory(predict, shrink, max(multiple, max_window // multiple * multiple),
-                                         device=device, notes=notes)
-    finally:
-        model.train(was_training)
-    return result
+    probs = predict_volume_probabilities(model, slices, device=device, max_window=max_window, overlap=overlap,
+                                         notes=notes)
+    return classes_from_probabilities(probs, fuse=fuse, with_entropy=with_entropy)
 
 
 def predict_volume(
