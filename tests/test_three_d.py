@@ -1,6 +1,6 @@
 """3D networks on volume patches (model.spatial_dims = 3): shapes through every method, the
-sliding window against a direct forward, the patch sampler, config and CLI, and a loss that
-falls on real left-atrium MRI."""
+sliding window against a direct forward and its out-of-memory fallback, one prediction a volume
+per refresh, the patch sampler, config and CLI, and a loss that falls on real left-atrium MRI."""
 
 import json
 
@@ -17,7 +17,7 @@ from napari_semicl.data.augment import strong_augment, weak_augment
 from napari_semicl.data.reveal import reveal_slices
 from napari_semicl.data.tiles import make_dataset
 from napari_semicl.data.volume_patches import VolumePatchDataset
-from napari_semicl.engine import TrainConfig, Trainer
+from napari_semicl.engine import TrainConfig, Trainer, run_sync
 from napari_semicl.engine.inference import predict_slices, predict_volume_patches
 from napari_semicl.errors import ConfigError, DataError
 from napari_semicl.methods import available_methods
@@ -191,6 +191,57 @@ def test_sliding_window_matches_a_direct_forward():
     assert np.array_equal(predict_slices(local, volume, device=torch.device("cpu"), max_window=16)[0], labels)
 
 
+class _OOMAbove3D(nn.Module):
+    """Wraps a 3D network; raises the CUDA OOM error for windows above ``max_voxels`` (D*H*W)."""
+
+    spatial_dims, multiple = 3, 16
+
+    def __init__(self, net: nn.Module, max_voxels: int) -> None:
+        super().__init__()
+        self.net, self.max_voxels = net, max_voxels
+        self.seen: list[tuple] = []
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape[2:]))
+        if x.shape[2] * x.shape[3] * x.shape[4] > self.max_voxels:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.net(x)
+
+
+def test_3d_prediction_out_of_memory_falls_back_to_smaller_windows_then_says_so():
+    torch.manual_seed(0)
+    volume = np.random.default_rng(0).random((40, 1, 48, 56)).astype(np.float32)  # (S, C, H, W)
+    local = _Local3D().eval()
+    reference, _ = predict_volume_patches(local, volume, device=torch.device("cpu"), max_window=64)
+    # a 48x48x64 window does not fit, 32^3 does: one halving, logged as a note
+    wrapped = _OOMAbove3D(local, max_voxels=32**3).train()
+    notes: list[str] = []
+    labels, ent = predict_volume_patches(wrapped, volume, device=torch.device("cpu"), max_window=64,
+                                         with_entropy=True, notes=notes)
+    assert notes == ["out of memory on cpu: predicting in 32-voxel 3D windows"]
+    assert wrapped.seen[0] == (48, 48, 64) and set(wrapped.seen[1:]) == {(32, 32, 32)}
+    assert np.array_equal(labels, reference) and ent.shape == labels.shape  # a voxel-wise network: exact
+    assert wrapped.training  # the mode it came in with
+    # nothing fits: each halving said, then a clear error at the network's multiple
+    notes = []
+    with pytest.raises(DataError, match="out of memory on cpu even in 16-voxel 3D windows"):
+        predict_volume_patches(_OOMAbove3D(local, max_voxels=0), volume, device=torch.device("cpu"), max_window=64,
+                               notes=notes)
+    assert notes == ["out of memory on cpu: predicting in 32-voxel 3D windows",
+                     "out of memory on cpu: predicting in 16-voxel 3D windows"]
+    # any other error is the network's own: raised as it is, at the first try
+
+    class Broken(_OOMAbove3D):
+        def forward(self, x):
+            self.seen.append(tuple(x.shape[2:]))
+            raise RuntimeError("expected 5D input")
+
+    broken, notes = Broken(local, max_voxels=0), []
+    with pytest.raises(RuntimeError, match="expected 5D input"):
+        predict_volume_patches(broken, volume, device=torch.device("cpu"), max_window=64, notes=notes)
+    assert len(broken.seen) == 1 and notes == []
+
+
 # --- the CLI: train, config.json, predict with the 3D checkpoint ------------------------------------
 def test_cli_trains_and_predicts_in_3d_keeping_geometry(tmp_path):
     from napari_semicl.io import write_labels
@@ -254,6 +305,64 @@ def test_painted_slice_prior_gives_3d_patches_dense_targets_and_fuses_the_volume
     assert pred.shape == image.shape
     for s in (8, 12, 16):  # the fused mask keeps the painted slices
         np.testing.assert_array_equal(pred[s], labels[s])
+
+
+def _count_volume_predictions(monkeypatch) -> list:
+    """The (S, C, H, W) shapes of every whole-volume 3D prediction from now on, whoever asks."""
+    import napari_semicl.engine.inference as inference_module
+    import napari_semicl.engine.trainer as trainer_module
+
+    calls: list[tuple] = []
+    for module in (inference_module, trainer_module):
+        def counted(model, slices, *args, _predict=module.predict_volume_probabilities, **kwargs):
+            calls.append(slices.shape)
+            return _predict(model, slices, *args, **kwargs)
+
+        monkeypatch.setattr(module, "predict_volume_probabilities", counted)
+    return calls
+
+
+def test_a_3d_refresh_predicts_each_volume_once_and_fuses_as_unshared_predictions_did(monkeypatch):
+    from napari_semicl.data.annotation import decode_classes
+    from napari_semicl.engine.metrics import dice_per_class
+
+    image, labels = tiny_volume()
+    for s in (4, 20):  # five painted slices, one held out: four feed the prior, the network takes part
+        labels[s] = labels[12]
+    other, other_labels = tiny_volume(seed=1)
+    cfg = tiny_config(unpainted="background")
+    cfg.prior.mode, cfg.prior.interpolation = "targets", "sdf"
+    pairs = [AnnotatedPair(image, labels, validation_slices=(12,)), AnnotatedPair(other, other_labels)]
+    trainer = Trainer(cfg, pairs, device=torch.device("cpu"))
+    run_sync(trainer.run(previews=False))
+    assert trainer.prior.config.fuse and [trainer.prior.painted_count[p] for p in (0, 1)] == [4, 3]
+
+    calls = _count_volume_predictions(monkeypatch)
+    events = trainer.refresh_events()
+    assert calls == [image.shape[:1] + (1,) + image.shape[1:]] * 2  # one a volume: agreement, preview, validation
+    assert trainer._volume_probs == {}  # released with the refresh
+    monkeypatch.undo()
+
+    # the same masks, entropy and Dice as the three predictions of each volume before
+    model, values = trainer.method.inference_model(), trainer.dataset.class_values
+    previews = {(e.kind, e.pair_index): e.array for e in events if type(e).__name__ == "Preview"}
+    fused = {}
+    for p in (0, 1):
+        images, near = trainer.dataset.images[p], trainer.prior.near_slices(p)
+        agreement = trainer.prior.agreement(p, predict_slices(model, images, device=torch.device("cpu"))[0][near], near)
+        assert agreement == trainer._agreements[(trainer.step, p)]
+        fused[p], ent = predict_slices(model, images, device=torch.device("cpu"), with_entropy=True,
+                                       fuse=trainer.prior.fuser(p, agreement))
+        np.testing.assert_array_equal(previews[("prediction", p)], decode_classes(fused[p], values))
+        np.testing.assert_array_equal(previews[("entropy", p)], ent)
+    (evaluated,) = [e for e in events if type(e).__name__ == "Evaluated"]
+    expected = dice_per_class(decode_classes(fused[0][12], values).ravel(), trainer.dataset.targets[0][12].ravel(),
+                              values)
+    assert evaluated.metrics["dice_per_class"] == expected and evaluated.metrics["slices"] == 1
+    # the user's mask at the same step: the agreement is known, one prediction for the mask
+    calls = _count_volume_predictions(monkeypatch)
+    np.testing.assert_array_equal(trainer.predict_pair(1).labels, decode_classes(fused[1], values))
+    assert len(calls) == 1 and trainer._volume_probs == {}
 
 
 def test_slice_reviews_of_a_3d_run_are_notices_that_say_why():

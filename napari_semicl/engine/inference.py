@@ -1,6 +1,7 @@
 """Whole-volume inference: slices in batches, each slice by MONAI's sliding window; a 3D
 network (``spatial_dims = 3``) gets the whole volume in 3D windows instead
-(:func:`predict_slices` chooses by the network).
+(:func:`predict_slices` chooses by the network; :func:`predict_volume_probabilities` gives
+its class probabilities, for a caller that uses them more than once).
 
 Memory stays bounded by one batch of slices: only the label map (and, on request, the
 normalised entropy map) of the whole volume is kept. When the device runs out of memory,
@@ -56,6 +57,30 @@ def _window(size: int, multiple: int, max_window: int) -> int:
     return min(int(math.ceil(size / multiple)) * multiple, max_window)
 
 
+def _retry_out_of_memory(attempt, shrink, size, *, device: torch.device, notes: list | None):
+    """``attempt(size)``, tried again with a smaller ``size`` while the device runs out of memory.
+
+    ``shrink(size)`` returns ``(smaller size, note)`` (the note is logged as a warning and
+    appended to ``notes``, a list, when given) or raises
+    :class:`~napari_semicl.errors.DataError` when ``size`` is already the smallest. Errors
+    other than out of memory (:func:`is_out_of_memory`) pass through. Returns
+    ``(attempt's result, the size that fitted)``.
+    """
+    while True:
+        try:
+            return attempt(size), size
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+        # out of the except block: the failed attempt's tensors went with its traceback
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        size, note = shrink(size)
+        log.warning(note)
+        if notes is not None:
+            notes.append(note)
+
+
 @torch.no_grad()
 def predict_slices(
     model: torch.nn.Module,
@@ -104,46 +129,45 @@ def predict_slices(
     was_training = model.training
     model.eval()
     multiple = getattr(model, "multiple", 16)
-    max_window = max(multiple, max_window // multiple * multiple)
     labels = np.empty((s, h, w), dtype=np.int64)
     entropy = np.empty((s, h, w), dtype=np.float32) if with_entropy else None
+
+    def roi(window: int) -> tuple[int, int]:
+        return _window(h, multiple, window), _window(w, multiple, window)
+
+    def predict_batch(start: int, size: tuple[int, int]) -> None:
+        batch, window = size
+        x = torch.from_numpy(slices[start:start + batch]).to(device)
+        logits = sliding_window_inference(
+            x, roi(window), sw_batch_size=batch, predictor=model, overlap=overlap, mode="gaussian"
+        )
+        idx, ent = classes_from_probabilities(logits.float().softmax(dim=1), fuse=fuse, start=start,
+                                              with_entropy=with_entropy)
+        labels[start:start + batch] = idx
+        if with_entropy:
+            entropy[start:start + batch] = ent
+
+    def shrink(size: tuple[int, int]) -> tuple[tuple[int, int], str]:
+        batch, window = size
+        side = max(roi(window))
+        if batch > 1:
+            batch //= 2
+            return (batch, window), f"out of memory on {device.type}: predicting {batch} slice(s) at a time"
+        if side > multiple:
+            window = max(multiple, side // 2 // multiple * multiple)
+            return (batch, window), f"out of memory on {device.type}: predicting in {window}-pixel tiles"
+        raise DataError(
+            f"out of memory on {device.type} even for one slice in {side}-pixel tiles: "
+            "free memory (close other programs) or predict on the CPU"
+        )
+
+    size = (batch_size, max(multiple, max_window // multiple * multiple))
     start = 0
     try:
         while start < s:
-            roi = (_window(h, multiple, max_window), _window(w, multiple, max_window))
-            try:
-                x = torch.from_numpy(slices[start:start + batch_size]).to(device)
-                logits = sliding_window_inference(
-                    x, roi, sw_batch_size=batch_size, predictor=model, overlap=overlap, mode="gaussian"
-                )
-                probs = logits.float().softmax(dim=1)
-                if fuse is not None:
-                    probs = fuse(start, start + probs.shape[0], probs)
-                labels[start:start + batch_size] = argmax_classes(probs).cpu().numpy()
-                if with_entropy:
-                    entropy[start:start + batch_size] = normalised_entropy(probs, dim=1).cpu().numpy()
-            except (RuntimeError, MemoryError) as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                x = logits = probs = None
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if batch_size > 1:
-                    batch_size //= 2
-                    note = f"out of memory on {device.type}: predicting {batch_size} slice(s) at a time"
-                elif max(roi) > multiple:
-                    max_window = max(multiple, max(roi) // 2 // multiple * multiple)
-                    note = f"out of memory on {device.type}: predicting in {max_window}-pixel tiles"
-                else:
-                    raise DataError(
-                        f"out of memory on {device.type} even for one slice in {max(roi)}-pixel tiles: "
-                        "free memory (close other programs) or predict on the CPU"
-                    ) from None
-                log.warning(note)
-                if notes is not None:
-                    notes.append(note)
-                continue
-            start += batch_size
+            _, size = _retry_out_of_memory(lambda sz: predict_batch(start, sz), shrink, size, device=device,
+                                           notes=notes)
+            start += size[0]
     finally:
         model.train(was_training)
     return labels, entropy
@@ -155,6 +179,71 @@ MAX_WINDOW_3D = 128
 
 
 @torch.no_grad()
+def predict_volume_probabilities(
+    model: torch.nn.Module,
+    slices: np.ndarray,
+    *,
+    device: torch.device,
+    max_window: int = MAX_WINDOW_3D,
+    overlap: float = 0.25,
+    notes: list | None = None,
+) -> torch.Tensor:
+    """A 3D network's class probabilities (S, K, H, W) float32, on the CPU, of a volume
+    given as (S, C, H, W) slices.
+
+    The volume (1, C, S, H, W) is covered by windows of each side rounded up to the
+    network's size multiple and capped at ``max_window``, blended with Gaussian weights
+    (MONAI's ``sliding_window_inference``, ``mode='gaussian'``). Out of memory, the window
+    is halved down to the network's multiple (each fallback logged and appended to
+    ``notes``); below that it raises :class:`~napari_semicl.errors.DataError`.
+    """
+    s, _, h, w = slices.shape
+    was_training = model.training
+    model.eval()
+    multiple = getattr(model, "multiple", 16)
+    volume = torch.from_numpy(np.ascontiguousarray(slices.transpose(1, 0, 2, 3)))[None]  # (1, C, S, H, W)
+
+    def roi(window: int) -> tuple[int, ...]:
+        return tuple(_window(n, multiple, window) for n in (s, h, w))
+
+    def predict(window: int) -> torch.Tensor:
+        logits = sliding_window_inference(
+            volume.to(device), roi(window), sw_batch_size=1, predictor=model, overlap=overlap, mode="gaussian",
+            sw_device=device, device=torch.device("cpu"),
+        )
+        return logits.float().softmax(dim=1)[0].transpose(0, 1)  # (S, K, H, W)
+
+    def shrink(window: int) -> tuple[int, str]:
+        side = max(roi(window))
+        if side <= multiple:
+            raise DataError(
+                f"out of memory on {device.type} even in {multiple}-voxel 3D windows: "
+                "free memory (close other programs) or predict on the CPU"
+            )
+        window = max(multiple, side // 2 // multiple * multiple)
+        return window, f"out of memory on {device.type}: predicting in {window}-voxel 3D windows"
+
+    try:
+        probs, _ = _retry_out_of_memory(predict, shrink, max(multiple, max_window // multiple * multiple),
+                                        device=device, notes=notes)
+    finally:
+        model.train(was_training)
+    return probs
+
+
+def classes_from_probabilities(probs: torch.Tensor, *, fuse=None, start: int = 0, with_entropy: bool = False):
+    """Class indices (B, H, W) int64 numpy and, with ``with_entropy``, the normalised entropy
+    (B, H, W) float32 of class probabilities ``probs`` (B, K, H, W) of slices
+    ``[start, start + B)``, after ``fuse(start, start + B, probs)`` when given (as in
+    :func:`predict_slices`). ``probs`` is only read.
+    """
+    if fuse is not None:
+        probs = fuse(start, start + probs.shape[0], probs)
+    labels = argmax_classes(probs).cpu().numpy()
+    entropy = normalised_entropy(probs, dim=1).cpu().numpy() if with_entropy else None
+    return labels, entropy
+
+
 def predict_volume_patches(
     model: torch.nn.Module,
     slices: np.ndarray,
@@ -168,52 +257,14 @@ def predict_volume_patches(
 ):
     """3D sliding-window prediction of a volume given as (S, C, H, W) slices.
 
-    The volume (1, C, S, H, W) is covered by windows of each side rounded up to the
-    network's size multiple and capped at ``max_window``, blended with Gaussian weights
-    (MONAI's ``sliding_window_inference``, ``mode='gaussian'``). Returns class indices
-    (S, H, W) int64 and, with ``with_entropy``, the normalised entropy (S, H, W) float32.
-    ``fuse(0, S, probs)`` gets the probabilities as (S, K, H, W), as for slices. Out of
-    memory, the window is halved down to the network's multiple (each fallback logged and
-    appended to ``notes``).
+    The probabilities of :func:`predict_volume_probabilities` (its windows, its fallbacks
+    out of memory), fused by ``fuse(0, S, probs)`` when given, as for slices. Returns class
+    indices (S, H, W) int64 and, with ``with_entropy``, the normalised entropy (S, H, W)
+    float32.
     """
-    s, _, h, w = slices.shape
-    was_training = model.training
-    model.eval()
-    multiple = getattr(model, "multiple", 16)
-    max_window = max(multiple, max_window // multiple * multiple)
-    volume = torch.from_numpy(np.ascontiguousarray(slices.transpose(1, 0, 2, 3)))[None]  # (1, C, S, H, W)
-    try:
-        while True:
-            roi = tuple(_window(n, multiple, max_window) for n in (s, h, w))
-            try:
-                logits = sliding_window_inference(
-                    volume.to(device), roi, sw_batch_size=1, predictor=model, overlap=overlap, mode="gaussian",
-                    sw_device=device, device=torch.device("cpu"),
-                )
-                probs = logits.float().softmax(dim=1)[0].transpose(0, 1)  # (S, K, H, W)
-                if fuse is not None:
-                    probs = fuse(0, s, probs)
-                labels = argmax_classes(probs).numpy()
-                entropy = normalised_entropy(probs, dim=1).numpy() if with_entropy else None
-                return labels, entropy
-            except (RuntimeError, MemoryError) as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                logits = probs = None
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if max(roi) <= multiple:
-                    raise DataError(
-                        f"out of memory on {device.type} even in {multiple}-voxel 3D windows: "
-                        "free memory (close other programs) or predict on the CPU"
-                    ) from None
-                max_window = max(multiple, max(roi) // 2 // multiple * multiple)
-                note = f"out of memory on {device.type}: predicting in {max_window}-voxel 3D windows"
-                log.warning(note)
-                if notes is not None:
-                    notes.append(note)
-    finally:
-        model.train(was_training)
+    probs = predict_volume_probabilities(model, slices, device=device, max_window=max_window, overlap=overlap,
+                                         notes=notes)
+    return classes_from_probabilities(probs, fuse=fuse, with_entropy=with_entropy)
 
 
 def predict_volume(

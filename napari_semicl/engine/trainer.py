@@ -56,7 +56,14 @@ from .events import (
     Stop,
     UpdateData,
 )
-from .inference import Prediction, is_out_of_memory, predict_slices, predict_volume
+from .inference import (
+    Prediction,
+    classes_from_probabilities,
+    is_out_of_memory,
+    predict_slices,
+    predict_volume,
+    predict_volume_probabilities,
+)
 from .metrics import dice_per_class
 from .prior import SlicePrior, dense_share
 from .review import padded_slice, run_analysis
@@ -150,6 +157,11 @@ class Trainer:
         #: (step, pair) -> the network's agreement with the prior: measured once per step, for
         #: the refresh's previews and its validation alike (cleared when the prior is rebuilt)
         self._agreements: dict[tuple[int, int], float] = {}
+        #: (step, pair) -> a 3D network's class probabilities (S, K, H, W) of the whole pair,
+        #: unfused, and the notes of their prediction: predicted once a step for the prior's
+        #: agreement, the previews and validation alike; released when the refresh (or
+        #: predict_pair) that predicted them ends, stale ones dropped at the next prediction
+        self._volume_probs: dict[tuple[int, int], tuple[torch.Tensor, tuple[str, ...]]] = {}
 
     # --- construction from a checkpoint ----------------------------------------------------
     @classmethod
@@ -324,6 +336,7 @@ class Trainer:
         dataset = make_dataset(pairs, copy.deepcopy(self.config.data), self.config.wsi,  # class table kept
                                spatial_dims=self.config.model.spatial_dims)
         self.pairs, self.dataset = pairs, dataset
+        self._volume_probs.clear()  # predicted from the images being replaced
         self._annotations_version += 1
         self._prior_stale = True  # the new painted slices move the prior: rebuilt at its next use
         if dataset.unknown_values:
@@ -534,14 +547,16 @@ class Trainer:
         if isinstance(self.dataset, TileDataset):
             return self._slide_previews(model)
         notes: list[str] = []
-        for p_idx, img in enumerate(self.dataset.images):
-            idx, ent = predict_slices(model, img, device=self.device, with_entropy=True, notes=notes,
-                                      fuse=self._fuser(p_idx))
-            labels = self._to_pair_layout(decode_classes(idx, self.dataset.class_values), p_idx)
-            events.append(Preview(self.step, "prediction", p_idx, labels))
-            events.append(Preview(self.step, "entropy", p_idx, self._to_pair_layout(ent, p_idx)))
-        events.extend(Notice("warning", note) for note in dict.fromkeys(notes))
-        metrics = self.validate()
+        try:  # a 3D network predicts each pair once, for the agreement, the preview and validation
+            for p_idx in range(len(self.dataset.images)):
+                idx, ent = self._predict_pair_classes(p_idx, with_entropy=True, notes=notes)
+                labels = self._to_pair_layout(decode_classes(idx, self.dataset.class_values), p_idx)
+                events.append(Preview(self.step, "prediction", p_idx, labels))
+                events.append(Preview(self.step, "entropy", p_idx, self._to_pair_layout(ent, p_idx)))
+            events.extend(Notice("warning", note) for note in dict.fromkeys(notes))
+            metrics = self.validate()
+        finally:
+            self._volume_probs.clear()  # a volume a pair: not kept while training goes on
         if metrics:
             events.append(Evaluated(self.step, metrics))
         return events
@@ -591,8 +606,7 @@ class Trainer:
         for p_idx, s_idx in self.dataset.validation:
             if self.config.model.spatial_dims == 3:
                 if p_idx not in volumes:
-                    volumes[p_idx] = predict_slices(model, self.dataset.images[p_idx], device=self.device,
-                                                    fuse=self._fuser(p_idx))[0]
+                    volumes[p_idx] = self._predict_pair_classes(p_idx)[0]
                 idx = volumes[p_idx][s_idx:s_idx + 1]
             else:
                 img = self.dataset.images[p_idx][s_idx:s_idx + 1]
@@ -622,18 +636,52 @@ class Trainer:
     def _prior_agreement(self, pair_index: int) -> float:
         key = (self.step, pair_index)
         if key not in self._agreements:
-            self._agreements = {k: v for k, v in self._agreements.items() if k[0] == self.step}
+            self._agreements = self._this_step(self._agreements)
             near = self.prior.near_slices(pair_index)
             if len(near) == 0:
                 self._agreements[key] = 1.0
             else:
-                images = self.dataset.images[pair_index]
-                if self.config.model.spatial_dims == 3:  # the whole volume, then those slices
-                    idx = predict_slices(self.method.inference_model(), images, device=self.device)[0][near]
+                if self.config.model.spatial_dims == 3:  # the whole volume (shared), then those slices
+                    idx, _ = classes_from_probabilities(self._volume_probabilities(pair_index)[torch.as_tensor(near)])
                 else:
+                    images = self.dataset.images[pair_index]
                     idx, _ = predict_slices(self.method.inference_model(), images[near], device=self.device)
                 self._agreements[key] = self.prior.agreement(pair_index, idx, near)
         return self._agreements[key]
+
+    def _this_step(self, cache: dict) -> dict:
+        """The entries of a (step, pair)-keyed cache made at the current step."""
+        return {k: v for k, v in cache.items() if k[0] == self.step}
+
+    def _volume_probabilities(self, pair_index: int, notes: list | None = None) -> torch.Tensor:
+        """A 3D network's class probabilities (S, K, H, W) of a whole training pair, unfused
+        (read-only): predicted once a step and shared by the prior's agreement, the previews,
+        validation and :meth:`predict_pair`. Only the current step's are kept (one volume a
+        pair at most; the refresh or prediction that asks for them releases them). Out-of-memory
+        notes of that prediction go to ``notes`` at every use."""
+        key = (self.step, pair_index)
+        if key not in self._volume_probs:
+            self._volume_probs = self._this_step(self._volume_probs)
+            said: list[str] = []
+            probs = predict_volume_probabilities(self.method.inference_model(), self.dataset.images[pair_index],
+                                                 device=self.device, notes=said)
+            self._volume_probs[key] = (probs, tuple(said))
+        probs, said = self._volume_probs[key]
+        if notes is not None:
+            notes.extend(said)
+        return probs
+
+    def _predict_pair_classes(self, pair_index: int, *, with_entropy: bool = False, notes: list | None = None):
+        """Class indices (S, H, W) and, with ``with_entropy``, the normalised entropy of a
+        whole training pair in slice layout, fused with the painted-slice prior where it is
+        on. A 2D network predicts the slices; a 3D network's come from this step's shared
+        probabilities (:meth:`_volume_probabilities`)."""
+        fuse = self._fuser(pair_index)
+        if self.config.model.spatial_dims == 3:
+            return classes_from_probabilities(self._volume_probabilities(pair_index, notes), fuse=fuse,
+                                              with_entropy=with_entropy)
+        return predict_slices(self.method.inference_model(), self.dataset.images[pair_index], device=self.device,
+                              with_entropy=with_entropy, notes=notes, fuse=fuse)
 
     def prior_mask(self, pair_index: int = 0) -> np.ndarray | None:
         """The painted-slice prior's mask of a training pair (label values, the pair's
@@ -649,8 +697,10 @@ class Trainer:
         if isinstance(self.dataset, TileDataset):
             raise DataError("slides are predicted tile by tile: use predict_slide_pair")
         notes: list[str] = []
-        idx, ent = predict_slices(self.method.inference_model(), self.dataset.images[pair_index], device=self.device,
-                                  with_entropy=with_entropy, notes=notes, fuse=self._fuser(pair_index))
+        try:
+            idx, ent = self._predict_pair_classes(pair_index, with_entropy=with_entropy, notes=notes)
+        finally:
+            self._volume_probs.clear()
         labels = self._to_pair_layout(decode_classes(idx, self.dataset.class_values), pair_index)
         return Prediction(labels, None if ent is None else self._to_pair_layout(ent, pair_index), notes)
 
