@@ -3,6 +3,8 @@
     python benchmarks/falloff_grid.py --data ../shared/data/la/train --placement inside --method flow \
         --k 2,3,5,10 --px 1,1.5,2,3 --out docs/results/falloff/la_inside_flow.json
 
+    python benchmarks/falloff_grid.py --report docs/results/falloff   # the markdown table of every file
+
 For each volume and K (slices revealed as in ``bench within-volume``), the fill with a fall-off
 of each ``px`` (in-plane pixels a slice, scaled by the slice spacing as the plugin does), scored
 on the unrevealed slices: mean Dice over the foreground classes. No training; seconds a volume.
@@ -31,16 +33,46 @@ def mean_dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return float(np.mean(dices)) if dices else float("nan")
 
 
+def report(folder: Path) -> str:
+    """One markdown row per file and K: mean Dice (sd) at each fall-off, and each fall-off
+    minus 3 px (issue 16's baseline) where the file has 3 px: mean ± sd, volumes better / worse."""
+    rows = ["| data | placement | fill | K | volumes | " + "Dice at px a slice: mean (sd) | 1.5 px - 3 px: mean ± sd, better / worse |",
+            "|---|---|---|---|---|---|---|"]
+    for f in sorted(folder.glob("*.json")):
+        d = json.loads(f.read_text())
+        pxs = d["px"]
+        for k, v in d["k"].items():
+            table = np.array(list(v["per_volume"].values()))
+            table = table[~np.isnan(table).any(axis=1)]  # K revealed every slice with foreground: nothing scored
+            if not len(table):
+                continue
+            cells = ", ".join(f"{px:g}: {m:.3f} ({sd:.3f})" for px, m, sd in zip(pxs, table.mean(0), table.std(0)))
+            diff = ""
+            if 1.5 in pxs and 3.0 in pxs:
+                delta = table[:, pxs.index(1.5)] - table[:, pxs.index(3.0)]
+                diff = (f"{delta.mean():+.3f} ± {delta.std():.3f}, {int(np.sum(delta > 0.0005))} / "
+                        f"{int(np.sum(delta < -0.0005))}")
+            name = d["data"].split("data/")[-1]
+            rows.append(f"| {name} | {d['placement']} | {d['method']} | {k} | {len(table)} | {cells} | {diff} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--report", type=Path, help="print the table of the JSON files in this folder and stop")
+    ap.add_argument("--data")
     ap.add_argument("--placement", choices=PLACEMENTS, default="ends")
     ap.add_argument("--method", choices=("sdf", "flow"), default="flow")
     ap.add_argument("--k", default="2,3,5,10")
     ap.add_argument("--px", default="1,1.5,2,3")
     ap.add_argument("--limit", type=int)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
     args = ap.parse_args()
+    if args.report:
+        print(report(args.report))
+        return
+    if not args.data or not args.out:
+        ap.error("--data and --out are required (or --report)")
     ks = [int(k) for k in args.k.split(",")]
     pxs = [float(p) for p in args.px.split(",")]
     out = {"data": args.data, "placement": args.placement, "method": args.method, "px": pxs, "k": {}}

@@ -33,6 +33,7 @@ SETS = {
                   "left atrium (la/train), K inside", ("fill15/la_rf_inside_k{k}.json",)),
     "acdc": ("fill15/acdc_interp_k*.json", "prior15/acdc_k*.json", "ACDC (acdc/val)",
              ("acdc_rf_k{k}.json", "prior/acdc_rf_k{k}_rest.json", "fill15/acdc_rf_k{k}.json")),
+    "la_ends": ("fill15/la_interp_k*.json", "prior15/la_k*.json", "left atrium, tips painted", ()),
     "la_3px": ("la_interp_k*.json", "prior/la_k*.json", "left atrium, tips painted (fall-off 3 px)", ()),
     "la_inside_3px": ("la_interp_inside_k*.json", "prior/la_inside_k*.json", "left atrium, K inside (fall-off 3 px)", ()),
     "acdc_3px": ("acdc_interp_k*.json", "prior/acdc_k*.json", "ACDC (fall-off 3 px)", ()),
@@ -75,12 +76,20 @@ def merged(results: Path, dataset: str, k: int, method: str, steps: int | None =
     return out
 
 
+#: (set, K) -> the rows that are the dock's default: at K = 2 the runs named ``recommended`` had
+#: ``network_min_painted`` = 3 (the default then); the default became 2 after them.
+DEFAULT_AS_RUN = {("la_inside", 2): "recommended:prior.network_min_painted=2"}
+
+
 def summary(results: Path, dataset: str, k: int, steps: int) -> str:
-    """One line: ``recommended`` against the fills and rf on every volume it ran on."""
-    ours = merged(results, dataset, k, "recommended", steps)
+    """One line: the dock's default (``recommended``, :data:`DEFAULT_AS_RUN`) against the fills
+    and rf on every volume it ran on."""
+    ours = merged(results, dataset, k, DEFAULT_AS_RUN.get((dataset, k), "recommended"), steps)
     base = _baselines(results, dataset).get(k, {})
+    for fill in ("interp", "interp_flow"):  # the runs' own fills first, as in paired_rows
+        base[fill] = {**base.get(fill, {}), **merged(results, dataset, k, fill)}
     rf = rf_runs(results, dataset, k)
-    names = [n for n in ours if n in base.get("interp", {})]
+    names = [n for n in ours if n in base["interp"]]
     if not names:
         return ""
     line = f"{dataset} K = {k}, {len(names)} volumes: recommended {np.mean([ours[n] for n in names]):.3f}"
@@ -100,8 +109,9 @@ def paired_rows(results: Path, dataset: str) -> list[str]:
     files = _prior_files(results, dataset)
     for f in files:
         k, rows, data = _per_volume(f)
-        flow = baselines.get(k, {}).get("interp_flow", {})
-        sdf = baselines.get(k, {}).get("interp", {})
+        # the fills the run computed itself where it has them, else the baselines' on those volumes
+        flow = {**baselines.get(k, {}).get("interp_flow", {}), **rows.get("interp_flow", {})}
+        sdf = {**baselines.get(k, {}).get("interp", {}), **rows.get("interp", {})}
         steps = data.get("budget_steps")
         for method, by_name in rows.items():
             if method in ("interp", "interp_flow"):  # the baselines a run carries for pairing

@@ -239,10 +239,13 @@ def test_a_refresh_measures_the_agreement_once(brain, monkeypatch):
     assert calls == [0]
 
 
-def test_with_two_painted_slices_the_mask_is_the_fill(brain):
+def test_with_fewer_painted_slices_than_network_min_painted_the_mask_is_the_fill(brain):
+    assert PriorConfig().network_min_painted == 2  # the default: one painted slice gets the fill alone
     image, reference = brain
     painted = reveal_slices(reference, [3, 20], 0)
-    trainer = Trainer(_config("supervised", iterations=3), [AnnotatedPair(image, painted)], device=CPU)
+    cfg = _config("supervised", iterations=3)
+    cfg.prior.network_min_painted = 3
+    trainer = Trainer(cfg, [AnnotatedPair(image, painted)], device=CPU)
     run_sync(trainer.run(previews=False))
     assert trainer.prior.painted_count[0] == 2
     np.testing.assert_array_equal(trainer.predict_pair(0).labels, trainer.prior_mask(0))
@@ -253,8 +256,8 @@ def test_with_two_painted_slices_the_mask_is_the_fill(brain):
     certain[:, 0] = 1.0
     fill = torch.from_numpy(trainer.prior_mask(0)[11].astype(np.int64))
     fused = trainer.prior.fuser(0, agreement=1.0)(11, 12, certain)
-    assert torch.equal(fused.argmax(1)[0], fill)  # two painted slices: the fill alone
-    trainer.prior.config.network_min_painted = 2  # let the network take part
+    assert torch.equal(fused.argmax(1)[0], fill)  # two painted slices, three needed: the fill alone
+    trainer.prior.config.network_min_painted = 2  # the default lets the network take part
     fused = trainer.prior.fuser(0, agreement=1.0)(11, 12, certain)
     assert (fused.argmax(1)[0] == 0).all() and bool((fill != 0).any())
 

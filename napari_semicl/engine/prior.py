@@ -83,9 +83,11 @@ class PriorConfig:
         the fill is known to be good: a network that cannot yet reproduce the fill there is
         not allowed to overrule it elsewhere. 0 switches the gate off.
     network_min_painted : int
-        Fewer painted slices than this in a volume and the fused mask is the fill alone: the
-        fill cannot be checked on the volume (no inner painted slice), and with two painted
-        slices the network made it worse (left atrium, K = 2: -0.06 Dice, docs/benchmarks.md).
+        Fewer painted slices than this in a volume and the fused mask is the fill alone. With
+        the fill's 1.5 px fall-off, two painted slices measured +0.015 to +0.037 Dice over the
+        fill with the network (left atrium, slices inside the structure, 4 volumes) and +0.000
+        with the tips painted (2 volumes; the agreement gate kept the fill); with the earlier 3 px
+        fall-off the tips case had cost 0.06 (docs/benchmarks.md). One painted slice gets the fill.
     calibrate : bool
         With three painted slices or more, measure the interpolation on the volume itself
         (:func:`leave_one_out`) and set the band (pixels per slice) from it instead of
@@ -101,7 +103,7 @@ class PriorConfig:
     confidence_length: float = 8.0
     temperature_px: float = 2.0
     agreement_power: float = 8.0
-    network_min_painted: int = 3
+    network_min_painted: int = 2
     calibrate: bool = True
 
     def validate(self, path: str = "prior") -> None:
