@@ -9,6 +9,7 @@
 #   bash benchmarks/prior_protocol.sh fill15     # the runs after the fall-off became 1.5 px a slice (was 3):
 #                                                # OUT=docs/results/prior15; the runs above used 3
 #   bash benchmarks/prior_protocol.sh fill15_more  # the same: LA K = 2 and 10, ACDC K = 3 and 5
+#   bash benchmarks/prior_protocol.sh fill15_acdc_rest  # ACDC K = 3 on the other 14 volumes
 #   bash benchmarks/prior_protocol.sh k2_network # K = 2 with the network let in (inside volumes 3-4, ends 1-2)
 #   bash benchmarks/prior_protocol.sh baselines  # interp (3 px) and interp_flow (the plugin's fill) on every volume
 #                                                # (BASE_OUT=docs/results/fill15; ACDC has no K = 10: ~10 slices; SKIP_LA_ENDS=1 as run)
@@ -109,6 +110,13 @@ case "${1:-}" in
     bench --data "$DATA/acdc/val" --k 5 --limit "${LIMIT:-6}" --budget-steps 360 \
         --methods interp,interp_flow,recommended --out "$OUT/acdc_k5.json"
     ;;
+  fill15_acdc_rest)  # ACDC K = 3 on volumes 7-20, two jobs side by side
+    for off in 6 13; do
+      bench --data "$DATA/acdc/val" --k 3 --offset "$off" --limit 7 --budget-steps 360 \
+          --methods interp,interp_flow,recommended --out "$OUT/acdc_k3_rest_$off.json" &
+    done
+    wait
+    ;;
   k2_network)  # two painted slices: the network let in (network_min_painted=2) or not, both readings
     bench --data "$DATA/la/train" --k 2 --placement inside --offset 2 --limit 2 --budget-steps 900 \
         --methods "interp,interp_flow,recommended:prior.network_min_painted=2" --out "$OUT/la_inside_k2_more.json"
@@ -129,5 +137,5 @@ case "${1:-}" in
       bench --data "$DATA/la/train" --k "$k" --methods interp,interp_flow --out "docs/results/la_interp_k$k.json"
     done
     ;;
-  *) echo "usage: $0 fill15|fill15_more|k2_network|baselines|la|la_inside|la_inside_more|acdc_rest|seeds|acdc|interp" >&2; exit 2 ;;
+  *) echo "usage: $0 fill15|fill15_more|fill15_acdc_rest|k2_network|baselines|la|la_inside|la_inside_more|acdc_rest|seeds|acdc|interp" >&2; exit 2 ;;
 esac
