@@ -357,10 +357,8 @@ def interpolate_labels(
         if image.shape != labels.shape:
             raise DataError(f"image shape {image.shape} differs from labels shape {labels.shape}")
 
-    sampling, unit, slice_px = _plane_geometry(spacing, labels.ndim, axis)
-    if shrink is None:
-        shrink = DEFAULT_SHRINK_PX * slice_px  # default_shrink()
-    shrink = float(shrink)
+    sampling, unit, _ = _plane_geometry(spacing, labels.ndim, axis)
+    shrink = default_shrink(spacing, labels.ndim, axis) if shrink is None else float(shrink)
     background, foreground = _class_values(vol, painted, unpainted, background_value)
     n, plane = vol.shape[0], vol.shape[1:]
     absent = -float(sum(plane))  # lower than any signed distance in the plane
