@@ -21,15 +21,12 @@ import numpy as np
 from napari_semicl.bench.common import find_cases, thinnest_axis
 from napari_semicl.data.interpolation import default_shrink, interpolate_labels
 from napari_semicl.data.reveal import PLACEMENTS, choose_reveal_slices, reveal_slices
+from napari_semicl.engine.metrics import dice_per_class
 
 
 def mean_dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    dices = []
-    for v in np.unique(ref):
-        if v == 0:
-            continue
-        a, b = pred == v, ref == v
-        dices.append(2.0 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1))
+    """Mean Dice over the reference's foreground classes (nan without any)."""
+    dices = list(dice_per_class(pred, ref, np.unique(ref)).values())
     return float(np.mean(dices)) if dices else float("nan")
 
 
