@@ -97,6 +97,45 @@ def test_any_axis_gives_the_same_result(cone):
     np.testing.assert_array_equal(out.slice_distance, ref.slice_distance)
 
 
+def _moving_disc_volume(n=9, shape=(40, 56)):
+    """A disc that moves along x from slice to slice, its image, and slices 0 and n-1 painted."""
+    image = np.zeros((n, *shape), np.float32)
+    truth = np.zeros((n, *shape), np.uint8)
+    for s in range(n):
+        truth[s] = disc(shape, (20, 12 + 3 * s), 7)
+        image[s] = truth[s] * 100.0 + 10
+    painted = np.zeros_like(truth)
+    painted[[0, n - 1]] = truth[[0, n - 1]]
+    return image, painted
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_flow_on_any_axis_equals_axis_0_on_the_transposed_volume(axis):
+    """Issue 27: the image moved with the labels (axis 1 and 2 broke with a broadcast error)."""
+    image, painted = _moving_disc_volume()
+    ref = interpolate_labels(painted, axis=0, method="flow", image=image)
+    out = interpolate_labels(np.moveaxis(painted, 0, axis), axis=axis, method="flow",
+                             image=np.moveaxis(image, 0, axis))
+    assert out.method == "flow" and out.painted.tolist() == [0, 8]
+    np.testing.assert_array_equal(out.labels, np.moveaxis(ref.labels, 0, axis))
+    np.testing.assert_allclose(out.scores, np.moveaxis(ref.scores, 1, axis + 1))
+
+
+@pytest.mark.parametrize("axis", [1, 2])
+def test_cli_interpolate_on_axis_1_and_2_equals_axis_0_transposed(tmp_path, capsys, axis):
+    image, painted = _moving_disc_volume()
+    moved_img, moved_lab = np.moveaxis(image, 0, axis), np.moveaxis(painted, 0, axis)
+    ref = interpolate_labels(painted, axis=0, method="flow", image=image).labels
+    affine = np.eye(4)
+    nib.save(nib.Nifti1Image(moved_img.transpose(2, 1, 0), affine), tmp_path / "img.nii.gz")
+    nib.save(nib.Nifti1Image(moved_lab.transpose(2, 1, 0), affine), tmp_path / "lab.nii.gz")
+    code = main(["-q", "interpolate", "--labels", str(tmp_path / "lab.nii.gz"), "--image", str(tmp_path / "img.nii.gz"),
+                 "--out", str(tmp_path / "fill.nii.gz"), "--axis", str(axis)])
+    assert code == 0, capsys.readouterr().err
+    written = np.asanyarray(nib.load(tmp_path / "fill.nii.gz").dataobj).transpose(2, 1, 0)
+    np.testing.assert_array_equal(written, np.moveaxis(ref, 0, axis))
+
+
 def test_past_the_outermost_slice_the_shape_shrinks_and_vanishes():
     lab = np.zeros((12, 40, 40), np.uint8)
     lab[3] = disc((40, 40), (20, 20), 9)

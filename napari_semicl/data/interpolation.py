@@ -374,7 +374,8 @@ def interpolate_labels(
     peaks = maps.reshape(len(painted), len(foreground), -1).max(axis=2) if foreground else np.zeros(present.shape)
 
     fg_scores = np.empty((len(foreground), n, *plane), np.float32)
-    warp = _flow_warper(image if not flat else labels, flow_radius) if (method == "flow" and not flat) else None
+    # the image travels with the labels: its slicing axis moves to the front too
+    warp = _flow_warper(np.moveaxis(image, axis, 0), flow_radius) if (method == "flow" and not flat) else None
 
     # past the outermost painted slices: the nearest map minus `shrink` per slice
     for i, outside in ((0, range(int(painted[0]) - 1, -1, -1)), (len(painted) - 1, range(int(painted[-1]) + 1, n))):
