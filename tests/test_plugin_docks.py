@@ -204,13 +204,13 @@ def test_train_dock_fits_a_1600_by_1000_window(make_napari_viewer, qtbot):
     qtbot.wait(200)
     QApplication.processEvents()
     assert window.height() <= 1000
-    row = train._rows[0]
+    row = train.rows[0]
     for widget in (row.image_combo, row.remove_button, row.labels_combo, train.method_combo, train.budget_combo,
                    train.iterations_spin, train.train_button, train.stop_button, train.resume_button,
                    train.progress_bar, train.eta_label, train.loss_label, train.dice_label, train.status_label,
                    train.mark_button, train.unmark_button):
         assert _fully_visible(widget), type(widget).__name__ + " " + getattr(widget, "text", lambda: "")() + " " + str(widget.visibleRegion().boundingRect())
-    assert train._scroll.verticalScrollBar().value() == 0
+    assert train.scroll_area.verticalScrollBar().value() == 0
 
     for dock in ("Export mask", REVIEW, "Annotate next", CURVES, "Feature space (t-SNE)"):
         open_dock(viewer, dock)
@@ -234,11 +234,11 @@ def test_a_reference_mask_is_not_chosen_to_train_on(crop_viewer, qtbot):
     gt = viewer.add_labels(np.zeros(image.data.shape, np.uint16), name="t1 crop_gt")  # as the reader names it
     viewer.layers.selection.active = gt
     train = open_dock(viewer, TRAIN)
-    assert train._rows[0].labels_combo.currentText() != gt.name
+    assert train.rows[0].labels_combo.currentText() != gt.name
     assert [lab for _, lab in train.pairs()] == [None]
     viewer.add_labels(np.zeros(image.data.shape, np.uint16), name="case_01 reference")
     assert [lab for _, lab in train.pairs()] == [None]
-    train._rows[0].new_labels_button.click()  # a fresh layer to paint: chosen
+    train.rows[0].new_labels_button.click()  # a fresh layer to paint: chosen
     assert [lab.name for _, lab in train.pairs()] == [f"{image.name} labels"]
     train.set_pair(0, image, gt)  # still possible by hand
     assert [lab.name for _, lab in train.pairs()] == [gt.name]

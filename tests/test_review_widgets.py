@@ -21,7 +21,7 @@ from napari_semicl.widgets.curves_widget import DICE, CurvesWidget  # noqa: E402
 from napari_semicl.widgets.feature_plot import FeaturePlotWidget  # noqa: E402
 from napari_semicl.widgets.review_widget import ReviewWidget  # noqa: E402
 from napari_semicl.widgets.suggest_widget import SuggestWidget  # noqa: E402
-from napari_semicl.widgets.train_widget import TrainWidget  # noqa: E402
+from napari_semicl.widgets.train import TrainWidget  # noqa: E402
 
 CROP = slice(28, 52)
 PAINTED = (2, 20)

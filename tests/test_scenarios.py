@@ -40,7 +40,7 @@ def test_open_paint_validate_train_review_resume_export(make_napari_viewer, qtbo
     # the Train dock: the reference is not offered as what to train on; a new layer is
     train = open_dock(viewer, "Train (semi-supervised)")
     assert [lab for _, lab in train.pairs()] == [None]
-    train._rows[0].new_labels_button.click()
+    train.rows[0].new_labels_button.click()
     labels = viewer.layers[f"{image.name} labels"]
     assert [(im.name, lab.name) for im, lab in train.pairs()] == [(image.name, labels.name)]
 

@@ -25,7 +25,7 @@ from napari_semicl.engine.events import Finished, StepDone  # noqa: E402
 from napari_semicl.io.sample import SAMPLE_IMAGE_FILE, sample_data_dir  # noqa: E402
 from napari_semicl.widgets.export_widget import ExportWidget  # noqa: E402
 from napari_semicl.widgets.launch import add_sample_layers  # noqa: E402
-from napari_semicl.widgets.train_widget import TrainWidget  # noqa: E402
+from napari_semicl.widgets.train import TrainWidget  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def test_dock_defaults_and_new_labels_layer(sample_viewer, qtbot):
     assert widget.method_combo.count() >= 2
     assert widget.device_label.text().startswith("Device: ")
 
-    row = widget._rows[0]
+    row = widget.rows[0]
     row.new_labels_button.click()
     new = viewer.layers[-1]
     assert isinstance(new, napari.layers.Labels)
@@ -304,7 +304,7 @@ def test_closing_the_dock_stops_training(sample_viewer, qtbot, tmp_path, monkeyp
     assert widget.start_training()
     trainer = widget.trainer
     qtbot.waitUntil(lambda: trainer.step >= 2, timeout=30_000)
-    control = widget._control
+    control = widget.run.control
     t0 = time.perf_counter()
     viewer.window.remove_dock_widget(widget)  # the dock's "x"
     assert time.perf_counter() - t0 < 8
@@ -322,7 +322,7 @@ def test_closing_the_viewer_stops_training(sample_viewer, qtbot, tmp_path, monke
     widget = make_train_widget(viewer, tmp_path, monkeypatch, iterations=100_000)
     assert widget.start_training()
     trainer = widget.trainer
-    control = widget._control
+    control = widget.run.control
     qtbot.waitUntil(lambda: trainer.step >= 2, timeout=30_000)
     t0 = time.perf_counter()
     viewer.close()  # napari cancels its tasks (worker.quit), then deletes the dock

@@ -14,7 +14,7 @@ from test_wsi import CELL, _he_tiles
 
 from napari_semicl.bench.slides import write_mosaic_slide
 from napari_semicl.io._npe2 import get_reader
-from napari_semicl.widgets.train_widget import TrainWidget
+from napari_semicl.widgets.train import TrainWidget
 
 pytestmark = pytest.mark.gui
 

@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 from napari.utils import notifications
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox, QWidget
 
-from ..data.interpolation import interpolate_labels
-from ..engine.prior import INTERPOLATION_CHOICES
-from ..errors import SemiclError
-from . import _layers
-from ._link import start_worker
+from ...data.interpolation import interpolate_labels
+from ...engine.prior import INTERPOLATION_CHOICES
+from ...errors import SemiclError
+from .._worker import start_worker
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,18 @@ class PriorControls(QWidget):
 
     Parameters
     ----------
-    train_widget : TrainWidget
-        Its chosen pairs, slicing axis and 'unpainted means background' setting.
+    prepare : callable
+        ``prepare() -> (cfg, snapshots, image names)``: the dock's config and snapshots of the
+        chosen pairs; raises SemiclError or ValueError when there is nothing to fill.
+    show : callable
+        ``show(image name, labels)``: puts a filled volume into that image's prediction layer.
+    status : callable
+        ``status(text)``: the dock's status line.
     """
 
-    def __init__(self, train_widget) -> None:
-        super().__init__(train_widget)
-        self.train_widget = train_widget
+    def __init__(self, *, prepare: Callable, show: Callable, status: Callable, parent=None) -> None:
+        super().__init__(parent)
+        self._prepare, self._show_labels, self._status = prepare, show, status
         self.busy = False
         self._request = 0  # the newest fill; its stages: signed distance, then optical flow
         self._shown_stage: dict[int, int] = {}
@@ -151,14 +156,11 @@ class PriorControls(QWidget):
     def fill_between_slices(self, *, wait: bool = False) -> bool:
         """Interpolate the chosen pairs into their prediction layers (in a worker unless
         ``wait``). Returns False, with a notification, when there is nothing to fill."""
-        tw = self.train_widget
         try:
-            cfg = tw.build_config()
-            pairs = tw.snapshot(cfg.wsi)
+            cfg, pairs, images = self._prepare()  # images by name: the dock may hold layer proxies
         except (SemiclError, ValueError) as exc:
             notifications.show_warning(f"Cannot fill between slices: {exc}")
             return False
-        images = [image.name for image, _ in tw.pairs()]  # by name: the dock may hold layer proxies
         kwargs = {"axis": cfg.data.axis, "unpainted": cfg.data.unpainted}
         method = cfg.prior.interpolation
         # the signed-distance fill first (well under a second), then the image-aware one
@@ -188,9 +190,8 @@ class PriorControls(QWidget):
         messages = []
         for i, labels, message in results:
             messages.append(message)
-            image = _layers._find(self.train_widget.viewer, images[i], _layers.Image) if i < len(images) else None
-            if labels is not None and image is not None:
-                _layers.show_prediction(self.train_widget.viewer, image, labels)
+            if labels is not None and i < len(images):
+                self._show_labels(images[i], labels)
         text = "; ".join(messages)
         if not last:
             text += " (refining it by optical flow between the image slices...)"
@@ -200,7 +201,7 @@ class PriorControls(QWidget):
                 notifications.show_info(f"Filled between slices: {text}")
             else:
                 notifications.show_warning(f"Nothing filled: {text}")
-        self.train_widget.status_label.setText(text)
+        self._status(text)
 
     def _on_error(self, exc: Exception) -> None:
         self.busy = False
