@@ -56,11 +56,10 @@ def test_scribbles_are_refused_with_a_message(dock, qtbot):
     assert "t1 prediction" not in [layer.name for layer in viewer.layers]
 
 
-def test_train_with_the_prior_starts_from_the_filled_shape(dock, qtbot, tmp_path, monkeypatch):
-    from test_widgets import small_network
+def test_train_with_the_prior_starts_from_the_filled_shape(dock, qtbot, tmp_path, monkeypatch, small_network):
 
     viewer, img, ref, train = dock
-    small_network(train, monkeypatch)
+    small_network(train)
     train.prior_controls.context_spin.setValue(1)
     train.iterations_spin.setValue(3)
     train.patch_spin.setValue(32)
