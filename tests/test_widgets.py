@@ -75,21 +75,6 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-def small_network(widget: TrainWidget, monkeypatch) -> None:
-    """Keep the dock's config but train a small U-Net (test speed only)."""
-    build = widget.build_config
-
-    def build_small():
-        cfg = build()
-        cfg.model.base_channels = 8
-        cfg.model.depth = 3
-        cfg.data.batch_labelled = 2
-        cfg.data.batch_unlabelled = 2
-        return cfg
-
-    monkeypatch.setattr(widget, "build_config", build_small)
-
-
 def record_events(widget: TrainWidget) -> list:
     events: list = []
     widget.worker.yielded.connect(events.append)
@@ -104,10 +89,10 @@ def sample_viewer(make_napari_viewer):
     return viewer, image, reference, painted
 
 
-def make_train_widget(viewer, tmp_path, monkeypatch, *, iterations, method="supervised") -> TrainWidget:
+def make_train_widget(viewer, tmp_path, small_network, *, iterations, method="supervised") -> TrainWidget:
     widget = TrainWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Train (semi-supervised)")
-    small_network(widget, monkeypatch)
+    small_network(widget)
     widget.method_combo.setCurrentText(method)
     widget.iterations_spin.setValue(iterations)
     widget.patch_spin.setValue(64)
@@ -182,10 +167,10 @@ def test_train_with_empty_labels_notifies(sample_viewer, qtbot, tmp_path, monkey
     assert len(viewer.layers) == n_layers
 
 
-def test_train_live_labels_stop_resume(crop_viewer, qtbot, tmp_path, monkeypatch):
+def test_train_live_labels_stop_resume(crop_viewer, qtbot, tmp_path, small_network):
     viewer, image, reference, painted = crop_viewer
     paint(painted, reference, (*CROP_PAINTED, CROP_VALIDATION))
-    widget = make_train_widget(viewer, tmp_path, monkeypatch, iterations=100_000)
+    widget = make_train_widget(viewer, tmp_path, small_network, iterations=100_000)
     widget.refresh_spin.setValue(5)
     assert widget.pairs() == [(image, painted)]
     viewer.dims.set_current_step(0, CROP_VALIDATION)
@@ -257,10 +242,10 @@ def test_train_live_labels_stop_resume(crop_viewer, qtbot, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("method", ["arco", "plgcl"])
-def test_review_layers_show_the_sampler_on_the_current_slice(crop_viewer, qtbot, tmp_path, monkeypatch, method):
+def test_review_layers_show_the_sampler_on_the_current_slice(crop_viewer, qtbot, tmp_path, small_network, method):
     viewer, image, reference, painted = crop_viewer
     paint(painted, reference, CROP_PAINTED)
-    widget = make_train_widget(viewer, tmp_path, monkeypatch, iterations=12, method=method)
+    widget = make_train_widget(viewer, tmp_path, small_network, iterations=12, method=method)
     widget.refresh_spin.setValue(5)
     widget.method_settings.control("warmup_steps").setValue(1)
     if method == "arco":
@@ -297,10 +282,10 @@ def test_review_layers_show_the_sampler_on_the_current_slice(crop_viewer, qtbot,
     assert [layer.name for layer in viewer.layers][:3] == [image.name, reference.name, painted.name]
 
 
-def test_closing_the_dock_stops_training(sample_viewer, qtbot, tmp_path, monkeypatch):
+def test_closing_the_dock_stops_training(sample_viewer, qtbot, tmp_path, small_network):
     viewer, image, reference, painted = sample_viewer
     paint(painted, reference, PAINTED)
-    widget = make_train_widget(viewer, tmp_path, monkeypatch, iterations=100_000)
+    widget = make_train_widget(viewer, tmp_path, small_network, iterations=100_000)
     assert widget.start_training()
     trainer = widget.trainer
     qtbot.waitUntil(lambda: trainer.step >= 2, timeout=30_000)
@@ -316,10 +301,10 @@ def test_closing_the_dock_stops_training(sample_viewer, qtbot, tmp_path, monkeyp
     assert trainer.step == step
 
 
-def test_closing_the_viewer_stops_training(sample_viewer, qtbot, tmp_path, monkeypatch):
+def test_closing_the_viewer_stops_training(sample_viewer, qtbot, tmp_path, small_network):
     viewer, image, reference, painted = sample_viewer
     paint(painted, reference, PAINTED)
-    widget = make_train_widget(viewer, tmp_path, monkeypatch, iterations=100_000)
+    widget = make_train_widget(viewer, tmp_path, small_network, iterations=100_000)
     assert widget.start_training()
     trainer = widget.trainer
     control = widget.run.control
@@ -335,10 +320,10 @@ def test_closing_the_viewer_stops_training(sample_viewer, qtbot, tmp_path, monke
     assert trainer.step == step
 
 
-def test_export_prediction_nifti(sample_viewer, qtbot, tmp_path, monkeypatch):
+def test_export_prediction_nifti(sample_viewer, qtbot, tmp_path, monkeypatch, small_network):
     viewer, image, reference, painted = sample_viewer
     paint(painted, reference, PAINTED)
-    widget = make_train_widget(viewer, tmp_path, monkeypatch, iterations=4)
+    widget = make_train_widget(viewer, tmp_path, small_network, iterations=4)
     widget.refresh_spin.setValue(1000)  # one whole-volume prediction, at the end
     assert widget.start_training()
     events = record_events(widget)
