@@ -53,6 +53,7 @@ from .distributed import setup as setup_distributed
 from .events import Analysed, DataUpdated, Finished, Notice, Preview, Reviewed, Started, StepDone
 from .fusion import PairPredictions
 from .inference import Prediction, is_out_of_memory, predict_volume
+from .memory import fit_training_memory
 from .persistence import (
     CHECKPOINT_NAME,
     AnnotationsAutosave,
@@ -139,6 +140,8 @@ class Trainer:
             Notice("warning", f"'{self.pairs[p].name}': {n} NaN/Inf voxel(s) are treated as the image minimum")
             for p, n in sorted(getattr(self.dataset, "non_finite", {}).items())
         ]
+        # memory estimated before it is spent: defaults shrink (with a notice), forced settings are refused
+        self._notices += [Notice("warning", n) for n in fit_training_memory(self.config, self.dataset, self.device)]
         self._autosave = AnnotationsAutosave(self.out_dir)
         if self.method.uses_unlabelled and not self.dataset.unlabelled:
             self._notices.append(Notice("warning", "no unlabelled slice: the consistency term uses labelled slices"))
