@@ -40,6 +40,7 @@ from .autosave import save_annotations
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .device import describe_device, pick_device, set_threads
+from .precision import MixedPrecision
 from .distributed import setup as setup_distributed
 from .events import (
     Analysed,
@@ -123,7 +124,8 @@ class Trainer:
             )
         self.config.model.in_channels = self.dataset.in_channels
         self.config.model.n_classes = self.dataset.n_classes
-        self.model = build_model(self.config.model).to(self.device)
+        self.amp = MixedPrecision(self.config.model.precision, self.device, self.config.model.spatial_dims)
+        self.model = self.amp.prepare(build_model(self.config.model).to(self.device))  # channels_last in 2D
         self.method = get_method(self.config.method)(self.config, self.model)
         self.optimizer = torch.optim.AdamW(
             [*self.model.parameters(), *self.method.extra_parameters()], lr=self.config.optim.lr, weight_decay=self.config.optim.weight_decay
@@ -307,7 +309,8 @@ class Trainer:
         batch = self.dataset.sample_batch(self._rng, self.device, with_unlabelled=self.method.uses_unlabelled,
                                           dense_share=share)
         def compute() -> dict:
-            return self.method.compute_losses(batch, step=self.step, generator=self._torch_gen)
+            with self.amp.autocast():  # bf16/fp16 autocast, or nothing (engine.precision)
+                return self.method.compute_losses(batch, step=self.step, generator=self._torch_gen)
 
         if self.dist.active and self._ddp is None:
             self._ddp = self.dist.wrap(self.model, self.method.modules, self.device)
@@ -322,8 +325,7 @@ class Trainer:
                 "(optim.lr) or check the image for extreme values"
             )
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        self.amp.step(total, self.optimizer)  # backward and step (the loss scaled for fp16)
         self.method.after_step(self.step)
         self.step += 1
         return out
@@ -428,7 +430,7 @@ class Trainer:
             budget_s = None
         else:
             target, budget_s = None, cfg.minutes * 60.0
-        where = describe_device(self.device, threads)
+        where = describe_device(self.device, threads, self.amp.precision)
         if self.dist.active:
             where += f" x {self.dist.world_size} processes"
         yield from self._emit(Started(where, self.step, target, budget_s, self.dataset.summary()))
@@ -761,7 +763,7 @@ def load_predictor(path, *, device=None):
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"the checkpoint does not fit its own config: {str(exc).splitlines()[0]}") from None
-    return model.to(device).eval(), config
+    return MixedPrecision(config.model.precision, device, config.model.spatial_dims).prepare(model.to(device)).eval(), config
 
 
 def run_sync(gen: Generator, callback: Callable | None = None):
