@@ -40,6 +40,7 @@ from .engine import (
 )
 from .engine.apply import Predictor, predict_file, read_input_image
 from .engine.config import UNPAINTED_CHOICES, set_option
+from .engine.device import default_cpu_threads, set_threads
 from .engine.distributed import env_rank, env_world_size
 from .engine.distributed import shutdown as shutdown_distributed
 from .engine.prior import INTERPOLATION_CHOICES, PRIOR_MODES
@@ -526,6 +527,13 @@ def cmd_bench(args) -> int:
             image, reference = read_image(args.image).data, read_labels(args.reference).data
             if image.shape != reference.shape:
                 raise DataError(f"bench speed: image {image.shape} and reference {reference.shape} differ in shape")
+        if args.compare:  # issue 26: today's default against the new one and each factor, one run
+            data = speed_mod.compare_defaults(image=image, reference=reference, method=(methods or ["recommended"])[0],
+                                              rounds=args.rounds, steps=args.steps, device=device)
+            Path(args.out).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+            print(json.dumps({"out": args.out, "variants": {k: {m: v[m] for m in ("steps_per_minute_x",
+                              "steps_per_cpu_minute_x", "inference_slices_per_minute_x")} for k, v in data["variants"].items()}}, indent=2))
+            return 0
         data = speed_mod.speed(methods=methods, steps=args.steps, device=device, threads=args.threads,
                                image=image, reference=reference, patch_size=args.patch_size, batch=args.batch,
                                spatial_dims=args.spatial_dims, patch_depth=args.patch_depth)
@@ -701,6 +709,10 @@ def build_parser() -> argparse.ArgumentParser:
     s_.add_argument("--batch", type=int, default=4, help="labelled and unlabelled crops per step (default 4 each)")
     s_.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2, help="2: slice network, 3: 3D patches")
     s_.add_argument("--patch-depth", type=int, default=0, help="3D: patch depth (default: --patch-size)")
+    s_.add_argument("--compare", action="store_true",
+                    help="today's default (fp32, one thread) against the new one (bf16, channels_last, all cores) "
+                         "and each factor; --methods names one method or 'recommended' (default)")
+    s_.add_argument("--rounds", type=int, default=3, help="--compare: rounds of --steps steps per variant")
     s_.add_argument("--image", help="a volume to train on and infer (default: the bundled sample)")
     s_.add_argument("--reference", help="its labels (three slices are revealed for training)")
     r = bsub.add_parser("report", help="markdown tables from results JSON files (and a Dice-vs-K plot)")
@@ -753,6 +765,8 @@ def main(argv=None) -> int:
         level=logging.WARNING if args.quiet or (ranks and env_rank() != 0) else logging.INFO,
         format=f"%(asctime)s %(levelname)s{where} %(message)s", datefmt="%H:%M:%S", stream=sys.stderr,
     )
+    if not ranks:  # the cores the machine gives this process (OMP_NUM_THREADS wins), issue 26
+        set_threads(default_cpu_threads())
     try:
         return int(args.func(args) or 0)
     except (SemiclError, CliError, FileNotFoundError, FileExistsError, ValueError, OSError) as exc:

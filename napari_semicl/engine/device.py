@@ -57,6 +57,35 @@ def cpu_thread_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def idle_cores(cores: int | None = None, load: float | None = None) -> int:
+    """The cores not busy with other work: ``cores`` (default :func:`cpu_thread_count`) less
+    the 1-minute load average (``load``, default ``os.getloadavg()[0]``; 0 where the system
+    does not say), rounded, and at least 1."""
+    cores = cpu_thread_count() if cores is None else int(cores)
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            load = 0.0
+    return max(1, min(cores, cores - int(round(load))))
+
+
+def default_cpu_threads() -> int:
+    """Torch threads for the CLI and the benchmarks: ``OMP_NUM_THREADS`` where it is set (a
+    launcher's or the user's choice), else the cores this process may use that are idle
+    (:func:`idle_cores`).
+
+    A thread on a core that another process keeps busy stalls every parallel operation of the
+    step: on this project's 2-core machine, U-Net steps with 2 threads took 10x longer than
+    with 1 while other processes ran (docs/results/speed_bf16.json, ``threads``), and about
+    0.6x as long with the second core idle (issue 26).
+    """
+    forced = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if forced.isdigit() and int(forced) > 0:
+        return int(forced)
+    return idle_cores()
+
+
 def set_threads(n: int | None) -> int:
     """Set torch's intra-op threads (``None`` or 0 leaves them as they are); returns the count.
 
