@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from ..engine.device import default_cpu_threads, set_threads
 from ..engine.distributed import env_rank, env_world_size
 from ..engine.distributed import shutdown as shutdown_distributed
 from ..errors import SemiclError
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
         level=logging.WARNING if args.quiet or (ranks and env_rank() != 0) else logging.INFO,
         format=f"%(asctime)s %(levelname)s{where} %(message)s", datefmt="%H:%M:%S", stream=sys.stderr,
     )
+    if not ranks:  # the cores the machine gives this process (OMP_NUM_THREADS wins), issue 26
+        set_threads(default_cpu_threads())
     try:
         return int(args.func(args) or 0)
     except (SemiclError, CliError, FileNotFoundError, FileExistsError, ValueError, OSError) as exc:

@@ -140,6 +140,10 @@ def _speed_arguments(s) -> None:
     s.add_argument("--batch", type=int, default=4, help="labelled and unlabelled crops per step (default 4 each)")
     s.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2, help="2: slice network, 3: 3D patches")
     s.add_argument("--patch-depth", type=int, default=0, help="3D: patch depth (default: --patch-size)")
+    s.add_argument("--compare", action="store_true",
+                   help="today's default (fp32, one thread) against the new one (bf16, channels_last, all cores) "
+                        "and each factor; --methods names one method or 'recommended' (default)")
+    s.add_argument("--rounds", type=int, default=3, help="--compare: rounds of --steps steps per variant")
     s.add_argument("--image", help="a volume to train on and infer (default: the bundled sample)")
     s.add_argument("--reference", help="its labels (three slices are revealed for training)")
 
@@ -157,6 +161,16 @@ def _speed(args) -> int:
         image, reference = read_image(args.image).data, read_labels(args.reference).data
         if image.shape != reference.shape:
             raise DataError(f"bench speed: image {image.shape} and reference {reference.shape} differ in shape")
+    if args.compare:  # issue 26: today's default against the new one and each factor, one run
+        from ..bench.speed import compare_defaults
+
+        data = compare_defaults(image=image, reference=reference, method=(_methods(args) or ["recommended"])[0],
+                                rounds=args.rounds, steps=args.steps, device=device)
+        write_json(args.out, data)
+        print(json.dumps({"out": args.out, "variants": {k: {m: v[m] for m in (
+            "steps_per_minute_x", "steps_per_cpu_minute_x", "inference_slices_per_minute_x")}
+            for k, v in data["variants"].items()}}, indent=2))
+        return 0
     data = speed(methods=_methods(args), steps=args.steps, device=device, threads=args.threads,
                  image=image, reference=reference, patch_size=args.patch_size, batch=args.batch,
                  spatial_dims=args.spatial_dims, patch_depth=args.patch_depth)
