@@ -736,6 +736,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
         q.add_argument("--out", required=True, help="results JSON (written as results arrive)")
     b.set_defaults(func=cmd_bench)
+    from .bench.session import add_session_arguments, run_session_command  # issue 26: bench session
+    add_session_arguments(bsub.add_parser("session", help="a simulated annotator paints slices until the Dice target"))
+    bsub.choices["session"].set_defaults(func=run_session_command)
 
     j = sub.add_parser("job", help=argparse.SUPPRESS)  # a rank of the Train dock's torchrun run (engine/launch.py)
     j.add_argument("job_dir")
