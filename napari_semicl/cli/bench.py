@@ -260,6 +260,19 @@ def _wsi(args) -> int:
     return 0
 
 
+# --- session --------------------------------------------------------------------------------------
+def _session_arguments(q) -> None:
+    from ..bench.session import add_session_arguments
+
+    add_session_arguments(q)
+
+
+def _session(args) -> int:
+    from ..bench.session import run_session_command
+
+    return run_session_command(args)
+
+
 #: Every benchmark, in the order ``bench --help`` lists them. A new benchmark is a new entry.
 BENCHES: tuple[Bench, ...] = (
     Bench("within-volume", "reveal K slices per volume, score the rest", _within_volume_arguments, _within_volume),
@@ -272,6 +285,8 @@ BENCHES: tuple[Bench, ...] = (
     Bench("histology", "H&E tiles (MoNuSeg): N labelled, the rest unlabelled and scored", _histology_arguments,
           _histology),
     Bench("wsi", "a slide built from real tiles: open, train, predict, export; peak memory", _wsi_arguments, _wsi),
+    Bench("session", "a simulated annotator paints slices until the Dice target (fill, mci, network)",
+          _session_arguments, _session, results=False),  # its own --seed, --device and --out
 )
 
 
