@@ -122,7 +122,8 @@ def test_slide_metrics_write_that_fails_keeps_the_old_file(tmp_path, monkeypatch
 
     cell = 128
     img = immunohistochemistry()
-    tiles = [np.ascontiguousarray(img[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]) for r in (0, 1) for c in (0, 1)]
+    tiles = [np.ascontiguousarray(img[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell])
+             for r in (0, 1) for c in (0, 1)]
     slide = write_mosaic_slide(tmp_path / "slide.ome.tif", tiles, np.array([[0, 1], [2, 3]]), tile=128, min_size=128)
     painted = np.zeros((2 * cell, 2 * cell), np.uint8)
     painted[10:40, 10:40], painted[80:110, 80:110] = 1, 2

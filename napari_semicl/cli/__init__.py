@@ -28,18 +28,13 @@ from ..engine.distributed import env_rank, env_world_size
 from ..engine.distributed import shutdown as shutdown_distributed
 from ..errors import SemiclError
 from .common import CliError
-from .parser import COMMANDS
-from .parser import build_parser as _build_parser
+from .parser import COMMANDS, build_parser
 
 __all__ = ["COMMANDS", "CliError", "build_parser", "main"]
 
 
-def build_parser():
-    """The ``napari-semicl`` argument parser."""
-    return _build_parser(description=__doc__.split("\n\n")[0])
-
-
 def main(argv=None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     # under torchrun: rank 0 logs progress, the other ranks only warnings and errors, named

@@ -17,7 +17,8 @@ from .common import CliError, Command
 
 def arguments(ip) -> None:
     ip.add_argument("--labels", required=True, help="painted labels: a few whole slices")
-    ip.add_argument("--image", required=True, help="the image: gives the geometry, and the intensities for --method flow")
+    ip.add_argument("--image", required=True,
+                    help="the image: gives the geometry, and the intensities for --method flow")
     ip.add_argument("--out", required=True, help="mask file (.nii.gz, .nii, .tif), written with the image's geometry")
     ip.add_argument("--axis", type=int, help="slicing axis (default: the axis with the fewest slices)")
     ip.add_argument("--method", choices=INTERPOLATION_CHOICES, default="flow",

@@ -8,6 +8,8 @@ from .. import __version__
 from . import bench, demo, evaluate, interpolate, job, predict, train
 from .common import Command
 
+DESCRIPTION = "Command line: everything the train dock does, without Qt."
+
 #: Every subcommand, in the order ``--help`` lists them. A new command is a module with a
 #: ``COMMAND`` (its flags and its function) and an entry here.
 COMMANDS: tuple[Command, ...] = (
@@ -33,8 +35,9 @@ class _Choices(dict):
         return (name for name in super().__iter__() if name not in self.hidden)
 
 
-def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="napari-semicl", description=description)
+def build_parser() -> argparse.ArgumentParser:
+    """The ``napari-semicl`` argument parser; ``args.func(args)`` runs the chosen command."""
+    parser = argparse.ArgumentParser(prog="napari-semicl", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"napari-semicl {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     shown = [command.name for command in COMMANDS if not command.hidden]

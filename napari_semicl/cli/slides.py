@@ -91,7 +91,8 @@ def train_slides(args, cfg: TrainConfig, out: Path, labels: list) -> int:
             work = work_zarr(target)
             pyramid, info = predict_slide_pair(
                 trainer.method.inference_model(), pair, work, class_values=trainer.dataset.class_values,
-                device=trainer.device, overlap=trainer.config.wsi.overlap, progress=tile_progress(f"predicting {pair.name}"),
+                device=trainer.device, overlap=trainer.config.wsi.overlap,
+                progress=tile_progress(f"predicting {pair.name}"),
             )
             path = export_prediction(pyramid, work, target, tile=pair.grid.tile, overwrite=True)
             log.info("prediction written to %s (%d tiles in %.1f s)", path, info["tiles"], info["seconds"])
