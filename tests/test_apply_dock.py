@@ -77,9 +77,11 @@ def test_apply_the_run_and_its_checkpoint_to_a_second_image(make_napari_viewer, 
     assert "csf" in list(pred.features["class_name"])
     from_run = np.array(pred.data, copy=True)
 
+    names = [layer.name for layer in viewer.layers]
+    pred.data = np.zeros_like(from_run)  # only the checkpoint's prediction can bring the run's back
     apply.set_checkpoint(checkpoint)
     apply_and_wait(apply, qtbot)
-    assert viewer.layers["second prediction"] is not None
+    assert [layer.name for layer in viewer.layers] == names  # the same layers, refreshed in place
     np.testing.assert_array_equal(viewer.layers["second prediction"].data, from_run)
     assert "checkpoint.pt" in apply.status_label.text()
 
