@@ -2,8 +2,10 @@
 # Runs the app (README: "run the app"):
 #   bash scripts/run_app.sh [args...]
 # Installs torch and napari-semicl into the current Python (see scripts/install.sh). Then:
-# - with a display ($DISPLAY or $WAYLAND_DISPLAY set, or macOS): opens napari with the plugin's
-#   docks and the sample volume (python -m napari_semicl.widgets.launch [args...]);
+# - with a display ($DISPLAY or $WAYLAND_DISPLAY set, or macOS): opens napari with the sample
+#   volume and the plugin's Train and Export docks, opened through napari's Plugins mechanism
+#   (viewer.window.add_plugin_dock_widget("napari-semicl", ...), as Plugins > napari-semicl does:
+#   python -m napari_semicl.widgets.launch [args...]);
 # - without one: the headless loop, `napari-semicl demo --out "${OUT_DIR:-./semicl_out}" [args...]`
 #   (sample image, a few revealed slices, train, predict, evaluate); it ends by printing where
 #   the mask went.

@@ -242,3 +242,17 @@ def test_method_settings_are_readable_in_the_dock(crop_viewer, qtbot):
         assert label.text() not in (name, name.replace("_", " ")), label.text()
         assert control.toolTip().startswith(f"{name}: ") and len(control.toolTip()) > 20
     assert "entropy" in layout.labelForField(form.control("patch_size")).text().lower()
+
+
+def test_run_app_opens_the_docks_through_the_plugins_menu(make_napari_viewer, qtbot):
+    """scripts/run_app.sh (``widgets.launch.add_docks``) opens Train and Export as
+    Plugins > napari-semicl does: from the manifest, with napari's proxy viewer."""
+    from napari_semicl.widgets.export_widget import ExportWidget
+    from napari_semicl.widgets.launch import add_docks
+    from napari_semicl.widgets.train import TrainWidget
+
+    viewer = make_napari_viewer()
+    train, export = add_docks(viewer)
+    assert isinstance(train, TrainWidget) and isinstance(export, ExportWidget)
+    assert type(train.viewer).__name__ == type(export.viewer).__name__ == "PublicOnlyProxy"
+    assert {f"{TRAIN} ({PLUGIN})", f"Export mask ({PLUGIN})"} <= set(viewer.window.dock_widgets)

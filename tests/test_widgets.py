@@ -331,8 +331,9 @@ def test_export_prediction_nifti(sample_viewer, qtbot, tmp_path, monkeypatch, sm
     assert [e.reason for e in events if isinstance(e, Finished)] == ["budget"]
     prediction = viewer.layers[f"{image.name} prediction"]
 
-    export = ExportWidget(viewer)
-    qtbot.addWidget(export)
+    # as users open it (Plugins > napari-semicl > Export mask): a proxy viewer, new layer objects
+    _, export = viewer.window.add_plugin_dock_widget("napari-semicl", "Export mask")
+    assert isinstance(export, ExportWidget)
     assert export.labels_combo.currentText() == prediction.name  # the newest prediction
     target = tmp_path / "mask.nii.gz"
     with qtbot.waitSignal(export.exported, timeout=30_000):

@@ -43,16 +43,13 @@ def add_sample_layers(viewer) -> tuple:
 
 
 def add_docks(viewer) -> tuple:
-    """Add the Train and Export docks on the right; returns (train, export) widgets."""
+    """Open the Train and Export docks the way the Plugins menu does
+    (``viewer.window.add_plugin_dock_widget``, from the npe2 manifest); the Export dock
+    is a tab beside Train. Returns (train, export) widgets."""
     from qtpy.QtCore import QTimer
 
-    from .export_widget import ExportWidget
-    from .train import TrainWidget
-
-    train = TrainWidget(viewer)
-    export = ExportWidget(viewer)
-    train_dock = viewer.window.add_dock_widget(train, name=TRAIN_DOCK_NAME, area="right")
-    viewer.window.add_dock_widget(export, name=EXPORT_DOCK_NAME, area="right", tabify=True)
+    train_dock, train = viewer.window.add_plugin_dock_widget("napari-semicl", TRAIN_DOCK_NAME)
+    _, export = viewer.window.add_plugin_dock_widget("napari-semicl", EXPORT_DOCK_NAME, tabify=True)
     train_dock.raise_()  # show the Train tab first (again once the tabs exist)
     QTimer.singleShot(0, train_dock.raise_)
     return train, export

@@ -86,8 +86,10 @@ class TrainWidget(QWidget):
         self.validation_box = ValidationBox(viewer, run, active_pair=self.pairs_view.active_pair,
                                             axis=self.form.axis_spin.value)
         self.classes_box = ClassTable(viewer, run, pairs=self.pairs, background=self.form.background_check.isChecked)
+        # late-bound: a script (or test) that replaces the dock's build_config is obeyed
         self.controller = RunController(
-            viewer, run, build_config=self.build_config, snapshot=self.snapshot, chosen_layers=self.pairs,
+            viewer, run, build_config=lambda: self.build_config(), snapshot=lambda wsi=None: self.snapshot(wsi),
+            chosen_layers=self.pairs,
             budget=self.form.budget, run_folder=self.form.run_folder_text,
             validation_of=self.validation_box.slices_of, active_pair=self.pairs_view.active_pair,
             began=self._on_began, status=self._set_status, starting=self.presenter.starting,
