@@ -80,8 +80,8 @@ def _build_config(args) -> TrainConfig:
         cfg.data.unpainted = args.unpainted
     if args.axis is not None:
         cfg.data.axis = args.axis
-    if args.patch_size is not None:
-        cfg.data.patch_size = args.patch_size
+    if args.patch_size is not None:  # set_option: forced, never shrunk to fit (engine/memory.py)
+        set_option(cfg, "data.patch_size", str(args.patch_size))
     if getattr(args, "level", None) is not None:
         cfg.wsi.level = args.level
     if getattr(args, "tile_size", None) is not None:
@@ -102,7 +102,7 @@ def _build_config(args) -> TrainConfig:
     if getattr(args, "spatial_dims", None) is not None:
         cfg.model.spatial_dims = args.spatial_dims
     if getattr(args, "patch_depth", None) is not None:
-        cfg.data.patch_depth = args.patch_depth
+        set_option(cfg, "data.patch_depth", str(args.patch_depth))
     return cfg.validate()
 
 

@@ -116,7 +116,8 @@ def test_defaults_that_do_not_fit_shrink_patch_first_then_batch_and_say_so():
     assert all(n % 16 == 0 and n >= 32 for n in d.patch_shape)
     assert d.patch_shape != DEFAULT_3D_PATCH
     assert (d.batch_labelled, d.batch_unlabelled) == DEFAULT_3D_BATCH  # the patch went first
-    assert len(notes) == 1 and "training patches" in notes[0] and "would need" in notes[0]
+    assert [n.level for n in notes] == ["warning"]
+    assert "training patches" in notes[0].text and "to fit in memory" in notes[0].text and "would need" in notes[0].text
     cfg.validate()
     # a budget the smallest patch does not meet: the batch goes too
     cfg = three_d("mean_teacher").validate()
@@ -159,13 +160,14 @@ def test_the_trainer_applies_the_3d_defaults_and_shrinks_them_with_a_notice(monk
     cfg.model.base_channels = 4
     trainer = Trainer(cfg, [AnnotatedPair(image, labels)], device=torch.device("cpu"))
     assert trainer.config.data.patch_shape == DEFAULT_3D_PATCH
-    assert not [n for n in trainer._notices if "training patches" in n.text]
+    assert [n.text for n in trainer._notices if "training patches" in n.text] == [
+        "3D network: training patches 64 x 96 x 96, batches 2 labelled + 2 unlabelled (the 3D defaults)"]
     need = memory.estimate_training(trainer.config, trainer.dataset).total
     monkeypatch.setattr(memory, "available_memory", lambda device=None: int((need * 0.7 + memory.RESERVE_BYTES) / 0.75))
     trainer = Trainer(cfg, [AnnotatedPair(image, labels)], device=torch.device("cpu"))
     assert trainer.config.data.patch_shape != DEFAULT_3D_PATCH
     notices = [n for n in trainer._notices if isinstance(n, Notice) and "training patches" in n.text]
-    assert len(notices) == 1
+    assert len(notices) == 1 and notices[0].level == "warning" and "to fit in memory" in notices[0].text
     losses = trainer.train_step()  # and it trains
     assert np.isfinite(losses["total"])
 
@@ -225,6 +227,25 @@ def test_3d_prediction_shrinks_its_windows_to_the_memory_and_says_so(monkeypatch
     monkeypatch.setattr(memory, "memory_budget", lambda device=None: 1)
     with pytest.raises(Exception, match="not enough memory to predict"):
         memory.fit_inference_window(model, slices.shape, torch.device("cpu"), 128)
+
+
+def test_slice_prediction_shrinks_its_batch_then_its_window_to_the_memory(monkeypatch):
+    from napari_semicl.engine.inference import predict_slices
+
+    model = build_model(TrainConfig().model).eval()
+    shape = (6, 1, 64, 64)
+    need = memory.estimate_volume_prediction(shape, 2, base_channels=16, window=64, spatial_dims=2, batch=6).total
+    one = memory.estimate_volume_prediction(shape, 2, base_channels=16, window=64, spatial_dims=2, batch=1).total
+    monkeypatch.setattr(memory, "memory_budget", lambda device=None: (need + one) // 2)
+    notes: list = []
+    batch, window = memory.fit_slice_batch(model, shape, torch.device("cpu"), 8, 512, notes=notes)
+    assert batch < 6 and window == 512 and len(notes) == 1
+    monkeypatch.setattr(memory, "memory_budget", lambda device=None: one - 1)
+    batch, window = memory.fit_slice_batch(model, shape, torch.device("cpu"), 8, 512)
+    assert batch == 1 and window < 64
+    notes = []
+    labels, _ = predict_slices(model, np.zeros(shape, np.float32), device=torch.device("cpu"), notes=notes)
+    assert labels.shape == (6, 64, 64) and "slice(s) at a time" in notes[0]
 
 
 # --- the estimate against a measured peak ---------------------------------------------------------

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError, DataError
+from .events import Notice
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +360,7 @@ def _largest_fitting(cfg, dataset, budget: int, key: str) -> int | None:
 
 
 def fit_training_memory(cfg, dataset=None, device: torch.device | str | None = None, *,
-                        budget: int | None = None) -> list[str]:
+                        budget: int | None = None) -> list[Notice]:
     """Size ``cfg`` (a validated :class:`~napari_semicl.engine.config.TrainConfig`, changed in
     place) to the memory the process can have, before training allocates anything.
 
@@ -367,8 +368,9 @@ def fit_training_memory(cfg, dataset=None, device: torch.device | str | None = N
     (:func:`~napari_semicl.engine.config.apply_network_defaults`). When the estimate
     (:func:`estimate_training`) exceeds ``budget`` (:func:`memory_budget` of ``device`` when
     None), the settings left at their defaults shrink: the patch (its largest side by 16,
-    down to 32; 3D sides stay multiples of 16), then the batch sizes. Returns the notes to
-    show the user (empty when nothing changed).
+    down to 32; 3D sides stay multiples of 16), then the batch sizes. Returns the notices to
+    show the user: an 'info' one when the 3D defaults apply, a 'warning' one when settings
+    shrank (empty when nothing changed).
 
     Raises
     ------
@@ -379,13 +381,17 @@ def fit_training_memory(cfg, dataset=None, device: torch.device | str | None = N
     """
     from .config import MEMORY_SETTINGS, apply_network_defaults, is_forced
 
-    apply_network_defaults(cfg)
+    notices = []
+    if apply_network_defaults(cfg):
+        notices.append(Notice("info", f"3D network: training patches {_patch_text(cfg)}, batches "
+                                      f"{cfg.data.batch_labelled} labelled + {cfg.data.batch_unlabelled} unlabelled "
+                                      "(the 3D defaults)"))
     if budget is None:
         budget = memory_budget(device)
     before = estimate_training(cfg, dataset)
     log.debug("training memory estimate %s, budget %s", before.describe(), format_bytes(budget))
     if before.total <= budget:
-        return []
+        return notices
     forced = {key for key in MEMORY_SETTINGS if is_forced(cfg, key)}
     _, unlabelled, _ = _method_traits(cfg.method)
     was = (_patch_text(cfg), cfg.data.batch_labelled, cfg.data.batch_unlabelled)
@@ -409,9 +415,9 @@ def fit_training_memory(cfg, dataset=None, device: torch.device | str | None = N
             "network (model.base_channels) or the 2D network (model.spatial_dims = 2)"
         )
     note = (f"training patches {_patch_text(cfg)}, batches {cfg.data.batch_labelled} labelled + "
-            f"{cfg.data.batch_unlabelled} unlabelled (the defaults, {was[0]} and {was[1]} + {was[2]}, would need "
-            f"{format_bytes(before.total)}; {format_bytes(budget)} {where} can be used)")
-    return [note]
+            f"{cfg.data.batch_unlabelled} unlabelled to fit in memory (the defaults, {was[0]} and {was[1]} + {was[2]}, "
+            f"would need about {format_bytes(before.total)}; {format_bytes(budget)} {where} can be used)")
+    return [Notice("warning", note)]  # it names the sizes in use: no need for the defaults' note
 
 
 # --- fitting inference --------------------------------------------------------------------------

@@ -145,7 +145,7 @@ class Trainer:
             Notice("warning", f"'{self.pairs[p].name}': {n} NaN/Inf voxel(s) are treated as the image minimum")
             for p, n in sorted(getattr(self.dataset, "non_finite", {}).items())
         ]
-        self._notices += [Notice("warning", n) for n in fit_training_memory(self.config, self.dataset, self.device)]
+        self._notices += fit_training_memory(self.config, self.dataset, self.device)  # before any big allocation
         self._annotations_version = 0  # bumped when new snapshots arrive
         self._annotations_saved = -1   # the version last autosaved
         self._preview_root: Path | None = None
