@@ -161,7 +161,7 @@ def test_the_trainer_applies_the_3d_defaults_and_shrinks_them_with_a_notice(monk
     trainer = Trainer(cfg, [AnnotatedPair(image, labels)], device=torch.device("cpu"))
     assert trainer.config.data.patch_shape == DEFAULT_3D_PATCH
     assert [n.text for n in trainer._notices if "training patches" in n.text] == [
-        "3D network: training patches 64 x 96 x 96, batches 2 labelled + 2 unlabelled (the 3D defaults)"]
+        "3D network: training patches 64 x 64 x 64, batches 2 labelled + 2 unlabelled (the 3D defaults)"]
     need = memory.estimate_training(trainer.config, trainer.dataset).total
     monkeypatch.setattr(memory, "available_memory", lambda device=None: int((need * 0.7 + memory.RESERVE_BYTES) / 0.75))
     trainer = Trainer(cfg, [AnnotatedPair(image, labels)], device=torch.device("cpu"))

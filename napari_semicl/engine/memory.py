@@ -59,13 +59,13 @@ TRAIN_BYTES_PER_VOXEL = {2: 2000, 3: 1600}
 STEP_BYTES_PER_VOXEL = {2: 300, 3: 700}
 #: bytes a forward pass without gradients costs per voxel of its input (a teacher's pass,
 #: an inference window), base_channels = 16
-INFER_BYTES_PER_VOXEL = {2: 250, 3: 450}
+INFER_BYTES_PER_VOXEL = {2: 1000, 3: 700}
 #: a first training step's fixed cost (thread pools, the optimiser's state buffers, ...)
 STEP_FIXED_BYTES = 200 * MB
 #: per method: the activations as a multiple of the plain passes (student on the labelled
 #: and, if the method uses them, the unlabelled crops; a teacher's pass without gradients);
 #: methods not named here (a plugin's) get the largest
-METHOD_FACTOR = {"supervised": 1.0, "mean_teacher": 1.0, "plgcl": 1.3, "aua": 1.5, "agcl": 1.3, "arco": 1.3}
+METHOD_FACTOR = {"supervised": 1.0, "mean_teacher": 1.0, "plgcl": 1.2, "aua": 1.5, "agcl": 1.2, "arco": 1.2}
 #: bytes per voxel (and class) the painted-slice prior keeps and builds: scores (S, K, H, W)
 #: float32 kept, and the fill's work arrays while it is built
 PRIOR_BYTES_PER_VOXEL_CLASS = 24
