@@ -28,6 +28,7 @@ networks (``base_channels`` 16; they scale with the channels); docs/reliability.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -178,10 +179,17 @@ class MemoryEstimate:
 def parameter_count(model_cfg) -> int:
     """Parameters of the network a :class:`~napari_semicl.engine.config.ModelConfig`
     describes, counted on the meta device (nothing allocated)."""
+    m = model_cfg
+    return _parameter_count(m.spatial_dims, m.in_channels, m.n_classes, m.base_channels, m.depth, m.dropout)
+
+
+@functools.lru_cache(maxsize=32)
+def _parameter_count(spatial_dims, in_channels, n_classes, base_channels, depth, dropout) -> int:
     from ..models import build_model
+    from .config import ModelConfig
 
     with torch.device("meta"):
-        model = build_model(model_cfg)
+        model = build_model(ModelConfig(in_channels, n_classes, base_channels, depth, dropout, spatial_dims))
     return sum(p.numel() for p in model.parameters())
 
 
@@ -212,7 +220,7 @@ def _volume_shapes(dataset) -> list[tuple[int, ...]]:
     return [tuple(int(n) for n in getattr(img, "shape", ())) for img in images if getattr(img, "ndim", 0) == 4]
 
 
-def estimate_step(cfg, *, n_unlabelled_ok: bool = True) -> MemoryEstimate:
+def estimate_step(cfg) -> MemoryEstimate:
     """The peak one training step of ``cfg`` adds: activations of the method's passes over
     the patch and batch, the convolutions' work buffers, and its fixed cost."""
     dims = int(cfg.model.spatial_dims)
@@ -220,7 +228,7 @@ def estimate_step(cfg, *, n_unlabelled_ok: bool = True) -> MemoryEstimate:
     voxels = _patch_voxels(cfg)
     teacher, unlabelled, factor = _method_traits(cfg.method)
     b_l = cfg.data.batch_labelled
-    b_u = cfg.data.batch_unlabelled if unlabelled and n_unlabelled_ok else 0
+    b_u = cfg.data.batch_unlabelled if unlabelled else 0
     grad = TRAIN_BYTES_PER_VOXEL[dims] * scale * voxels * (b_l + b_u) * factor
     parts = {
         "activations": int(grad),
@@ -269,7 +277,7 @@ def estimate_training(cfg, dataset=None) -> MemoryEstimate:
     """
     params = parameter_count(cfg.model)
     teacher, _, _ = _method_traits(cfg.method)
-    step = estimate_step(cfg, n_unlabelled_ok=bool(getattr(dataset, "unlabelled", True)))
+    step = estimate_step(cfg)  # without unlabelled slices a method's unlabelled crops come from labelled ones
     shapes = _volume_shapes(dataset) if dataset is not None else []
     k = int(cfg.model.n_classes)
     prior = 0
