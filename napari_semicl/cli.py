@@ -592,7 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--unpainted", choices=UNPAINTED_CHOICES,
                    help="unpainted pixels of labelled slices: ignore (scribbles, default) or background")
     t.add_argument("--axis", type=int, help="slicing axis (default 0, the napari slider axis)")
-    t.add_argument("--patch-size", type=int, help="training crop size, a multiple of 16 (default 128)")
+    t.add_argument("--patch-size", type=int, help="training crop size, a multiple of 16 (default 128, 3D: 64, shrunk "
+                                                  "to fit in memory; a size given here is refused if it cannot fit)")
     t.add_argument("--level", type=int, help="whole-slide images: pyramid level to train and predict (default 0)")
     t.add_argument("--tile-size", type=int, help="whole-slide images: tile grid size at that level (default 512)")
     _add_method_flags(t)
@@ -609,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the network: 2 = slices (default), 3 = 3D patches of volumes (MONAI BasicUNet, "
                         "sliding-window prediction)")
     t.add_argument("--patch-depth", type=int,
-                   help="3D: patch extent along the slicing axis, a multiple of 16 (default: --patch-size)")
+                   help="3D: patch extent along the slicing axis, a multiple of 16 (default 64, shrunk to fit in memory)")
     t.add_argument("--config", help="a config.json to start from (flags override it)")
     t.add_argument("--resume", help="a checkpoint, or a run folder (its last checkpoint), to continue training from; "
                    "the budget (--iterations / --minutes, else the checkpoint's) is trained on top of its steps")
