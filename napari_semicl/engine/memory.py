@@ -69,7 +69,7 @@ STEP_FIXED_BYTES = 200 * MB
 METHOD_FACTOR = {"supervised": 1.0, "mean_teacher": 1.0, "plgcl": 1.2, "aua": 1.5, "agcl": 1.2, "arco": 1.2}
 #: bytes per voxel (and class) the painted-slice prior keeps and builds: scores (S, K, H, W)
 #: float32 kept, and the fill's work arrays while it is built
-PRIOR_BYTES_PER_VOXEL_CLASS = 24
+PRIOR_BYTES_PER_VOXEL_CLASS = 32
 #: bytes per voxel of a whole volume (and class) a 3D network's prediction holds at once:
 #: MONAI's output and count maps, the probabilities, class indices and entropy
 VOLUME_BYTES_PER_VOXEL_CLASS = 16
