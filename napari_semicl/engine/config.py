@@ -50,7 +50,9 @@ class ModelConfig:
     ``in_channels`` is set from the data (1 for grey, 3 for RGB); ``n_classes`` from the
     class table. ``spatial_dims``: 2 trains on slices (2.5D with ``data.context_slices``),
     3 on (patch_depth, patch_size, patch_size) patches of volumes with MONAI's BasicUNet
-    (``depth`` must then be 4, its number of stages).
+    (``depth`` must then be 4, its number of stages). ``precision``: {'auto', 'fp32', 'bf16'},
+    the arithmetic of training and inference (:mod:`~napari_semicl.engine.precision`; 'auto':
+    bf16 autocast on a CPU with bf16 instructions, AMP on CUDA, else fp32).
     """
 
     in_channels: int = 1
@@ -59,8 +61,10 @@ class ModelConfig:
     depth: int = 4
     dropout: float = 0.1
     spatial_dims: int = 2
+    precision: str = "auto"
 
     def validate(self, path: str = "model") -> None:
+        _check_choice(f"{path}.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_positive(f"{path}.in_channels", self.in_channels)
         if self.n_classes < 2:
             raise ConfigError(f"{path}.n_classes must be >= 2, got {self.n_classes}")
