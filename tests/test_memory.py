@@ -262,11 +262,13 @@ _MEASURE = textwrap.dedent("""
     from napari_semicl.engine.config import set_option
     from napari_semicl.engine.memory import estimate_step
     dims, method, patch, bl, bu = int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+    precision = sys.argv[7]
     rng = np.random.default_rng(0)
     image = rng.normal(size=(40, 64, 64)).astype(np.float32)
     labels = np.zeros(image.shape, np.uint8); labels[[12, 20, 28], 16:48, 16:48] = 1
     cfg = TrainConfig(method=method, iterations=1)
     cfg.model.spatial_dims = dims
+    cfg.model.precision = precision
     cfg.data.unpainted = "background"
     for key, value in (("patch_size", patch), ("patch_depth", patch if dims == 3 else 0),
                        ("batch_labelled", bl), ("batch_unlabelled", bu)):
@@ -285,10 +287,15 @@ _MEASURE = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's peak-RSS reset")
-@pytest.mark.parametrize("dims, method, patch, bl, bu", [(3, "mean_teacher", 32, 1, 1), (2, "supervised", 128, 4, 0)])
-def test_the_step_estimate_lies_above_a_measured_peak_within_a_factor(dims, method, patch, bl, bu):
+@pytest.mark.parametrize("dims, method, patch, bl, bu, precision", [
+    (3, "mean_teacher", 32, 1, 1, "fp32"), (2, "supervised", 128, 4, 0, "fp32"),  # what the figures calibrate
+    (3, "mean_teacher", 32, 1, 1, "auto"),  # bf16 autocast where the CPU has it: less memory, the estimate above it
+])
+def test_the_step_estimate_lies_above_a_measured_peak_within_a_factor(dims, method, patch, bl, bu, precision):
     root = str(Path(memory.__file__).resolve().parents[2])
-    out = subprocess.run([sys.executable, "-c", _MEASURE, root, str(dims), method, str(patch), str(bl), str(bu)],
-                         capture_output=True, text=True, timeout=600, check=True)
+    out = subprocess.run([sys.executable, "-c", _MEASURE, root, str(dims), method, str(patch), str(bl), str(bu),
+                          precision], capture_output=True, text=True, timeout=600, check=True)
     figures = json.loads(out.stdout.strip().splitlines()[-1])
-    assert figures["measured"] <= figures["estimate"] <= ESTIMATE_FACTOR * figures["measured"], figures
+    assert figures["measured"] <= figures["estimate"], figures
+    if precision == "fp32":
+        assert figures["estimate"] <= ESTIMATE_FACTOR * figures["measured"], figures
