@@ -116,7 +116,8 @@ def test_defaults_that_do_not_fit_shrink_patch_first_then_batch_and_say_so():
     assert all(n % 16 == 0 and n >= 32 for n in d.patch_shape)
     assert d.patch_shape != DEFAULT_3D_PATCH
     assert (d.batch_labelled, d.batch_unlabelled) == DEFAULT_3D_BATCH  # the patch went first
-    assert len(notes) == 1 and "training patches" in notes[0] and "would need" in notes[0]
+    assert [n.level for n in notes] == ["warning"]
+    assert "training patches" in notes[0].text and "to fit in memory" in notes[0].text and "would need" in notes[0].text
     cfg.validate()
     # a budget the smallest patch does not meet: the batch goes too
     cfg = three_d("mean_teacher").validate()
@@ -159,13 +160,14 @@ def test_the_trainer_applies_the_3d_defaults_and_shrinks_them_with_a_notice(monk
     cfg.model.base_channels = 4
     trainer = Trainer(cfg, [AnnotatedPair(image, labels)], device=torch.device("cpu"))
     assert trainer.config.data.patch_shape == DEFAULT_3D_PATCH
-    assert not [n for n in trainer._notices if "training patches" in n.text]
+    assert [n.text for n in trainer._notices if "training patches" in n.text] == [
+        "3D network: training patches 64 x 64 x 64, batches 2 labelled + 2 unlabelled (the 3D defaults)"]
     need = memory.estimate_training(trainer.config, trainer.dataset).total
     monkeypatch.setattr(memory, "available_memory", lambda device=None: int((need * 0.7 + memory.RESERVE_BYTES) / 0.75))
     trainer = Trainer(cfg, [AnnotatedPair(image, labels)], device=torch.device("cpu"))
     assert trainer.config.data.patch_shape != DEFAULT_3D_PATCH
     notices = [n for n in trainer._notices if isinstance(n, Notice) and "training patches" in n.text]
-    assert len(notices) == 1
+    assert len(notices) == 1 and notices[0].level == "warning" and "to fit in memory" in notices[0].text
     losses = trainer.train_step()  # and it trains
     assert np.isfinite(losses["total"])
 
@@ -227,6 +229,25 @@ def test_3d_prediction_shrinks_its_windows_to_the_memory_and_says_so(monkeypatch
         memory.fit_inference_window(model, slices.shape, torch.device("cpu"), 128)
 
 
+def test_slice_prediction_shrinks_its_batch_then_its_window_to_the_memory(monkeypatch):
+    from napari_semicl.engine.inference import predict_slices
+
+    model = build_model(TrainConfig().model).eval()
+    shape = (6, 1, 64, 64)
+    need = memory.estimate_volume_prediction(shape, 2, base_channels=16, window=64, spatial_dims=2, batch=6).total
+    one = memory.estimate_volume_prediction(shape, 2, base_channels=16, window=64, spatial_dims=2, batch=1).total
+    monkeypatch.setattr(memory, "memory_budget", lambda device=None: (need + one) // 2)
+    notes: list = []
+    batch, window = memory.fit_slice_batch(model, shape, torch.device("cpu"), 8, 512, notes=notes)
+    assert batch < 6 and window == 512 and len(notes) == 1
+    monkeypatch.setattr(memory, "memory_budget", lambda device=None: one - 1)
+    batch, window = memory.fit_slice_batch(model, shape, torch.device("cpu"), 8, 512)
+    assert batch == 1 and window < 64
+    notes = []
+    labels, _ = predict_slices(model, np.zeros(shape, np.float32), device=torch.device("cpu"), notes=notes)
+    assert labels.shape == (6, 64, 64) and "slice(s) at a time" in notes[0]
+
+
 # --- the estimate against a measured peak ---------------------------------------------------------
 #: the estimate of a training step lies between the measured peak and this multiple of it
 ESTIMATE_FACTOR = 3.0
@@ -241,11 +262,13 @@ _MEASURE = textwrap.dedent("""
     from napari_semicl.engine.config import set_option
     from napari_semicl.engine.memory import estimate_step
     dims, method, patch, bl, bu = int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+    precision = sys.argv[7]
     rng = np.random.default_rng(0)
     image = rng.normal(size=(40, 64, 64)).astype(np.float32)
     labels = np.zeros(image.shape, np.uint8); labels[[12, 20, 28], 16:48, 16:48] = 1
     cfg = TrainConfig(method=method, iterations=1)
     cfg.model.spatial_dims = dims
+    cfg.model.precision = precision
     cfg.data.unpainted = "background"
     for key, value in (("patch_size", patch), ("patch_depth", patch if dims == 3 else 0),
                        ("batch_labelled", bl), ("batch_unlabelled", bu)):
@@ -264,10 +287,15 @@ _MEASURE = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's peak-RSS reset")
-@pytest.mark.parametrize("dims, method, patch, bl, bu", [(3, "mean_teacher", 32, 1, 1), (2, "supervised", 128, 4, 0)])
-def test_the_step_estimate_lies_above_a_measured_peak_within_a_factor(dims, method, patch, bl, bu):
+@pytest.mark.parametrize("dims, method, patch, bl, bu, precision", [
+    (3, "mean_teacher", 32, 1, 1, "fp32"), (2, "supervised", 128, 4, 0, "fp32"),  # what the figures calibrate
+    (3, "mean_teacher", 32, 1, 1, "auto"),  # bf16 autocast where the CPU has it: less memory, the estimate above it
+])
+def test_the_step_estimate_lies_above_a_measured_peak_within_a_factor(dims, method, patch, bl, bu, precision):
     root = str(Path(memory.__file__).resolve().parents[2])
-    out = subprocess.run([sys.executable, "-c", _MEASURE, root, str(dims), method, str(patch), str(bl), str(bu)],
-                         capture_output=True, text=True, timeout=600, check=True)
+    out = subprocess.run([sys.executable, "-c", _MEASURE, root, str(dims), method, str(patch), str(bl), str(bu),
+                          precision], capture_output=True, text=True, timeout=600, check=True)
     figures = json.loads(out.stdout.strip().splitlines()[-1])
-    assert figures["measured"] <= figures["estimate"] <= ESTIMATE_FACTOR * figures["measured"], figures
+    assert figures["measured"] <= figures["estimate"], figures
+    if precision == "fp32":
+        assert figures["estimate"] <= ESTIMATE_FACTOR * figures["measured"], figures

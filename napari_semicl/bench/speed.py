@@ -101,6 +101,7 @@ def speed(*, methods=None, image=None, reference=None, patch_size: int = 128, ba
         cfg.data.patch_size, cfg.data.batch_labelled, cfg.data.batch_unlabelled = patch_size, n_labelled, batch
         cfg.data.unpainted = "background"
         cfg.model.spatial_dims, cfg.data.patch_depth = spatial_dims, patch_depth
+        cfg.forced += ["data.patch_size", "data.patch_depth", "data.batch_labelled", "data.batch_unlabelled"]
         section = getattr(cfg, name, None)
         if section is not None and hasattr(section, "warmup_steps"):
             section.warmup_steps = 0  # time the full loss, contrastive terms included

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..data import AnnotatedPair
 from ..engine import TrainConfig
 from ..engine.apply import read_input_image
-from ..engine.config import UNPAINTED_CHOICES, set_option
+from ..engine.config import MEMORY_SETTINGS, UNPAINTED_CHOICES, set_option
 from ..engine.prior import INTERPOLATION_CHOICES, PRIOR_MODES
 from ..io import ImageData, read_labels, write_labels
 from ..io.atomic import write_json
@@ -32,7 +32,8 @@ def arguments(t) -> None:
     t.add_argument("--unpainted", choices=UNPAINTED_CHOICES,
                    help="unpainted pixels of labelled slices: ignore (scribbles, default) or background")
     t.add_argument("--axis", type=int, help="slicing axis (default 0, the napari slider axis)")
-    t.add_argument("--patch-size", type=int, help="training crop size, a multiple of 16 (default 128)")
+    t.add_argument("--patch-size", type=int, help="training crop size, a multiple of 16 (default 128, 3D: 64, shrunk "
+                                                  "to fit in memory; a size given here is refused if it cannot fit)")
     t.add_argument("--level", type=int, help="whole-slide images: pyramid level to train and predict (default 0)")
     t.add_argument("--tile-size", type=int, help="whole-slide images: tile grid size at that level (default 512)")
     add_method_flags(t)
@@ -49,7 +50,7 @@ def arguments(t) -> None:
                    help="the network: 2 = slices (default), 3 = 3D patches of volumes (MONAI BasicUNet, "
                         "sliding-window prediction)")
     t.add_argument("--patch-depth", type=int,
-                   help="3D: patch extent along the slicing axis, a multiple of 16 (default: --patch-size)")
+                   help="3D: patch extent along the slicing axis, a multiple of 16 (default 64, shrunk to fit in memory)")
     t.add_argument("--config", help="a config.json to start from (flags override it)")
     t.add_argument("--resume", help="a checkpoint, or a run folder (its last checkpoint), to continue training from; "
                    "the budget (--iterations / --minutes, else the checkpoint's) is trained on top of its steps")
@@ -96,6 +97,8 @@ def _assign(cfg: TrainConfig, key: str, value) -> None:
     for section in sections:
         target = getattr(target, section)
     setattr(target, name, value)
+    if key in MEMORY_SETTINGS and key not in cfg.forced:  # given by the user: never shrunk (engine/memory.py)
+        cfg.forced.append(key)
 
 
 def build_config(args) -> TrainConfig:

@@ -36,7 +36,7 @@ SPATIAL_DIMS_CHOICES = (2, 3)
 #: sets none (``data.patch_size``, ``data.patch_depth`` and the batch sizes at their 2D
 #: defaults): chosen by measuring short runs on a left-atrium volume on a 2-core, 24 GB
 #: machine (docs/reliability.md, "Memory"); :func:`apply_network_defaults` applies them
-DEFAULT_3D_PATCH = (64, 96, 96)
+DEFAULT_3D_PATCH = (64, 64, 64)
 DEFAULT_3D_BATCH = (2, 2)
 #: the settings the memory check (:mod:`~napari_semicl.engine.memory`) may shrink when the
 #: user left them at their defaults, and refuses when forced ones do not fit

@@ -28,6 +28,7 @@ networks (``base_channels`` 16; they scale with the channels); docs/reliability.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError, DataError
+from .events import Notice
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +60,16 @@ TRAIN_BYTES_PER_VOXEL = {2: 2000, 3: 1600}
 STEP_BYTES_PER_VOXEL = {2: 300, 3: 700}
 #: bytes a forward pass without gradients costs per voxel of its input (a teacher's pass,
 #: an inference window), base_channels = 16
-INFER_BYTES_PER_VOXEL = {2: 250, 3: 450}
+INFER_BYTES_PER_VOXEL = {2: 1000, 3: 700}
 #: a first training step's fixed cost (thread pools, the optimiser's state buffers, ...)
 STEP_FIXED_BYTES = 200 * MB
 #: per method: the activations as a multiple of the plain passes (student on the labelled
 #: and, if the method uses them, the unlabelled crops; a teacher's pass without gradients);
 #: methods not named here (a plugin's) get the largest
-METHOD_FACTOR = {"supervised": 1.0, "mean_teacher": 1.0, "plgcl": 1.3, "aua": 1.5, "agcl": 1.3, "arco": 1.3}
+METHOD_FACTOR = {"supervised": 1.0, "mean_teacher": 1.0, "plgcl": 1.2, "aua": 1.5, "agcl": 1.2, "arco": 1.2}
 #: bytes per voxel (and class) the painted-slice prior keeps and builds: scores (S, K, H, W)
 #: float32 kept, and the fill's work arrays while it is built
-PRIOR_BYTES_PER_VOXEL_CLASS = 24
+PRIOR_BYTES_PER_VOXEL_CLASS = 32
 #: bytes per voxel of a whole volume (and class) a 3D network's prediction holds at once:
 #: MONAI's output and count maps, the probabilities, class indices and entropy
 VOLUME_BYTES_PER_VOXEL_CLASS = 16
@@ -177,10 +179,17 @@ class MemoryEstimate:
 def parameter_count(model_cfg) -> int:
     """Parameters of the network a :class:`~napari_semicl.engine.config.ModelConfig`
     describes, counted on the meta device (nothing allocated)."""
+    m = model_cfg
+    return _parameter_count(m.spatial_dims, m.in_channels, m.n_classes, m.base_channels, m.depth, m.dropout)
+
+
+@functools.lru_cache(maxsize=32)
+def _parameter_count(spatial_dims, in_channels, n_classes, base_channels, depth, dropout) -> int:
     from ..models import build_model
+    from .config import ModelConfig
 
     with torch.device("meta"):
-        model = build_model(model_cfg)
+        model = build_model(ModelConfig(in_channels, n_classes, base_channels, depth, dropout, spatial_dims))
     return sum(p.numel() for p in model.parameters())
 
 
@@ -211,7 +220,7 @@ def _volume_shapes(dataset) -> list[tuple[int, ...]]:
     return [tuple(int(n) for n in getattr(img, "shape", ())) for img in images if getattr(img, "ndim", 0) == 4]
 
 
-def estimate_step(cfg, *, n_unlabelled_ok: bool = True) -> MemoryEstimate:
+def estimate_step(cfg) -> MemoryEstimate:
     """The peak one training step of ``cfg`` adds: activations of the method's passes over
     the patch and batch, the convolutions' work buffers, and its fixed cost."""
     dims = int(cfg.model.spatial_dims)
@@ -219,7 +228,7 @@ def estimate_step(cfg, *, n_unlabelled_ok: bool = True) -> MemoryEstimate:
     voxels = _patch_voxels(cfg)
     teacher, unlabelled, factor = _method_traits(cfg.method)
     b_l = cfg.data.batch_labelled
-    b_u = cfg.data.batch_unlabelled if unlabelled and n_unlabelled_ok else 0
+    b_u = cfg.data.batch_unlabelled if unlabelled else 0
     grad = TRAIN_BYTES_PER_VOXEL[dims] * scale * voxels * (b_l + b_u) * factor
     parts = {
         "activations": int(grad),
@@ -268,7 +277,7 @@ def estimate_training(cfg, dataset=None) -> MemoryEstimate:
     """
     params = parameter_count(cfg.model)
     teacher, _, _ = _method_traits(cfg.method)
-    step = estimate_step(cfg, n_unlabelled_ok=bool(getattr(dataset, "unlabelled", True)))
+    step = estimate_step(cfg)  # without unlabelled slices a method's unlabelled crops come from labelled ones
     shapes = _volume_shapes(dataset) if dataset is not None else []
     k = int(cfg.model.n_classes)
     prior = 0
@@ -359,7 +368,7 @@ def _largest_fitting(cfg, dataset, budget: int, key: str) -> int | None:
 
 
 def fit_training_memory(cfg, dataset=None, device: torch.device | str | None = None, *,
-                        budget: int | None = None) -> list[str]:
+                        budget: int | None = None) -> list[Notice]:
     """Size ``cfg`` (a validated :class:`~napari_semicl.engine.config.TrainConfig`, changed in
     place) to the memory the process can have, before training allocates anything.
 
@@ -367,8 +376,9 @@ def fit_training_memory(cfg, dataset=None, device: torch.device | str | None = N
     (:func:`~napari_semicl.engine.config.apply_network_defaults`). When the estimate
     (:func:`estimate_training`) exceeds ``budget`` (:func:`memory_budget` of ``device`` when
     None), the settings left at their defaults shrink: the patch (its largest side by 16,
-    down to 32; 3D sides stay multiples of 16), then the batch sizes. Returns the notes to
-    show the user (empty when nothing changed).
+    down to 32; 3D sides stay multiples of 16), then the batch sizes. Returns the notices to
+    show the user: an 'info' one when the 3D defaults apply, a 'warning' one when settings
+    shrank (empty when nothing changed).
 
     Raises
     ------
@@ -379,13 +389,17 @@ def fit_training_memory(cfg, dataset=None, device: torch.device | str | None = N
     """
     from .config import MEMORY_SETTINGS, apply_network_defaults, is_forced
 
-    apply_network_defaults(cfg)
+    notices = []
+    if apply_network_defaults(cfg):
+        notices.append(Notice("info", f"3D network: training patches {_patch_text(cfg)}, batches "
+                                      f"{cfg.data.batch_labelled} labelled + {cfg.data.batch_unlabelled} unlabelled "
+                                      "(the 3D defaults)"))
     if budget is None:
         budget = memory_budget(device)
     before = estimate_training(cfg, dataset)
     log.debug("training memory estimate %s, budget %s", before.describe(), format_bytes(budget))
     if before.total <= budget:
-        return []
+        return notices
     forced = {key for key in MEMORY_SETTINGS if is_forced(cfg, key)}
     _, unlabelled, _ = _method_traits(cfg.method)
     was = (_patch_text(cfg), cfg.data.batch_labelled, cfg.data.batch_unlabelled)
@@ -409,9 +423,9 @@ def fit_training_memory(cfg, dataset=None, device: torch.device | str | None = N
             "network (model.base_channels) or the 2D network (model.spatial_dims = 2)"
         )
     note = (f"training patches {_patch_text(cfg)}, batches {cfg.data.batch_labelled} labelled + "
-            f"{cfg.data.batch_unlabelled} unlabelled (the defaults, {was[0]} and {was[1]} + {was[2]}, would need "
-            f"{format_bytes(before.total)}; {format_bytes(budget)} {where} can be used)")
-    return [note]
+            f"{cfg.data.batch_unlabelled} unlabelled to fit in memory (the defaults, {was[0]} and {was[1]} + {was[2]}, "
+            f"would need about {format_bytes(before.total)}; {format_bytes(budget)} {where} can be used)")
+    return [Notice("warning", note)]  # it names the sizes in use: no need for the defaults' note
 
 
 # --- fitting inference --------------------------------------------------------------------------

@@ -143,7 +143,7 @@ class Trainer:
             for p, n in sorted(getattr(self.dataset, "non_finite", {}).items())
         ]
         # memory estimated before it is spent: defaults shrink (with a notice), forced settings are refused
-        self._notices += [Notice("warning", n) for n in fit_training_memory(self.config, self.dataset, self.device)]
+        self._notices += fit_training_memory(self.config, self.dataset, self.device)
         self._autosave = AnnotationsAutosave(self.out_dir)
         if self.method.uses_unlabelled and not self.dataset.unlabelled:
             self._notices.append(Notice("warning", "no unlabelled slice: the consistency term uses labelled slices"))
