@@ -234,4 +234,7 @@ def test_thread_counts(monkeypatch):
     monkeypatch.setenv("NAPARI_SEMICL_GUI_THREADS", "2")
     assert device_mod.gui_thread_count() == 2
     monkeypatch.setenv("NAPARI_SEMICL_GUI_THREADS", "none")
-    assert device_mod.gui_thread_count() == max(1, device_mod.cpu_thread_count() - 1)
+    monkeypatch.setattr(device_mod.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert device_mod.gui_thread_count() == device_mod.cpu_thread_count()  # an idle machine: every core
+    monkeypatch.setattr(device_mod.os, "getloadavg", lambda: (50.0, 50.0, 50.0))
+    assert device_mod.gui_thread_count() == 1
