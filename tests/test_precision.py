@@ -188,6 +188,7 @@ def test_inference_runs_in_the_models_precision_and_returns_float32():
                                      device=CPU, with_entropy=True)
     bf16 = prepare_model(copy.deepcopy(net), resolve_precision("bf16", CPU), "bf16")
     assert precision_of(bf16, CPU).name == "bf16"
+    assert precision_of(net, CPU).name == "fp32"  # a network no trainer prepared runs as it always did
     calls = []
     bf16.head.register_forward_hook(lambda mod, inp, out: calls.append(out.dtype))
     labels, ent = predict_slices(bf16, x, device=CPU, with_entropy=True)

@@ -174,8 +174,9 @@ def prepare_model(model: torch.nn.Module, precision: Precision, setting: str | N
 
 def precision_of(model: torch.nn.Module, device: torch.device) -> Precision:
     """The precision to run ``model`` with on ``device``: its recorded setting
-    (:func:`prepare_model`), else 'auto'."""
-    setting = getattr(model, MODEL_ATTRIBUTE, "auto")
+    (:func:`prepare_model`: the trainer's and :func:`~napari_semicl.engine.trainer.load_predictor`'s
+    networks), else fp32 (a network built elsewhere runs as it always did)."""
+    setting = getattr(model, MODEL_ATTRIBUTE, "fp32")
     if setting == "fp16":
         setting = "auto"  # a CUDA AMP run: auto again on whatever device predicts now
     return resolve_precision(setting, device, spatial_dims=getattr(model, "spatial_dims", 2))
