@@ -310,10 +310,10 @@ def test_painted_slice_prior_gives_3d_patches_dense_targets_and_fuses_the_volume
 def _count_volume_predictions(monkeypatch) -> list:
     """The (S, C, H, W) shapes of every whole-volume 3D prediction from now on, whoever asks."""
     import napari_semicl.engine.inference as inference_module
-    import napari_semicl.engine.trainer as trainer_module
+    import napari_semicl.engine.fusion as fusion_module
 
     calls: list[tuple] = []
-    for module in (inference_module, trainer_module):
+    for module in (inference_module, fusion_module):
         def counted(model, slices, *args, _predict=module.predict_volume_probabilities, **kwargs):
             calls.append(slices.shape)
             return _predict(model, slices, *args, **kwargs)
@@ -340,7 +340,7 @@ def test_a_3d_refresh_predicts_each_volume_once_and_fuses_as_unshared_prediction
     calls = _count_volume_predictions(monkeypatch)
     events = trainer.refresh_events()
     assert calls == [image.shape[:1] + (1,) + image.shape[1:]] * 2  # one a volume: agreement, preview, validation
-    assert trainer._volume_probs == {}  # released with the refresh
+    assert trainer.predictions.volume_probs == {}  # released with the refresh
     monkeypatch.undo()
 
     # the same masks, entropy and Dice as the three predictions of each volume before
@@ -350,7 +350,7 @@ def test_a_3d_refresh_predicts_each_volume_once_and_fuses_as_unshared_prediction
     for p in (0, 1):
         images, near = trainer.dataset.images[p], trainer.prior.near_slices(p)
         agreement = trainer.prior.agreement(p, predict_slices(model, images, device=torch.device("cpu"))[0][near], near)
-        assert agreement == trainer._agreements[(trainer.step, p)]
+        assert agreement == trainer.predictions.agreements[(trainer.step, p)]
         fused[p], ent = predict_slices(model, images, device=torch.device("cpu"), with_entropy=True,
                                        fuse=trainer.prior.fuser(p, agreement))
         np.testing.assert_array_equal(previews[("prediction", p)], decode_classes(fused[p], values))
@@ -362,7 +362,7 @@ def test_a_3d_refresh_predicts_each_volume_once_and_fuses_as_unshared_prediction
     # the user's mask at the same step: the agreement is known, one prediction for the mask
     calls = _count_volume_predictions(monkeypatch)
     np.testing.assert_array_equal(trainer.predict_pair(1).labels, decode_classes(fused[1], values))
-    assert len(calls) == 1 and trainer._volume_probs == {}
+    assert len(calls) == 1 and trainer.predictions.volume_probs == {}
 
 
 def test_slice_reviews_of_a_3d_run_are_notices_that_say_why():

@@ -29,6 +29,7 @@ from ..data.annotation import decode_classes
 from ..data.dataset import normalise_image, to_slices, with_context
 from ..errors import DataError
 from ..models.ops import argmax_classes, normalised_entropy
+from .memory import fit_inference_window, fit_slice_batch
 from .precision import precision_of
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ def predict_slices(
     if getattr(model, "spatial_dims", 2) == 3:
         return predict_volume_patches(model, slices, device=device, max_window=min(max_window, MAX_WINDOW_3D),
                                       overlap=overlap, with_entropy=with_entropy, notes=notes, fuse=fuse)
+    batch_size, max_window = fit_slice_batch(model, slices.shape, device, batch_size, max_window, notes=notes)
     was_training = model.training
     model.eval()
     predictor = precision_of(model, device).predictor(model)  # the training's autocast, float32 out
@@ -231,6 +233,7 @@ def predict_volume_probabilities(
         window = max(multiple, side // 2 // multiple * multiple)
         return window, f"out of memory on {device.type}: predicting in {window}-voxel 3D windows"
 
+    max_window = fit_inference_window(model, slices.shape, device, max_window, notes=notes)
     try:
         probs, _ = _retry_out_of_memory(predict, shrink, max(multiple, max_window // multiple * multiple),
                                         device=device, notes=notes)

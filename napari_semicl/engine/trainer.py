@@ -11,10 +11,21 @@ and a slice to review (:class:`~napari_semicl.engine.events.ReviewSlice` or
 Closing the generator (a worker's quit) also stops cleanly and checkpoints.
 :func:`run_sync` drives the generator for the CLI and tests.
 
-Model wrapping, seeding and checkpoint I/O live here and nowhere else; under ``torchrun``
-the trainer asks :mod:`~napari_semicl.engine.distributed` (the one module with the
-distributed pieces) for the process group, the DDP wrapper, per-rank random streams and the
-few collectives between steps, and writes on rank 0 only.
+The loop is this module; what it calls are parts of their own (as MONAI Label's and
+Ignite's loops call handlers):
+
+* :mod:`~napari_semicl.engine.inbox`: the requests from other threads (stop, data, review,
+  analyses) and how they are served;
+* :mod:`~napari_semicl.engine.budget`: when the run ends, the learning-rate fraction, the ETA;
+* :mod:`~napari_semicl.engine.fusion`: the painted-slice prior and the fused masks of the pairs;
+* :mod:`~napari_semicl.engine.refresh`: the refresh, a list of steps (``refresh_steps``);
+* :mod:`~napari_semicl.engine.persistence`: checkpoints (state, resume, the periodic one),
+  the annotations' autosave, :func:`load_predictor`.
+
+Model wrapping and seeding live here; under ``torchrun`` the trainer asks
+:mod:`~napari_semicl.engine.distributed` (the one module with the distributed pieces) for the
+process group, the DDP wrapper, per-rank random streams and the few collectives between
+steps, and writes on rank 0 only.
 """
 
 from __future__ import annotations
@@ -22,7 +33,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Generator
@@ -30,48 +40,37 @@ from typing import Callable, Generator
 import numpy as np
 import torch
 
-from ..data.annotation import decode_classes
 from ..data.tiles import TileDataset, make_dataset
-from ..errors import CheckpointError, DataError, SemiclError
-from ..io import atomic_path
+from ..errors import DataError, SemiclError
 from ..methods import get_method
 from ..models import build_model
-from .autosave import save_annotations
-from .checkpoint import load_checkpoint, save_checkpoint
+from . import inbox as _inbox
+from . import refresh as _refresh
+from .budget import Budget, warm_up_notice
 from .config import TrainConfig
 from .device import describe_device, pick_device, set_threads
 from .precision import MixedPrecision
 from .distributed import setup as setup_distributed
-from .events import (
-    Analysed,
-    Checkpointed,
-    DataUpdated,
-    Evaluated,
-    Finished,
-    Notice,
-    Preview,
-    Reviewed,
-    ReviewSlice,
-    Started,
-    StepDone,
-    Stop,
-    UpdateData,
+from .events import Analysed, DataUpdated, Finished, Notice, Preview, Reviewed, Started, StepDone
+from .fusion import PairPredictions
+from .inference import Prediction, is_out_of_memory, predict_volume
+from .memory import fit_training_memory
+from .persistence import (
+    CHECKPOINT_NAME,
+    AnnotationsAutosave,
+    PeriodicCheckpoint,
+    check_resumable,
+    load_predictor,
+    load_trainer_state,
+    read_resume,
+    save_trainer,
+    trainer_state,
 )
-from .inference import (
-    Prediction,
-    classes_from_probabilities,
-    is_out_of_memory,
-    predict_slices,
-    predict_volume,
-    predict_volume_probabilities,
-)
-from .metrics import dice_per_class
 from .prior import SlicePrior, dense_share
-from .review import padded_slice, run_analysis
+
+__all__ = ["CHECKPOINT_NAME", "Trainer", "load_predictor", "run_sync"]
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def _seed_everything(seed: int) -> torch.Generator:
@@ -137,117 +136,47 @@ class Trainer:
         self.step = 0
         self.last_losses: dict[str, float] = {}
         self.history: list[dict] = []
-        self._stop = threading.Event()
-        self._pending_lock = threading.Lock()
-        self._pending_pairs: list | None = None
-        self._pending_review: tuple[int, int] | None = None
-        self._pending_analyses: dict[str, dict] = {}
+        #: requests from other threads (stop, data, review, analyses), served between steps
+        self.inbox = _inbox.Inbox()
         self._notices: list[Notice] = [
             Notice("warning", f"'{self.pairs[p].name}': {n} NaN/Inf voxel(s) are treated as the image minimum")
             for p, n in sorted(getattr(self.dataset, "non_finite", {}).items())
         ]
-        self._annotations_version = 0  # bumped when new snapshots arrive
-        self._annotations_saved = -1   # the version last autosaved
-        self._preview_root: Path | None = None
-        self._previews: dict[int, list[Path]] = {}
+        # memory estimated before it is spent: defaults shrink (with a notice), forced settings are refused
+        self._notices += [Notice("warning", n) for n in fit_training_memory(self.config, self.dataset, self.device)]
+        self._autosave = AnnotationsAutosave(self.out_dir)
         if self.method.uses_unlabelled and not self.dataset.unlabelled:
             self._notices.append(Notice("warning", "no unlabelled slice: the consistency term uses labelled slices"))
-        # the painted-slice prior is built at its first use (run() builds it in the training
-        # thread: the optical-flow fill takes seconds, never on the caller's (Qt) thread)
-        self._prior: SlicePrior | None = None
-        self._prior_stale = True
-        #: (step, pair) -> the network's agreement with the prior: measured once per step, for
-        #: the refresh's previews and its validation alike (cleared when the prior is rebuilt)
-        self._agreements: dict[tuple[int, int], float] = {}
-        #: (step, pair) -> a 3D network's class probabilities (S, K, H, W) of the whole pair,
-        #: unfused, and the notes of their prediction: predicted once a step for the prior's
-        #: agreement, the previews and validation alike; released when the refresh (or
-        #: predict_pair) that predicted them ends, stale ones dropped at the next prediction
-        self._volume_probs: dict[tuple[int, int], tuple[torch.Tensor, tuple[str, ...]]] = {}
+        #: the painted-slice prior and the fused masks of the pairs (the prior is built at its
+        #: first use: run() builds it in the training thread, never on the caller's Qt thread)
+        self.predictions = PairPredictions(self)
+        #: what every refresh runs, in order (engine.refresh): a new step is one callable here
+        self.refresh_steps: list[_refresh.RefreshStep] = _refresh.default_steps(self.dataset, self.out_dir)
 
     # --- construction from a checkpoint ----------------------------------------------------
     @classmethod
     def from_checkpoint(cls, path, pairs, *, device=None, out_dir=None, num_threads=None) -> "Trainer":
         """Resume: the checkpoint's config, weights, teacher, optimiser and step."""
-        data = load_checkpoint(path)
-        try:
-            config = TrainConfig.from_json(data["config"])
-        except (KeyError, TypeError) as exc:
-            raise CheckpointError(f"{path} holds no valid config: {exc}") from None
+        config, data = read_resume(path)
         trainer = cls(config, pairs, device=device, out_dir=out_dir, num_threads=num_threads)
-        if trainer.config.model.in_channels != config.model.in_channels:
-            kind = {1: "grey (1 channel)", 3: "RGB (3 channels)"}
-            raise CheckpointError(
-                f"the checkpoint was trained on {kind.get(config.model.in_channels, config.model.in_channels)} "
-                f"images, these are {kind.get(trainer.config.model.in_channels, trainer.config.model.in_channels)}: "
-                "resume with images like the ones it was trained on"
-            )
-        if trainer.config.model.n_classes != config.model.n_classes:
-            raise CheckpointError(
-                f"the checkpoint has {config.model.n_classes} classes, the annotations give "
-                f"{trainer.config.model.n_classes}"
-            )
-        trainer._load_state(data)
+        check_resumable(trainer, config)
+        load_trainer_state(trainer, data)
         return trainer
-
-    def _load_state(self, data: dict) -> None:
-        try:
-            self.model.load_state_dict(data["student"])
-            self.method.load_state_dict(data.get("method", {}))
-        except (RuntimeError, KeyError) as exc:
-            raise CheckpointError(f"the checkpoint does not fit this network: {str(exc).splitlines()[0]}") from None
-        if data.get("optimizer"):
-            self.optimizer.load_state_dict(data["optimizer"])
-        self.step = int(data.get("step", 0))
 
     @property
     def prior(self) -> SlicePrior | None:
         """The painted-slice prior of the current data (``config.prior``), or None; built
         on first access and again after new annotations."""
-        if self._prior_stale:
-            self._prior = self._build_prior()
-            self._prior_stale = False
-            self._agreements.clear()
-        return self._prior
+        return self.predictions.prior
 
-    def _build_prior(self) -> SlicePrior | None:
-        """The painted-slice prior of the current dataset (``config.prior``), or None.
-
-        Volumes without one (scribbles, 2D images) are named in a notice; training goes on
-        without a prior for them."""
-        cfg = self.config.prior
-        if not cfg.active or isinstance(self.dataset, TileDataset):
-            return None
-        t0 = time.perf_counter()
-        prior = SlicePrior(self.pairs, self.dataset, cfg)
-        self._notices.extend(Notice("warning", note) for note in prior.notes)
-        if not any(p in prior for p in range(len(self.pairs))):
-            return None
-        if cfg.mode == "targets":
-            self.dataset.set_dense_targets(prior.dense_targets(self.dataset.unlabelled))
-        n_dense = len(getattr(self.dataset, "dense_targets", {}))
-        message = (f"painted-slice prior ({cfg.interpolation} interpolation, {time.perf_counter() - t0:.1f} s): "
-                   f"dense targets on {n_dense} unpainted slices")
-        for p, cal in sorted(prior.calibration.items()):
-            if cal.loo:
-                dice = ", ".join(f"{q:.2f}" for _, q, _ in cal.loo)
-                message += (f"; '{self.pairs[p].name}': inner painted slices filled from the others score Dice "
-                            f"{dice}, so the targets leave out {cal.band_px:.1f} px a slice around the filled boundary")
-        if cfg.fuse:
-            message += "; the predicted mask falls back on it where the network is unsure"
-        log.info(message)
-        self._notices.append(Notice("info", message))
-        return prior
-
-    # --- thread-safe controls -----------------------------------------------------------------
+    # --- thread-safe controls (the inbox) ----------------------------------------------------
     def request_stop(self) -> None:
         """Ask the loop to stop after the current step (safe from any thread)."""
-        self._stop.set()
+        self.inbox.request_stop()
 
     def submit_data(self, pairs) -> None:
         """Queue new annotation snapshots; they replace the data before the next step."""
-        with self._pending_lock:
-            self._pending_pairs = list(pairs)
+        self.inbox.submit_data(pairs)
 
     def request_review(self, pair_index: int, slice_index: int) -> None:
         """Ask for a :class:`Reviewed` event of one slice before the next step.
@@ -256,8 +185,7 @@ class Trainer:
         indexes the pair's slices along ``config.data.axis`` (0 for a 2D image). Methods
         without a review (the baselines) answer nothing.
         """
-        with self._pending_lock:
-            self._pending_review = (int(pair_index), int(slice_index))
+        self.inbox.request_review(pair_index, slice_index)
 
     def request_analysis(self, kind: str, **params) -> None:
         """Ask for an :class:`Analysed` event of ``kind`` before the next step.
@@ -265,29 +193,44 @@ class Trainer:
         Safe from any thread; a newer request of the same kind replaces one not yet served.
         ``kind`` and ``params`` as in :func:`~napari_semicl.engine.review.run_analysis`.
         """
-        with self._pending_lock:
-            self._pending_analyses[str(kind)] = dict(params)
+        self.inbox.request_analysis(kind, **params)
 
     def analyse(self, kind: str, **params) -> Analysed:
         """Run one review analysis now, in the calling thread (for an idle trainer)."""
-        with torch.no_grad():
-            arrays = run_analysis(self.method, self.dataset, kind, device=self.device, **params)
-        return Analysed(self.step, kind, dict(params), arrays)
+        return _inbox.analyse(self, kind, **params)
+
+    def review_slice(self, pair_index: int, slice_index: int) -> dict:
+        """:meth:`Method.review_slice` of one slice (see :func:`~napari_semicl.engine.inbox.review_slice`)."""
+        return _inbox.review_slice(self, pair_index, slice_index)
+
+    def _apply_review(self) -> Reviewed | Notice | None:
+        return _inbox.serve_review(self, self.inbox.take_review())
 
     def _apply_analyses(self) -> list:
-        """Serve the pending analyses; a failing one becomes a :class:`Notice`."""
-        with self._pending_lock:
-            pending, self._pending_analyses = self._pending_analyses, {}
-        events: list = []
-        for kind, params in pending.items():
-            try:
-                events.append(self.analyse(kind, **params))
-            except (SemiclError, RuntimeError, ValueError, IndexError, TypeError) as exc:
-                log.warning("analysis %s failed", kind, exc_info=True)
-                events.append(Notice("warning", f"could not compute {kind}: {str(exc).splitlines()[0]}"))
-        return events
+        return _inbox.serve_analyses(self, self.inbox.take_analyses())
 
-    # --- the loop ----------------------------------------------------------------------------
+    def _apply_pending(self) -> DataUpdated | None:
+        pairs = self.inbox.take_pairs()
+        return None if pairs is None else self.replace_data(pairs)
+
+    def replace_data(self, pairs) -> DataUpdated:
+        """New annotation snapshots replace the training data (the class table is kept);
+        weights, optimiser and step go on. The prior is rebuilt at its next use."""
+        pairs = list(pairs)
+        dataset = make_dataset(pairs, copy.deepcopy(self.config.data), self.config.wsi,  # class table kept
+                               spatial_dims=self.config.model.spatial_dims)
+        self.pairs, self.dataset = pairs, dataset
+        self.predictions.invalidate()  # predicted from the images being replaced; the new painted slices move the prior
+        self._autosave.changed()
+        if dataset.unknown_values:
+            self._notices.append(Notice(
+                "warning",
+                f"label values {sorted(dataset.unknown_values)} are not in the class table "
+                f"{dataset.class_values} of this run and are ignored: press Train (not Resume) to learn them",
+            ))
+        return DataUpdated(self.step, dataset.summary())
+
+    # --- the step ------------------------------------------------------------------------------
     def _lr(self, fraction: float) -> float:
         o = self.config.optim
         return o.lr * (1.0 - min(fraction, 0.95)) ** o.poly_power
@@ -330,84 +273,14 @@ class Trainer:
         self.step += 1
         return out
 
-    def _apply_pending(self) -> DataUpdated | None:
-        with self._pending_lock:
-            pairs, self._pending_pairs = self._pending_pairs, None
-        if pairs is None:
-            return None
-        dataset = make_dataset(pairs, copy.deepcopy(self.config.data), self.config.wsi,  # class table kept
-                               spatial_dims=self.config.model.spatial_dims)
-        self.pairs, self.dataset = pairs, dataset
-        self._volume_probs.clear()  # predicted from the images being replaced
-        self._annotations_version += 1
-        self._prior_stale = True  # the new painted slices move the prior: rebuilt at its next use
-        if dataset.unknown_values:
-            self._notices.append(Notice(
-                "warning",
-                f"label values {sorted(dataset.unknown_values)} are not in the class table "
-                f"{dataset.class_values} of this run and are ignored: press Train (not Resume) to learn them",
-            ))
-        return DataUpdated(self.step, dataset.summary())
-
-    def _apply_review(self) -> Reviewed | Notice | None:
-        """Serve the pending review request, if any (None when there is nothing to show).
-
-        A review that fails says so in a :class:`Notice` and leaves training going.
-        """
-        with self._pending_lock:
-            request, self._pending_review = self._pending_review, None
-        if request is None:
-            return None
-        p_idx, s_idx = request
-        if isinstance(self.dataset, TileDataset):
-            log.debug("review of slides is not implemented; request ignored")
-            return None
-        if not (0 <= p_idx < len(self.dataset.images) and 0 <= s_idx < self.dataset.images[p_idx].shape[0]):
-            log.debug("review of pair %d slice %d ignored: out of range", p_idx, s_idx)
-            return None
-        try:
-            arrays = self.review_slice(p_idx, s_idx)
-        except (RuntimeError, ValueError) as exc:
-            log.warning("review of pair %d slice %d failed", p_idx, s_idx, exc_info=True)
-            return Notice("warning", f"could not review slice {s_idx}: {str(exc).splitlines()[0]}")
-        return Reviewed(self.step, p_idx, s_idx, arrays) if arrays else None
-
-    @torch.no_grad()
-    def _warm_up_notice(self, target: int | None) -> Notice | None:
-        """A warning when this run ends before the method's warm-up does (its own term,
-        e.g. PLGCL's contrastive loss, would never train); None otherwise."""
-        section = getattr(self.config, self.config.method, None)
-        warm = getattr(section, "warmup_steps", None)
-        if target is None or not isinstance(warm, int) or target > warm:
-            return None
-        return Notice(
-            "warning",
-            f"{self.config.method}: this run ends at step {target}, within its {warm}-step warm-up, so its "
-            f"contrastive term never trains; train more steps or lower the warm-up steps (Advanced)",
-        )
-
-    def review_slice(self, pair_index: int, slice_index: int) -> dict:
-        """:meth:`Method.review_slice` of one normalised slice, padded to the network's
-        size multiple (zeros at the bottom and right; the method limits its output to the
-        slice). A 3D network has no per-slice review (ValueError, a notice)."""
-        if self.config.model.spatial_dims == 3:
-            raise ValueError("the per-slice sampler review is for slice networks; this run trains a 3D network")
-        img = self.dataset.images[pair_index][slice_index]  # (C, H, W)
-        h, w = img.shape[-2:]
-        x = padded_slice(img, int(getattr(self.model, "multiple", 1)), self.device)
-        return self.method.review_slice(x, valid_shape=(h, w))
-
-    def _handle(self, message) -> None:
-        if isinstance(message, Stop):
-            self._stop.set()
-        elif isinstance(message, UpdateData):
-            self.submit_data(message.pairs)
-        elif isinstance(message, ReviewSlice):
-            self.request_review(message.pair_index, message.slice_index)
-
+    # --- the loop ------------------------------------------------------------------------------
     def _emit(self, event) -> Generator:
         message = yield event
-        self._handle(message)
+        self.inbox.handle(message)
+
+    def _emit_notices(self) -> Generator:
+        while self._notices:
+            yield from self._emit(self._notices.pop(0))
 
     def run(self, *, previews: bool = True) -> Generator:
         """Train until the budget is spent or a stop is asked; yields events.
@@ -420,90 +293,67 @@ class Trainer:
         :class:`Finished` event.
         """
         cfg = self.config
-        self._stop.clear()
+        self.inbox.clear_stop()
         previews = previews and self.dist.is_main  # rank 0 alone predicts for the user
         threads = set_threads(self.num_threads)
         t0 = time.monotonic()
-        start_step = self.step
-        if cfg.budget == "iterations":
-            target = self.step + cfg.iterations  # N more steps, wherever this call starts
-            budget_s = None
-        else:
-            target, budget_s = None, cfg.minutes * 60.0
+        budget = Budget.of(cfg, self.step)
         where = describe_device(self.device, threads, self.amp.precision)
         if self.dist.active:
             where += f" x {self.dist.world_size} processes"
-        yield from self._emit(Started(where, self.step, target, budget_s, self.dataset.summary()))
-        warm_up = self._warm_up_notice(target)
+        yield from self._emit(Started(where, self.step, budget.target, budget.seconds, self.dataset.summary()))
+        warm_up = warm_up_notice(cfg, budget.target)
         if warm_up is not None:
             self._notices.append(warm_up)
         prior = self.prior  # built here, in the training thread
-        for notice in self._notices:
-            yield from self._emit(notice)
-        self._notices.clear()
+        yield from self._emit_notices()
         if prior is not None and previews and not isinstance(self.dataset, TileDataset):
             # the filled shape at once: what the user sees until the first refresh
             for p_idx in range(len(self.pairs)):
                 mask = self.prior_mask(p_idx)
                 if mask is not None:
                     yield from self._emit(Preview(self.step, "prediction", p_idx, mask))
-        reason, error, last_save = "budget", None, t0
+        reason, error = "budget", None
+        checkpoints = PeriodicCheckpoint(self, cfg.checkpoint_minutes, t0)
         notice = self.autosave_annotations()
         if notice is not None:
             yield from self._emit(notice)
         try:
             while True:
                 # every rank leaves at the same step and runs on rank 0's clock (one process: as is)
-                stop, elapsed = self.dist.agree(self._stop.is_set(), time.monotonic() - t0)
+                stop, elapsed = self.dist.agree(self.inbox.stop_requested, time.monotonic() - t0)
                 if stop:
-                    self._stop.set()
+                    self.inbox.request_stop()
                     break
-                # the learning-rate schedule runs over the whole iteration budget, or this run's time
-                if target is not None:
-                    if self.step >= target:
-                        break
-                    lr_fraction = self.step / max(target, 1)
-                else:
-                    if elapsed >= budget_s:
-                        break
-                    lr_fraction = elapsed / budget_s
+                if budget.spent(self.step, elapsed):
+                    break
+                lr_fraction = budget.lr_fraction(self.step, elapsed)
                 update = self._apply_pending()
                 if update is not None:
                     yield from self._emit(update)
-                    for notice in self._notices:
-                        yield from self._emit(notice)
-                    self._notices.clear()
+                    yield from self._emit_notices()
                 reviewed = self._apply_review()
                 if reviewed is not None:
                     yield from self._emit(reviewed)
                 for analysed in self._apply_analyses():
                     yield from self._emit(analysed)
-                if self._stop.is_set() and not self.dist.active:  # asked while those events were handled
+                if self.inbox.stop_requested and not self.dist.active:  # asked while those events were handled
                     break  # (several ranks agree on it at the top of the next step)
                 losses = self.train_step(lr_fraction)
-                while self._notices:  # e.g. a method's stage change in that step
-                    yield from self._emit(self._notices.pop(0))
+                yield from self._emit_notices()  # e.g. a method's stage change in that step
                 self.last_losses = losses
                 self.history.append({"step": self.step, **losses})
                 elapsed = time.monotonic() - t0
-                done = self.step - start_step
-                if target is not None:
-                    fraction = done / max(target - start_step, 1)
-                    eta = elapsed / done * (target - self.step)
-                else:
-                    fraction = min(elapsed / budget_s, 1.0)
-                    eta = max(budget_s - elapsed, 0.0)
+                fraction, eta = budget.progress(self.step, elapsed)
                 yield from self._emit(StepDone(self.step, losses, self.optimizer.param_groups[0]["lr"], elapsed, fraction, eta))
-                if previews and self.step % cfg.refresh_every == 0 and not self._stop.is_set():
+                if previews and self.step % cfg.refresh_every == 0 and not self.inbox.stop_requested:
                     for event in self.refresh_events():
                         yield from self._emit(event)
-                if self.out_dir is not None and time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
-                    yield from self._emit(Checkpointed(self.step, str(self.save())))
-                    notice = self.autosave_annotations()
-                    if notice is not None:
-                        yield from self._emit(notice)
-                    last_save = time.monotonic()
-            if self._stop.is_set():
+                if checkpoints.due(time.monotonic()):
+                    for event in checkpoints.write():
+                        yield from self._emit(event)
+                    checkpoints.written(time.monotonic())
+            if self.inbox.stop_requested:
                 reason = "stopped"
         except GeneratorExit:
             # the consumer closed us (e.g. a worker's quit): keep the model, say nothing more
@@ -512,21 +362,7 @@ class Trainer:
                 self.autosave_annotations()
             raise
         except (SemiclError, FloatingPointError, RuntimeError, ValueError, MemoryError) as exc:
-            reason, error, explained = "error", str(exc), False
-            if is_out_of_memory(exc):
-                d = cfg.data
-                error = (
-                    f"out of memory on {describe_device(self.device)} at step {self.step}: lower the training "
-                    f"crop (data.patch_size, now {d.patch_size}) or the batch sizes (data.batch_labelled "
-                    f"{d.batch_labelled}, data.batch_unlabelled {d.batch_unlabelled}); the last checkpoint is kept"
-                )
-            elif self.dist.active:
-                error = self.dist.explain_failure(exc, self.step)
-                explained = error != str(exc)
-            if explained:  # a lost rank, said in words: no traceback
-                log.error("training stopped at step %d: %s", self.step, error)
-            else:
-                log.exception("training stopped by an error at step %d", self.step)
+            reason, error = "error", self._explain(exc)
         ckpt = None
         if self.out_dir is not None:
             self.autosave_annotations()  # the annotations survive an error too
@@ -541,170 +377,45 @@ class Trainer:
         yield finished
         return finished
 
-    # --- previews, validation, prediction ------------------------------------------------------
+    def _explain(self, exc: BaseException) -> str:
+        """The message of an error that ended the run (logged here, with a traceback unless
+        it is said in words)."""
+        error, explained = str(exc), False
+        if is_out_of_memory(exc):
+            d = self.config.data
+            error = (
+                f"out of memory on {describe_device(self.device)} at step {self.step}: lower the training "
+                f"crop (data.patch_size, now {d.patch_size}) or the batch sizes (data.batch_labelled "
+                f"{d.batch_labelled}, data.batch_unlabelled {d.batch_unlabelled}); the last checkpoint is kept"
+            )
+        elif self.dist.active:
+            error = self.dist.explain_failure(exc, self.step)
+            explained = error != str(exc)
+        if explained:  # a lost rank, said in words: no traceback
+            log.error("training stopped at step %d: %s", self.step, error)
+        else:
+            log.exception("training stopped by an error at step %d", self.step)
+        return error
+
+    # --- refresh, validation, prediction (engine.refresh, engine.fusion) -----------------------
     def refresh_events(self) -> list:
-        """Whole-pair predictions (and entropy) plus validation Dice at the current step."""
-        model = self.method.inference_model()
-        events: list = []
-        if isinstance(self.dataset, TileDataset):
-            return self._slide_previews(model)
-        notes: list[str] = []
-        try:  # a 3D network predicts each pair once, for the agreement, the preview and validation
-            for p_idx in range(len(self.dataset.images)):
-                idx, ent = self._predict_pair_classes(p_idx, with_entropy=True, notes=notes)
-                labels = self._to_pair_layout(decode_classes(idx, self.dataset.class_values), p_idx)
-                events.append(Preview(self.step, "prediction", p_idx, labels))
-                events.append(Preview(self.step, "entropy", p_idx, self._to_pair_layout(ent, p_idx)))
-            events.extend(Notice("warning", note) for note in dict.fromkeys(notes))
-            metrics = self.validate()
-        finally:
-            self._volume_probs.clear()  # a volume a pair: not kept while training goes on
-        if metrics:
-            events.append(Evaluated(self.step, metrics))
-        return events
-
-    def _slide_previews(self, model) -> list:
-        """Stitched tile-by-tile predictions of every slide, as zarr label pyramids.
-
-        Each refresh writes a new OME-Zarr under ``out_dir/previews`` (or a temporary
-        folder) and removes the one before the last, so a viewer still reading the last
-        preview never sees it change. The event's array is the list of pyramid levels.
-        """
-        import shutil
-        import tempfile
-
-        from .slide_inference import predict_slide_pair
-
-        if self._preview_root is None:
-            if self.out_dir is not None:
-                self._preview_root = self.out_dir / "previews"
-                self._preview_root.mkdir(parents=True, exist_ok=True)
-            else:
-                self._preview_root = Path(tempfile.mkdtemp(prefix="semicl_previews_"))
-        events = []
-        for p_idx, pair in enumerate(self.dataset.pairs):
-            path = self._preview_root / f"pair{p_idx}_step{self.step}.zarr"
-            pyramid, _ = predict_slide_pair(model, pair, path, class_values=self.dataset.class_values,
-                                            device=self.device, overlap=self.config.wsi.overlap)
-            self._previews.setdefault(p_idx, []).append(path)
-            while len(self._previews[p_idx]) > 2:
-                shutil.rmtree(self._previews[p_idx].pop(0), ignore_errors=True)
-            events.append(Preview(self.step, "prediction", p_idx, pyramid))
-        return events
-
-    def _to_pair_layout(self, arr: np.ndarray, p_idx: int) -> np.ndarray:
-        pair = self.pairs[p_idx]
-        if len(pair.spatial_shape) == 2:
-            return arr[0]
-        return np.ascontiguousarray(np.moveaxis(arr, 0, self.config.data.axis))
+        """The events of one refresh: each of ``refresh_steps`` in turn (by default the
+        whole-pair predictions and entropy, then validation Dice)."""
+        return _refresh.refresh(self, self.refresh_steps)
 
     def validate(self) -> dict:
         """Dice per class (label value) on the validation slices; {} when there are none."""
-        if not self.dataset.validation:
-            return {}
-        model = self.method.inference_model()
-        preds, refs = [], []
-        volumes: dict[int, np.ndarray] = {}  # a 3D network predicts each pair once
-        for p_idx, s_idx in self.dataset.validation:
-            if self.config.model.spatial_dims == 3:
-                if p_idx not in volumes:
-                    volumes[p_idx] = self._predict_pair_classes(p_idx)[0]
-                idx = volumes[p_idx][s_idx:s_idx + 1]
-            else:
-                img = self.dataset.images[p_idx][s_idx:s_idx + 1]
-                idx, _ = predict_slices(model, img, device=self.device, fuse=self._fuser(p_idx, offset=s_idx))
-            ref = self.dataset.targets[p_idx][s_idx]
-            pred = decode_classes(idx[0], self.dataset.class_values)
-            if self.config.data.unpainted == "ignore":
-                painted = ref != 0
-                pred, ref = pred[painted], ref[painted]
-            preds.append(pred.ravel())
-            refs.append(ref.ravel())
-        per_class = dice_per_class(np.concatenate(preds), np.concatenate(refs), self.dataset.class_values)
-        mean = float(np.mean(list(per_class.values()))) if per_class else math.nan
-        return {"dice": mean, "dice_per_class": per_class, "slices": len(self.dataset.validation)}
-
-    def _fuser(self, pair_index: int, offset: int = 0):
-        """The prior's fusion for slices of pair ``pair_index`` (starting at ``offset``), or
-        None. The network's agreement with the prior next to the painted slices is measured
-        once a step (one prediction of those slices)."""
-        if self.prior is None or pair_index not in self.prior or not self.prior.config.fuse:
-            return None
-        fuse = self.prior.fuser(pair_index, self._prior_agreement(pair_index))
-        if offset == 0:
-            return fuse
-        return lambda start, stop, probs: fuse(start + offset, stop + offset, probs)
-
-    def _prior_agreement(self, pair_index: int) -> float:
-        key = (self.step, pair_index)
-        if key not in self._agreements:
-            self._agreements = self._this_step(self._agreements)
-            near = self.prior.near_slices(pair_index)
-            if len(near) == 0:
-                self._agreements[key] = 1.0
-            else:
-                if self.config.model.spatial_dims == 3:  # the whole volume (shared), then those slices
-                    idx, _ = classes_from_probabilities(self._volume_probabilities(pair_index)[torch.as_tensor(near)])
-                else:
-                    images = self.dataset.images[pair_index]
-                    idx, _ = predict_slices(self.method.inference_model(), images[near], device=self.device)
-                self._agreements[key] = self.prior.agreement(pair_index, idx, near)
-        return self._agreements[key]
-
-    def _this_step(self, cache: dict) -> dict:
-        """The entries of a (step, pair)-keyed cache made at the current step."""
-        return {k: v for k, v in cache.items() if k[0] == self.step}
-
-    def _volume_probabilities(self, pair_index: int, notes: list | None = None) -> torch.Tensor:
-        """A 3D network's class probabilities (S, K, H, W) of a whole training pair, unfused
-        (read-only): predicted once a step and shared by the prior's agreement, the previews,
-        validation and :meth:`predict_pair`. Only the current step's are kept (one volume a
-        pair at most; the refresh or prediction that asks for them releases them). Out-of-memory
-        notes of that prediction go to ``notes`` at every use."""
-        key = (self.step, pair_index)
-        if key not in self._volume_probs:
-            self._volume_probs = self._this_step(self._volume_probs)
-            said: list[str] = []
-            probs = predict_volume_probabilities(self.method.inference_model(), self.dataset.images[pair_index],
-                                                 device=self.device, notes=said)
-            self._volume_probs[key] = (probs, tuple(said))
-        probs, said = self._volume_probs[key]
-        if notes is not None:
-            notes.extend(said)
-        return probs
-
-    def _predict_pair_classes(self, pair_index: int, *, with_entropy: bool = False, notes: list | None = None):
-        """Class indices (S, H, W) and, with ``with_entropy``, the normalised entropy of a
-        whole training pair in slice layout, fused with the painted-slice prior where it is
-        on. A 2D network predicts the slices; a 3D network's come from this step's shared
-        probabilities (:meth:`_volume_probabilities`)."""
-        fuse = self._fuser(pair_index)
-        if self.config.model.spatial_dims == 3:
-            return classes_from_probabilities(self._volume_probabilities(pair_index, notes), fuse=fuse,
-                                              with_entropy=with_entropy)
-        return predict_slices(self.method.inference_model(), self.dataset.images[pair_index], device=self.device,
-                              with_entropy=with_entropy, notes=notes, fuse=fuse)
+        return _refresh.validate(self)
 
     def prior_mask(self, pair_index: int = 0) -> np.ndarray | None:
         """The painted-slice prior's mask of a training pair (label values, the pair's
         layout), or None without a prior: what the user sees before the first refresh."""
-        idx = None if self.prior is None else self.prior.mask(pair_index)
-        if idx is None:
-            return None
-        return self._to_pair_layout(decode_classes(idx, self.dataset.class_values), pair_index)
+        return self.predictions.prior_mask(pair_index)
 
     def predict_pair(self, pair_index: int = 0, *, with_entropy: bool = False) -> Prediction:
         """The mask of a training pair as the user gets it: the network's prediction, fused
         with the painted-slice prior where there is one (:mod:`~napari_semicl.engine.prior`)."""
-        if isinstance(self.dataset, TileDataset):
-            raise DataError("slides are predicted tile by tile: use predict_slide_pair")
-        notes: list[str] = []
-        try:
-            idx, ent = self._predict_pair_classes(pair_index, with_entropy=with_entropy, notes=notes)
-        finally:
-            self._volume_probs.clear()
-        labels = self._to_pair_layout(decode_classes(idx, self.dataset.class_values), pair_index)
-        return Prediction(labels, None if ent is None else self._to_pair_layout(ent, pair_index), notes)
+        return self.predictions.predict_pair(pair_index, with_entropy=with_entropy)
 
     def predict(self, image: np.ndarray, *, rgb: bool = False, with_entropy: bool = False) -> Prediction:
         """Predict any image with the trained network (the teacher when there is one)."""
@@ -714,56 +425,21 @@ class Trainer:
             device=self.device, with_entropy=with_entropy, context_slices=self.config.data.context_slices,
         )
 
-    # --- persistence -------------------------------------------------------------------------
+    # --- persistence (engine.persistence) ------------------------------------------------------
     def autosave_annotations(self) -> Notice | None:
         """Write the annotations this run uses to ``out_dir/annotations`` if they changed
         since the last autosave (see :mod:`~napari_semicl.engine.autosave`).
 
         Returns a warning :class:`Notice` when the write fails (training goes on), else None.
         """
-        if self.out_dir is None or self._annotations_saved == self._annotations_version:
-            return None
-        try:
-            save_annotations(self.out_dir, self.pairs)
-        except (SemiclError, OSError, ValueError) as exc:
-            log.warning("autosave of the annotations failed", exc_info=True)
-            return Notice("warning", f"could not autosave the annotations to {self.out_dir}: {exc}")
-        self._annotations_saved = self._annotations_version
-        return None
+        return self._autosave.save(self.pairs)
 
     def state(self) -> dict:
-        return {
-            "config": self.config.to_json(),
-            "student": self.model.state_dict(),
-            "method": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
-        }
+        return trainer_state(self)
 
     def save(self, path=None) -> Path:
         """Checkpoint (atomic) plus ``config.json`` beside it; returns the checkpoint path."""
-        if path is None:
-            if self.out_dir is None:
-                raise ValueError("no out_dir given: pass a path")
-            path = self.out_dir / CHECKPOINT_NAME
-        path = save_checkpoint(path, self.state())
-        with atomic_path(path.parent / "config.json") as tmp:  # never a half-written config beside it
-            self.config.to_json(tmp)
-        return path
-
-
-def load_predictor(path, *, device=None):
-    """(network, config) from a checkpoint, ready to predict (the teacher when saved)."""
-    data = load_checkpoint(path)
-    config = TrainConfig.from_json(data["config"])
-    device = device if device is not None else pick_device()
-    model = build_model(config.model)
-    state = (data.get("method") or {}).get("teacher") or data["student"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"the checkpoint does not fit its own config: {str(exc).splitlines()[0]}") from None
-    return MixedPrecision(config.model.precision, device, config.model.spatial_dims).prepare(model.to(device)).eval(), config
+        return save_trainer(self, path)
 
 
 def run_sync(gen: Generator, callback: Callable | None = None):
