@@ -75,6 +75,12 @@ def test_cuda_amp_and_mps():
         resolve_precision("fp8", CPU)
 
 
+def test_auto_keeps_the_3d_network_in_fp32_on_the_cpu():
+    assert resolve_precision("auto", CPU, spatial_dims=3, flags={"avx512_bf16"}).name == "fp32"
+    assert resolve_precision("bf16", CPU, spatial_dims=3, flags={"avx512_bf16"}).name == "bf16"
+    assert resolve_precision("auto", CUDA, spatial_dims=3, cuda_bf16=True).name == "bf16"
+
+
 def test_channels_last_for_2d_only():
     assert resolve_precision("fp32", CPU, spatial_dims=2).channels_last
     assert not resolve_precision("fp32", CPU, spatial_dims=3).channels_last
