@@ -61,8 +61,8 @@ def test_plgcl_settings_have_readable_labels_and_help():
 
 
 def test_device_line_says_the_given_thread_count():
-    assert describe_device(CPU, 1) == "CPU (1 thread)"
-    assert describe_device(CPU, 3) == "CPU (3 threads)"
+    assert describe_device(CPU, 1, "fp32") == "CPU (1 thread, fp32)"
+    assert describe_device(CPU, 3, "fp32") == "CPU (3 threads, fp32)"
 
 
 def test_written_nifti_shape_is_logged_in_file_order(tmp_path, caplog):

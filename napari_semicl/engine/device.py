@@ -89,9 +89,10 @@ def default_cpu_threads() -> int:
 def set_threads(n: int | None) -> int:
     """Set torch's intra-op threads (``None`` or 0 leaves them as they are); returns the count.
 
-    A GUI should leave a core to the Qt thread: OpenMP workers that spin-wait for a busy core
-    slow every step down many times over (measured here: 0.37 s vs 4.9 s per U-Net step
-    with 1 vs 2 threads on a 2-core machine with one other busy process).
+    Use the idle cores (:func:`default_cpu_threads`, :func:`gui_thread_count`): OpenMP
+    workers that wait for a busy core slow every step down many times over (measured here:
+    0.37 s vs 4.9 s per U-Net step with 1 vs 2 threads on a 2-core machine with one other
+    busy process).
     """
     if n:
         torch.set_num_threads(max(1, int(n)))
@@ -99,12 +100,16 @@ def set_threads(n: int | None) -> int:
 
 
 def gui_thread_count() -> int:
-    """Threads for training behind a GUI: all cores but one (at least one).
+    """Threads for training behind a GUI: the idle cores (:func:`idle_cores`, at least one).
 
+    Measured with ``bench ui`` on a 2-core machine (issue 26; another 8 processes busy, load
+    average 20): the Qt event loop's p99 latency while training was 30 ms with 2 training
+    threads and 49 ms with 1, so a second thread keeps napari fluent; a thread on a busy core
+    slows training itself down, hence the idle cores rather than all of them.
     ``NAPARI_SEMICL_GUI_THREADS`` (a positive integer) overrides it, e.g. to measure the
-    viewer's fluency (``bench ui``) with another count.
+    viewer's fluency with another count.
     """
     forced = os.environ.get("NAPARI_SEMICL_GUI_THREADS", "").strip()
     if forced.isdigit() and int(forced) > 0:
         return int(forced)
-    return max(1, cpu_thread_count() - 1)
+    return idle_cores()

@@ -10,7 +10,7 @@ prediction goes on with fewer slices per batch, then smaller windows (tiles), an
 does not fit does it raise :class:`~napari_semicl.errors.DataError`.
 
 The network runs in the precision it was trained in (its ``model.precision`` setting, recorded
-on it by :func:`~napari_semicl.engine.precision.prepare_model`; 'auto' for a network built
+on it by :func:`~napari_semicl.engine.precision.prepare_model`; fp32 for a network built
 elsewhere): under bf16/fp16 autocast where that applies, each window's output cast to float32
 before the windows are blended, so probabilities, labels and entropy come out float32.
 """
