@@ -270,9 +270,7 @@ class NetworkProduct:
         if self.current is not None:
             self.pairs.append(self.current)
             self.current = None
-        if self.trainer is not None:
-            if len(self.trainer.pairs) != len(self.pairs):  # a volume accepted without painting: nothing new
-                self.trainer.submit_data(list(self.pairs))
+        if self.trainer is not None:  # the rest of the volume's budget (a volume accepted unpainted adds no data)
             self._train(*self._share(rest=True))
         return {"train_cpu_s": round(self.spent_s, 2), "train_steps": self.spent_steps,
                 "total_steps": 0 if self.trainer is None else self.trainer.step}
