@@ -76,9 +76,10 @@ def test_even_spaces_k_slices_strictly_inside_the_foreground_range():
     # the set is placed afresh at every k; a range too short for k slices ends the strategy
     mask = np.zeros_like(ref)
     assert next_painted("even", [4], reference=ref, axis=0, mask=mask) == [4, 5]
-    assert next_painted("even", [3, 4, 5, 6], reference=ref, axis=0, mask=mask) is None  # k = 5: 2.8, 3.7, 4.5, 5.3, 6.2 round onto 4 slices
+    # k = 5 inside (2.8, 3.7, 4.5, 5.3, 6.2) rounds onto 4 slices: the range's ends join (2, 3.25, 4.5, 5.75, 7)
+    assert next_painted("even", [3, 4, 5, 6], reference=ref, axis=0, mask=mask) == [2, 3, 4, 6, 7]
     short = np.zeros((6, 2, 2), np.uint8)
-    short[2:4] = 1  # two foreground slices, 2 and 3: k = 2 paints both (2.33, 2.67), k = 3 cannot
+    short[2:4] = 1  # two foreground slices, 2 and 3: k = 2 paints both (2.33, 2.67), k = 3 cannot (even with ends)
     assert even_slices(short, 2, 0) == [2, 3]
     assert next_painted("even", [2, 3], reference=short, axis=0, mask=np.zeros_like(short)) is None
 
