@@ -6,9 +6,10 @@ For each volume it starts from the product's mask and paints one reference slice
 target (default 0.90) or it has painted ``max_slices`` (default 10). Where it paints next:
 
 * ``even``: ``k`` slices evenly spaced strictly inside the structure's slice range
-  (:func:`~napari_semicl.data.reveal.choose_reveal_slices`, ``placement='inside'``), for
-  ``k = 1, 2, ...``: the set is placed afresh at every ``k`` (an annotator who knows how many
-  slices it will paint), so the count is the smallest ``k`` that reaches the target;
+  (:func:`~napari_semicl.data.reveal.choose_reveal_slices`, ``placement='inside'``; with the
+  range's end slices once ``k`` no longer fits inside it), for ``k = 1, 2, ...``: the set is
+  placed afresh at every ``k`` (an annotator who knows how many slices it will paint), so the
+  count is the smallest ``k`` that reaches the target;
 * ``suggest``: the plugin's "where to paint next" (:mod:`napari_semicl.analysis.suggest`): the
   unpainted slice with the highest mean entropy of the network's mask; only the ``network``
   product has one (the first slice of the first volume, before any network, is the middle of
@@ -90,9 +91,12 @@ def foreground_slices(reference: np.ndarray, axis: int) -> np.ndarray:
 
 
 def even_slices(reference: np.ndarray, k: int, axis: int) -> list[int]:
-    """``k`` slices evenly spaced strictly inside the structure's slice range (the ``even``
-    strategy's set for ``k`` painted slices; fewer when the range is too short)."""
-    return choose_reveal_slices(reference, k, axis, "inside")
+    """The ``even`` strategy's set of ``k`` painted slices: evenly spaced strictly inside the
+    structure's slice range; where the range is too short for ``k`` distinct slices inside it
+    (e.g. ACDC's 6 to 10 slices), evenly spaced over it with its two end slices; fewer than
+    ``k`` when even that does not fit."""
+    inside = choose_reveal_slices(reference, k, axis, "inside")
+    return inside if len(inside) == k else choose_reveal_slices(reference, k, axis, "ends")
 
 
 def wrong_per_slice(mask: np.ndarray, reference: np.ndarray, axis: int) -> np.ndarray:
@@ -270,9 +274,7 @@ class NetworkProduct:
         if self.current is not None:
             self.pairs.append(self.current)
             self.current = None
-        if self.trainer is not None:
-            if len(self.trainer.pairs) != len(self.pairs):  # a volume accepted without painting: nothing new
-                self.trainer.submit_data(list(self.pairs))
+        if self.trainer is not None:  # the rest of the volume's budget (a volume accepted unpainted adds no data)
             self._train(*self._share(rest=True))
         return {"train_cpu_s": round(self.spent_s, 2), "train_steps": self.spent_steps,
                 "total_steps": 0 if self.trainer is None else self.trainer.step}
