@@ -3,7 +3,7 @@
     python benchmarks/falloff_grid.py --data ../shared/data/la/train --placement inside --method flow \
         --k 2,3,5,10 --px 1,1.5,2,3 --out docs/results/falloff/la_inside_flow.json
 
-    python benchmarks/falloff_grid.py --report docs/results/falloff   # the markdown table of every file
+    python benchmarks/falloff_grid.py --report docs/results/archive_falloff.json   # the markdown table of every file
 
 For each volume and K (slices revealed as in ``bench within-volume``), the fill with a fall-off
 of each ``px`` (in-plane pixels a slice, scaled by the slice spacing as the plugin does), scored
@@ -22,6 +22,7 @@ from napari_semicl.bench.common import find_cases, thinnest_axis
 from napari_semicl.data.interpolation import default_shrink, interpolate_labels
 from napari_semicl.data.reveal import PLACEMENTS, choose_reveal_slices, reveal_slices
 from napari_semicl.engine.metrics import dice_per_class
+from results_archive import entries
 
 
 def mean_dice(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -30,13 +31,12 @@ def mean_dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return float(np.mean(dices)) if dices else float("nan")
 
 
-def report(folder: Path) -> str:
+def report(folder: Path) -> str:  # a folder of grid files or an archive of them (results_archive.py)
     """One markdown row per file and K: mean Dice (sd) at each fall-off, and each fall-off
     minus 3 px (issue 16's baseline) where the file has 3 px: mean ± sd, volumes better / worse."""
     rows = ["| data | placement | fill | K | volumes | " + "Dice at px a slice: mean (sd) | 1.5 px - 3 px: mean ± sd, better / worse |",
             "|---|---|---|---|---|---|---|"]
-    for f in sorted(folder.glob("*.json")):
-        d = json.loads(f.read_text())
+    for _, d in entries(folder):
         pxs = d["px"]
         for k, v in d["k"].items():
             table = np.array(list(v["per_volume"].values()))
@@ -56,7 +56,7 @@ def report(folder: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--report", type=Path, help="print the table of the JSON files in this folder and stop")
+    ap.add_argument("--report", type=Path, help="print the table of the JSON files in this folder (or archive) and stop")
     ap.add_argument("--data")
     ap.add_argument("--placement", choices=PLACEMENTS, default="ends")
     ap.add_argument("--method", choices=("sdf", "flow"), default="flow")

@@ -3,28 +3,29 @@
     python benchmarks/prior_report.py [--results docs/results] [--plot docs/images/dice_vs_k_prior.png]
 
 Reads the interpolation baselines (``{la,acdc}_interp_k*.json``, every volume) and the runs of
-``benchmarks/prior_protocol.sh`` (``prior/*.json``, a few volumes each). Every comparison is
-paired: a method's Dice next to the fill's on the same volumes, mean ± sd of the difference.
+``benchmarks/prior_protocol.sh`` (``prior/*.json``, a few volumes each), loose files or members
+of the ``archive_*.json`` files in ``--results`` alike (``benchmarks/results_archive.py``). Every
+comparison is paired: a method's Dice next to the fill's on the same volumes, mean ± sd of the
+difference.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
+from results_archive import find, load
 
 
-def _per_volume(path: Path) -> tuple[int, dict[str, dict[str, float]], dict]:
-    data = json.loads(path.read_text())
+def _per_volume(data: dict) -> tuple[int, dict[str, dict[str, float]], dict]:
     rows = {m: {r["name"]: r["dice"] for r in d.get("per_volume", []) if r.get("dice") is not None}
             for m, d in data["methods"].items()}
     return int(data["k"]), rows, data
 
 
 #: dataset -> (baselines over every volume, the prior runs, title, rf runs with ``{k}``), globs
-#: under ``--results``. The current figures (the fill's fall-off 1.5 px a slice) are
+#: under ``--results`` (loose files or archive members). The current figures (the fill's fall-off 1.5 px a slice) are
 #: ``la_inside`` (the K slices strictly inside the structure, ``bench within-volume --placement
 #: inside``, the reading that reproduces issue 16's table) and ``acdc`` (first and last
 #: foreground slice among the K); the ``*_3px`` sets are the earlier runs with a 3 px fall-off.
@@ -44,23 +45,24 @@ CURRENT = ("la_inside", "acdc")
 
 def _baselines(results: Path, dataset: str) -> dict[int, dict[str, dict[str, float]]]:
     out: dict[int, dict[str, dict[str, float]]] = {}
-    for f in sorted(results.glob(SETS[dataset][0])):
-        k, rows, _ = _per_volume(f)
+    for _, data in find(results, SETS[dataset][0]):
+        k, rows, _ = _per_volume(data)
         out[k] = rows
     return out
 
 
-def _prior_files(results: Path, dataset: str) -> list[Path]:
-    return sorted(results.glob(SETS[dataset][1]), key=lambda f: (_per_volume(f)[0], f.name))
+def _prior_files(results: Path, dataset: str) -> list[tuple[str, dict]]:
+    """``(name, data)`` of the set's prior runs, by K and file name."""
+    return sorted(find(results, SETS[dataset][1]), key=lambda nd: (_per_volume(nd[1])[0], Path(nd[0]).name))
 
 
 def rf_runs(results: Path, dataset: str, k: int) -> dict[str, float]:
     """The random forest's Dice by volume at ``k`` over the set's rf files."""
     out: dict[str, float] = {}
     for pattern in SETS[dataset][3]:
-        f = results / pattern.format(k=k)
-        if f.exists():
-            out.update(_per_volume(f)[1].get("rf", {}))
+        data = load(results, pattern.format(k=k))
+        if data is not None:
+            out.update(_per_volume(data)[1].get("rf", {}))
     return out
 
 
@@ -68,8 +70,8 @@ def merged(results: Path, dataset: str, k: int, method: str, steps: int | None =
     """``method``'s Dice by volume at ``k`` over every prior file of ``dataset``, runs at
     other step budgets left out."""
     out: dict[str, float] = {}
-    for f in _prior_files(results, dataset):
-        fk, rows, data = _per_volume(f)
+    for _, data in _prior_files(results, dataset):
+        fk, rows, data = _per_volume(data)
         if fk != k or method not in rows or (steps is not None and data.get("budget_steps") not in (None, steps)):
             continue
         out.update(rows[method])
@@ -107,8 +109,8 @@ def paired_rows(results: Path, dataset: str) -> list[str]:
     baselines = _baselines(results, dataset)
     out = []
     files = _prior_files(results, dataset)
-    for f in files:
-        k, rows, data = _per_volume(f)
+    for name, data in files:
+        k, rows, data = _per_volume(data)
         # the fills the run computed itself where it has them, else the baselines' on those volumes
         flow = {**baselines.get(k, {}).get("interp_flow", {}), **rows.get("interp_flow", {})}
         sdf = {**baselines.get(k, {}).get("interp", {}), **rows.get("interp", {})}
@@ -128,7 +130,7 @@ def paired_rows(results: Path, dataset: str) -> list[str]:
             out.append(
                 f"| {k} | {method} | {steps} | {len(names)} | {ours.mean():.3f} ± {ours.std():.3f} | "
                 f"{ref.mean():.3f} | {np.nanmean(plain):.3f} | {diff.mean():+.3f} ± {diff.std():.3f} "
-                f"[{diff.min():+.3f}, {diff.max():+.3f}] | {wins} / {losses} | `{f.name}` |"
+                f"[{diff.min():+.3f}, {diff.max():+.3f}] | {wins} / {losses} | `{Path(name).name}` |"
             )
     return out
 
@@ -159,9 +161,9 @@ def plot(results: Path, out_png: Path) -> Path:
             if rf:
                 series.setdefault("rf (all volumes)", {})[k] = list(rf.values())
         trained: dict[str, dict[int, dict[str, float]]] = {}  # method -> K -> volume -> Dice, over files
-        for f in _prior_files(results, dataset):
-            k, rows, data = _per_volume(f)
-            if "60s" in f.name:
+        for name, data in _prior_files(results, dataset):
+            k, rows, data = _per_volume(data)
+            if "60s" in name:
                 continue
             for m, by_name in rows.items():
                 if m not in ("interp", "interp_flow"):

@@ -29,7 +29,7 @@ case "${1:-}" in
     ;;
   within)
     # 110 steps of 2.97 CPU-s (64^3, batch 2) = 5.4 CPU-minutes, about the budget of the 2D and 2.5D
-    # rows (900 steps of 0.32 CPU-s, results/prior/la_k5.json and la_k5_context1.json); two jobs side by side
+    # rows (900 steps of 0.32 CPU-s, prior/la_k5.json and la_k5_context1.json in docs/results/archive_prior_3px.json); two jobs side by side
     export OMP_NUM_THREADS=1
     for m in recommended supervised; do
       bench within-volume --data "$DATA/la/train" --k 5 --limit 2 --methods "$m" --spatial-dims 3 --patch-size 64 \

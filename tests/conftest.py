@@ -6,6 +6,7 @@
   Tests marked ``@pytest.mark.shared_data`` (optionally ``("acdc", ...)``) skip the same way.
 - torch runs on 2 threads and every test starts from the same seeds.
 - ``crop_viewer``: a viewer with a 24-slice crop of the sample (GUI tests of several modules).
+- ``small_network``: ``small_network(dock)`` makes a Train dock train a small U-Net (test speed).
 - GUI tests (marked ``gui``, or using ``make_napari_viewer``/``qtbot``/``qapp``) are skipped
   with a message naming Xvfb when there is no usable display: on Linux no ``DISPLAY`` (or one
   that does not open, or has no GLX), anywhere ``QT_QPA_PLATFORM=offscreen`` (no OpenGL).
@@ -241,3 +242,28 @@ def set_train_dock(train, run_folder, *, method: str, iterations: int, refresh_e
     train.refresh_spin.setValue(refresh_every)
     train.patch_spin.setValue(patch_size)
     train.run_folder_edit.setText(str(run_folder))
+
+
+@pytest.fixture
+def small_network(monkeypatch):
+    """``small_network(dock)``: the Train dock keeps every setting the test gave it (method,
+    budget, patch, prior, ...) but trains a small U-Net, for test speed only: 8 base channels,
+    depth 3, crops of 2 labelled + 2 unlabelled a step (``base_channels``, ``depth``, ``batch``
+    change them; ``depth=None`` keeps the dock's). Returns the dock. The one place in the tests
+    that knows how the dock builds its config."""
+
+    def shrink(dock, *, base_channels: int = 8, depth: int | None = 3, batch: int = 2):
+        build = dock.build_config
+
+        def build_small():
+            cfg = build()
+            cfg.model.base_channels = base_channels
+            if depth is not None:
+                cfg.model.depth = depth
+            cfg.data.batch_labelled = cfg.data.batch_unlabelled = batch
+            return cfg
+
+        monkeypatch.setattr(dock, "build_config", build_small)
+        return dock
+
+    return shrink

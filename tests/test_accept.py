@@ -69,11 +69,10 @@ ACCEPT = 10
 
 @pytest.mark.gui
 @pytest.mark.usefixtures("one_torch_thread")
-def test_accept_through_the_plugin_menu_keeps_the_slice_whole(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+def test_accept_through_the_plugin_menu_keeps_the_slice_whole(make_napari_viewer, qtbot, tmp_path, small_network):
     pytest.importorskip("napari")
     from napari_semicl.engine.events import Finished
     from napari_semicl.io.sample import load_sample_volume
-    from test_widgets import small_network
 
     viewer = make_napari_viewer()
     image, reference = load_sample_volume()
@@ -84,7 +83,7 @@ def test_accept_through_the_plugin_menu_keeps_the_slice_whole(make_napari_viewer
         painted.data[s] = ref[s]
     _, train = viewer.window.add_plugin_dock_widget("napari-semicl", "Train (semi-supervised)")
     _, review = viewer.window.add_plugin_dock_widget("napari-semicl", "Review pseudo-labels")
-    small_network(train, monkeypatch)
+    small_network(train)
     train.set_pair(0, viewer.layers["t1 crop"], viewer.layers["painted"])
     train.method_combo.setCurrentText("supervised")
     train.iterations_spin.setValue(10)

@@ -26,28 +26,12 @@ CROP = slice(28, 44)
 PAINTED = (2, 12)
 
 
-
-
-
-
-def small_network(widget, monkeypatch) -> None:
-    build = widget.build_config
-
-    def build_small():
-        cfg = build()
-        cfg.model.base_channels, cfg.model.depth = 8, 3
-        cfg.data.batch_labelled = cfg.data.batch_unlabelled = 2
-        return cfg
-
-    monkeypatch.setattr(widget, "build_config", build_small)
-
-
 def apply_and_wait(dock, qtbot, **kwargs) -> None:
     with qtbot.waitSignal(dock.applied, timeout=60_000):
         assert dock.apply(**kwargs)
 
 
-def test_apply_the_run_and_its_checkpoint_to_a_second_image(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+def test_apply_the_run_and_its_checkpoint_to_a_second_image(make_napari_viewer, qtbot, tmp_path, small_network):
     from napari_semicl.io.sample import load_sample_volume
 
     viewer = make_napari_viewer()
@@ -63,7 +47,7 @@ def test_apply_the_run_and_its_checkpoint_to_a_second_image(make_napari_viewer, 
     assert "No trained network" in apply.status_label.text()
 
     train = open_dock(viewer, TRAIN)
-    small_network(train, monkeypatch)
+    small_network(train)
     train.background_check.setChecked(True)
     train.method_combo.setCurrentText("mean_teacher")
     train.budget_combo.setCurrentText("iterations")
@@ -93,9 +77,11 @@ def test_apply_the_run_and_its_checkpoint_to_a_second_image(make_napari_viewer, 
     assert "csf" in list(pred.features["class_name"])
     from_run = np.array(pred.data, copy=True)
 
+    names = [layer.name for layer in viewer.layers]
+    pred.data = np.zeros_like(from_run)  # only the checkpoint's prediction can bring the run's back
     apply.set_checkpoint(checkpoint)
     apply_and_wait(apply, qtbot)
-    assert viewer.layers["second prediction"] is not None
+    assert [layer.name for layer in viewer.layers] == names  # the same layers, refreshed in place
     np.testing.assert_array_equal(viewer.layers["second prediction"].data, from_run)
     assert "checkpoint.pt" in apply.status_label.text()
 

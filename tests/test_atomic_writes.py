@@ -20,6 +20,7 @@ from napari_semicl.bench.common import ResultsFile
 from napari_semicl.engine import load_checkpoint, save_checkpoint
 from napari_semicl.io.errors import WriteError
 from napari_semicl.io import atomic_path
+from napari_semicl.io.atomic import write_json
 from napari_semicl.io.wsi import write_pyramid
 
 PACKAGE = pathlib.Path(napari_semicl.__file__).parent
@@ -118,22 +119,64 @@ def test_failed_results_write_leaves_the_old_file(tmp_path):
     assert out.stat().st_mode & 0o044 == 0o044  # readable by others, as results are shared
 
 
-def test_failed_metrics_write_leaves_the_old_file(tmp_path):
+def test_failed_json_write_leaves_the_old_file(tmp_path):
+    """``io.atomic.write_json``, the CLI's metrics.json writer (the CLI's own cases:
+    tests/test_cli_package.py, a disk that fills halfway through metrics.json)."""
     out = tmp_path / "metrics.json"
-    cli._write_json_atomic(out, {"dice": 0.5})
+    write_json(out, {"dice": 0.5})
     with pytest.raises(TypeError):
-        cli._write_json_atomic(out, {"dice": object()})
+        write_json(out, {"dice": object()})
     assert json.loads(out.read_text()) == {"dice": 0.5}
     assert _names(tmp_path) == {"metrics.json"}
 
 
-def test_train_slides_writes_metrics_atomically():
-    """``cli._train_slides`` goes through the same helper as the other subcommands."""
-    import inspect
+def _crash_halfway(monkeypatch, name: str) -> list[str]:
+    """Every ``Path.write_text`` of a file whose name contains ``name`` writes half its text and
+    then fails, as a killed process or a full disk would; returns the names it was asked to write."""
+    real = pathlib.Path.write_text
+    crashed: list[str] = []
 
-    source = inspect.getsource(cli._train_slides)
-    assert "_write_json_atomic(out / \"metrics.json\"" in source
-    assert ".write_text(" not in source
+    def write_text(self, data, *args, **kwargs):
+        if name not in self.name:
+            return real(self, data, *args, **kwargs)
+        crashed.append(self.name)
+        real(self, data[: len(data) // 2], *args, **kwargs)
+        raise _Boom(f"killed halfway through writing {self.name}")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    return crashed
+
+
+def test_train_on_a_slide_killed_while_writing_metrics_leaves_the_old_file(tmp_path, monkeypatch):
+    """``train`` on a whole-slide image replaces metrics.json in one step: killed halfway
+    through the write, the previous run's file is there byte for byte, and no temporary file."""
+    from napari_semicl.bench.slides import write_mosaic_slide
+
+    cell = 128
+    rng = np.random.default_rng(0)
+    tiles = [rng.integers(0, 255, (cell, cell, 3), dtype=np.uint8) for _ in range(2)]
+    slide = write_mosaic_slide(tmp_path / "slide.ome.tif", tiles, np.array([[0, 1]]), tile=cell)
+    painted = np.zeros((cell, 2 * cell), np.uint8)
+    painted[:, :cell] = 1
+    painted[32:96, 32:96] = 2
+    labels = write_pyramid(tmp_path / "painted.ome.tif", [painted], tile=cell, labels=True)
+    out = tmp_path / "run"
+    out.mkdir()
+    previous = json.dumps({"dice": 0.5, "from": "the previous run"}, indent=2) + "\n"
+    (out / "metrics.json").write_text(previous)
+
+    crashed = _crash_halfway(monkeypatch, "metrics")
+    try:
+        rc = cli.main(["-q", "train", "--image", str(slide), "--labels", str(labels), "--iterations", "1",
+                       "--patch-size", "64", "--tile-size", str(cell), "--out", str(out)])
+    except _Boom:
+        rc = None
+    assert crashed, "the run never wrote metrics.json (so the crash was not simulated)"
+    assert rc != 0
+    monkeypatch.undo()
+    assert (out / "metrics.json").read_text() == previous
+    assert not [p.name for p in out.iterdir() if "metrics" in p.name and p.name != "metrics.json"]
+    assert (out / "checkpoint.pt").exists()  # the run itself got that far
 
 
 def test_only_io_atomic_renames_files():

@@ -17,12 +17,12 @@ from test_plugin_docks import PAINTED, open_train_dock, paint  # noqa: E402
 
 
 def test_a_two_process_run_from_the_dock_streams_stops_and_leaves_no_process(crop_viewer, qtbot, tmp_path,
-                                                                            monkeypatch):
+                                                                            monkeypatch, small_network):
     monkeypatch.setenv(CPU_RANKS_ENV, "2")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     viewer, image, reference, painted = crop_viewer
     paint(painted, reference, PAINTED)
-    widget = open_train_dock(viewer, tmp_path, monkeypatch, iterations=100_000, method="mean_teacher", refresh=2)
+    widget = open_train_dock(viewer, tmp_path, small_network, iterations=100_000, method="mean_teacher", refresh=2)
     widget.patch_spin.setValue(48)
     assert not widget.devices_row.isHidden() and widget.devices_spin.maximum() == 2
     widget.devices_spin.setValue(2)

@@ -39,25 +39,10 @@ def paint(painted, reference, slices) -> None:
     painted.refresh()
 
 
-def small_network(widget, monkeypatch) -> None:
-    """Keep the dock's config but train a small U-Net (test speed only)."""
-    build = widget.build_config
-
-    def build_small():
-        cfg = build()
-        cfg.model.base_channels = 8
-        cfg.model.depth = 3
-        cfg.data.batch_labelled = 2
-        cfg.data.batch_unlabelled = 2
-        return cfg
-
-    monkeypatch.setattr(widget, "build_config", build_small)
-
-
-def open_train_dock(viewer, tmp_path, monkeypatch, *, iterations: int, method: str = "supervised",
+def open_train_dock(viewer, tmp_path, small_network, *, iterations: int, method: str = "supervised",
                     refresh: int = 5):
     widget = open_dock(viewer, TRAIN)
-    small_network(widget, monkeypatch)
+    small_network(widget)
     widget.method_combo.setCurrentText(method)
     widget.budget_combo.setCurrentText("iterations")
     widget.iterations_spin.setValue(iterations)
@@ -74,11 +59,11 @@ def train_to_end(widget, qtbot, timeout_ms: int = 120_000) -> list:
     return events
 
 
-def test_validation_marks_through_the_plugin_dock(crop_viewer, qtbot, tmp_path, monkeypatch):
+def test_validation_marks_through_the_plugin_dock(crop_viewer, qtbot, tmp_path, small_network):
     """Issue 17, item 1: one mark per slice, Unmark removes it, training validates on it."""
     viewer, image, reference, painted = crop_viewer
     paint(painted, reference, (*PAINTED, VALIDATION))
-    widget = open_train_dock(viewer, tmp_path, monkeypatch, iterations=6)
+    widget = open_train_dock(viewer, tmp_path, small_network, iterations=6)
     assert [(im.name, lab.name) for im, lab in widget.pairs()] == [(image.name, painted.name)]
     viewer.layers.selection.active = painted
     viewer.dims.set_current_step(0, VALIDATION)
@@ -103,11 +88,11 @@ def test_validation_marks_through_the_plugin_dock(crop_viewer, qtbot, tmp_path, 
 
 
 @pytest.mark.parametrize("method", ["plgcl", "arco"])
-def test_review_layers_fill_in_the_plugin_dock(crop_viewer, qtbot, tmp_path, monkeypatch, method):
+def test_review_layers_fill_in_the_plugin_dock(crop_viewer, qtbot, tmp_path, small_network, method):
     """Issue 17, item 2: PLGCL's patch entropy and ARCO's sampled pixels of the slice in view."""
     viewer, image, reference, painted = crop_viewer
     paint(painted, reference, PAINTED)
-    widget = open_train_dock(viewer, tmp_path, monkeypatch, iterations=12, method=method)
+    widget = open_train_dock(viewer, tmp_path, small_network, iterations=12, method=method)
     widget.method_settings.control("warmup_steps").setValue(1)
     if method == "arco":
         widget.method_settings.control("confidence").setValue(0.3)  # a young teacher is unsure
@@ -124,11 +109,11 @@ def test_review_layers_fill_in_the_plugin_dock(crop_viewer, qtbot, tmp_path, mon
         assert len(viewer.layers[f"{image.name} sampled pixels"].data) > 0
 
 
-def test_resume_trains_the_budget_more(crop_viewer, qtbot, tmp_path, monkeypatch):
+def test_resume_trains_the_budget_more(crop_viewer, qtbot, tmp_path, small_network):
     """Issue 17, item 4: after a stop, Resume trains the dock's budget *more* steps, and says so."""
     viewer, image, reference, painted = crop_viewer
     paint(painted, reference, PAINTED)
-    widget = open_train_dock(viewer, tmp_path, monkeypatch, iterations=1000, refresh=1000)
+    widget = open_train_dock(viewer, tmp_path, small_network, iterations=1000, refresh=1000)
     assert widget.start_training()
     trainer = widget.trainer
     qtbot.waitUntil(lambda: trainer.step >= 2, timeout=60_000)
@@ -155,12 +140,12 @@ def test_resume_trains_the_budget_more(crop_viewer, qtbot, tmp_path, monkeypatch
     assert widget.device_label.text() == f"Device: {started.device}"
 
 
-def test_docks_opened_after_training_show_the_last_run(crop_viewer, qtbot, tmp_path, monkeypatch):
+def test_docks_opened_after_training_show_the_last_run(crop_viewer, qtbot, tmp_path, small_network):
     """Issue 17, item 6: review docks opened after a run show its pseudo-labels, suggestions and
     the whole curve; no Dice axis without a validation slice."""
     viewer, image, reference, painted = crop_viewer
     paint(painted, reference, PAINTED)
-    widget = open_train_dock(viewer, tmp_path, monkeypatch, iterations=10)
+    widget = open_train_dock(viewer, tmp_path, small_network, iterations=10)
     assert widget.start_training()
     events = train_to_end(widget, qtbot)
     assert [e.reason for e in events if isinstance(e, Finished)] == ["budget"]
@@ -204,13 +189,13 @@ def test_train_dock_fits_a_1600_by_1000_window(make_napari_viewer, qtbot):
     qtbot.wait(200)
     QApplication.processEvents()
     assert window.height() <= 1000
-    row = train._rows[0]
+    row = train.rows[0]
     for widget in (row.image_combo, row.remove_button, row.labels_combo, train.method_combo, train.budget_combo,
                    train.iterations_spin, train.train_button, train.stop_button, train.resume_button,
                    train.progress_bar, train.eta_label, train.loss_label, train.dice_label, train.status_label,
                    train.mark_button, train.unmark_button):
         assert _fully_visible(widget), type(widget).__name__ + " " + getattr(widget, "text", lambda: "")() + " " + str(widget.visibleRegion().boundingRect())
-    assert train._scroll.verticalScrollBar().value() == 0
+    assert train.scroll_area.verticalScrollBar().value() == 0
 
     for dock in ("Export mask", REVIEW, "Annotate next", CURVES, "Feature space (t-SNE)"):
         open_dock(viewer, dock)
@@ -234,11 +219,11 @@ def test_a_reference_mask_is_not_chosen_to_train_on(crop_viewer, qtbot):
     gt = viewer.add_labels(np.zeros(image.data.shape, np.uint16), name="t1 crop_gt")  # as the reader names it
     viewer.layers.selection.active = gt
     train = open_dock(viewer, TRAIN)
-    assert train._rows[0].labels_combo.currentText() != gt.name
+    assert train.rows[0].labels_combo.currentText() != gt.name
     assert [lab for _, lab in train.pairs()] == [None]
     viewer.add_labels(np.zeros(image.data.shape, np.uint16), name="case_01 reference")
     assert [lab for _, lab in train.pairs()] == [None]
-    train._rows[0].new_labels_button.click()  # a fresh layer to paint: chosen
+    train.rows[0].new_labels_button.click()  # a fresh layer to paint: chosen
     assert [lab.name for _, lab in train.pairs()] == [f"{image.name} labels"]
     train.set_pair(0, image, gt)  # still possible by hand
     assert [lab.name for _, lab in train.pairs()] == [gt.name]

@@ -32,19 +32,42 @@ def dock(make_napari_viewer):
     return viewer, img, ref, train
 
 
-def test_fill_between_slices_shows_the_interpolation_before_training(dock, qtbot):
-    viewer, img, ref, train = dock
+def test_fill_between_slices_shows_the_interpolation_before_training(make_napari_viewer, qtbot):
+    """Two concentric discs painted (radius 6 on slice 3, 12 on slice 7) of a volume whose image
+    is the same on every slice: the fill's radius grows linearly between them (7.5, 9, 10.5)
+    and, past them, shrinks by 1.5 px a slice (docs/prior.md), whatever the fill's code."""
+    depth, size = 11, 48
+    yy, xx = np.mgrid[:size, :size]
+    radius = np.hypot(yy - 23.5, xx - 23.5)
+    texture = np.random.default_rng(0).random((size, size))
+    image = np.repeat((texture + (radius < 15))[None], depth, axis=0).astype(np.float32)
+    painted = np.zeros((depth, size, size), np.uint16)
+    painted[3] = radius <= 6
+    painted[7] = radius <= 12
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="disc")
+    viewer.add_labels(painted, name="painted")
+    _, train = viewer.window.add_plugin_dock_widget("napari-semicl", "Train (semi-supervised)")
+    train.set_pair(0, viewer.layers["disc"], viewer.layers["painted"])
+    train.background_check.setChecked(True)
     controls = train.prior_controls
     assert controls.prior_check.isChecked()  # on by default (docs/prior.md)
+
     controls.fill_button.click()
     qtbot.waitUntil(lambda: not controls.busy, timeout=20_000)
-    pred = viewer.layers["t1 prediction"]
-    # the signed-distance fill at once, then the optical-flow one (the default) replaces it
-    expected = interpolate_labels(reveal_slices(ref, PAINTED, 0), axis=0, spacing=img.scale, method="flow",
-                                  image=img.data).labels
-    np.testing.assert_array_equal(pred.data, expected)
-    assert "slices filled between 3 painted slices" in train.status_label.text()
+
+    fill = viewer.layers["disc prediction"].data
+    expected_radius = {z: 6 - 1.5 * (3 - z) for z in range(3)}
+    expected_radius.update({z: 6 + (12 - 6) * (z - 3) / 4 for z in range(3, 8)})
+    expected_radius.update({z: 12 - 1.5 * (z - 7) for z in range(8, depth)})
+    for z, r in expected_radius.items():  # a pixel's width of tolerance for the discrete discs
+        assert (fill[z][radius <= r - 1] == 1).all(), f"slice {z}: the disc of radius {r} has holes"
+        assert (fill[z][radius >= r + 1] == 0).all(), f"slice {z}: the fill reaches past radius {r}"
+    for z in (3, 7):
+        np.testing.assert_array_equal(fill[z], painted[z])
+    assert "slices filled between 2 painted slices" in train.status_label.text()
     assert "(flow; prediction layer)" in train.status_label.text()
+    assert np.array_equal(viewer.layers["painted"].data, painted)  # the labels are not touched
     assert not train.is_training
 
 
@@ -56,11 +79,9 @@ def test_scribbles_are_refused_with_a_message(dock, qtbot):
     assert "t1 prediction" not in [layer.name for layer in viewer.layers]
 
 
-def test_train_with_the_prior_starts_from_the_filled_shape(dock, qtbot, tmp_path, monkeypatch):
-    from test_widgets import small_network
-
+def test_train_with_the_prior_starts_from_the_filled_shape(dock, qtbot, tmp_path, monkeypatch, small_network):
     viewer, img, ref, train = dock
-    small_network(train, monkeypatch)
+    small_network(train)
     train.prior_controls.context_spin.setValue(1)
     train.iterations_spin.setValue(3)
     train.patch_spin.setValue(32)

@@ -26,7 +26,7 @@ from test_reliability import (  # noqa: E402
 from napari_semicl.data import AnnotatedPair  # noqa: E402
 from napari_semicl.engine import Trainer, load_checkpoint, run_sync, save_checkpoint  # noqa: E402
 from napari_semicl.engine.autosave import load_annotations  # noqa: E402
-from napari_semicl.widgets.train_widget import TrainWidget  # noqa: E402
+from napari_semicl.widgets.train import TrainWidget  # noqa: E402
 
 CPU = torch.device("cpu")
 

@@ -16,12 +16,11 @@ from napari_semicl.analysis import sample_disagreement, slice_means  # noqa: E40
 from napari_semicl.engine.events import Finished, Reviewed  # noqa: E402
 from napari_semicl.widgets._link import find_train_widget  # noqa: E402
 from test_analysis import FakeAleatoric  # noqa: E402
-from test_widgets import small_network  # noqa: E402
 from napari_semicl.widgets.curves_widget import DICE, CurvesWidget  # noqa: E402
 from napari_semicl.widgets.feature_plot import FeaturePlotWidget  # noqa: E402
 from napari_semicl.widgets.review_widget import ReviewWidget  # noqa: E402
 from napari_semicl.widgets.suggest_widget import SuggestWidget  # noqa: E402
-from napari_semicl.widgets.train_widget import TrainWidget  # noqa: E402
+from napari_semicl.widgets.train import TrainWidget  # noqa: E402
 
 CROP = slice(28, 52)
 PAINTED = (2, 20)
@@ -44,7 +43,7 @@ class _FakeAleatoric(FakeAleatoric):
 
 
 @pytest.fixture
-def trained(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+def trained(make_napari_viewer, qtbot, tmp_path, small_network):
     """Viewer + Train dock + the four review docks after 20 mean-teacher steps on a
     24-slice crop of the sample with two painted slices and one validation slice."""
     from napari_semicl.io.sample import load_sample_volume
@@ -58,7 +57,7 @@ def trained(make_napari_viewer, qtbot, tmp_path, monkeypatch):
         painted.data[s] = ref[s]
     train = TrainWidget(viewer)
     viewer.window.add_dock_widget(train, name="Train (semi-supervised)")
-    small_network(train, monkeypatch)
+    small_network(train)
     train.set_pair(0, img, painted)
     train.method_combo.setCurrentText("mean_teacher")
     train.iterations_spin.setValue(20)
@@ -224,7 +223,7 @@ def test_aleatoric_and_affinity_through_the_contract(trained, qtbot):
 @pytest.mark.parametrize("method, suffix", [("plgcl", " patch entropy"), ("arco", " sampled pixels"),
                                             ("aua", " aleatoric disagreement")])
 def test_method_review_layers_exist_before_training_and_are_refreshed_in_place(
-        method, suffix, make_napari_viewer, qtbot, tmp_path, monkeypatch):
+        method, suffix, make_napari_viewer, qtbot, tmp_path, small_network):
     """Adding a layer while training runs paused the viewer 0.1-1 s (bench ui): the layers a
     method's review shows are created, empty, when Train is pressed, and the first review
     writes into the same layer."""
@@ -239,9 +238,11 @@ def test_method_review_layers_exist_before_training_and_are_refreshed_in_place(
     viewer.window.add_dock_widget(train, name="Train (semi-supervised)")
     review = ReviewWidget(viewer)
     viewer.window.add_dock_widget(review, name="Review")
-    small_network(train, monkeypatch)
+    small_network(train)
     train.set_pair(0, img, painted)
     train.method_combo.setCurrentText(method)
+    if method == "arco":  # a teacher 6 steps old is confident nowhere: let every pixel be a candidate
+        train.method_settings.control("confidence").setValue(0.0)
     train.iterations_spin.setValue(6)
     train.patch_spin.setValue(64)
     train.refresh_spin.setValue(2)
@@ -264,7 +265,12 @@ def test_method_review_layers_exist_before_training_and_are_refreshed_in_place(
     reviewed = [e for e in events if isinstance(e, Reviewed)][-1]
     assert reviewed.slice_index == PAINTED[0] != 0
     assert layer.metadata["slice_index"] == reviewed.slice_index  # the review went into it
-    if suffix == " sampled pixels":  # as many points as the review sampled (none this early)
-        assert len(layer.data) == len(reviewed.arrays["sampled_pixels"])
+    if suffix == " sampled pixels":  # the points are the pixels the review sampled, on its slice
+        sampled = reviewed.arrays["sampled_pixels"]
+        assert len(sampled) > 0
+        axis = layer.metadata["axis"]
+        assert (layer.data[:, axis] == reviewed.slice_index).all()
+        np.testing.assert_array_equal(np.delete(layer.data, axis, axis=1), sampled)
+        np.testing.assert_array_equal(layer.features["class"], reviewed.arrays["sampled_classes"])
     else:
         assert layer.data.max() > 0

@@ -32,7 +32,7 @@ ACCEPTED = 40
 
 
 
-def test_open_paint_validate_train_review_resume_export(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+def test_open_paint_validate_train_review_resume_export(make_napari_viewer, qtbot, tmp_path, small_network):
     viewer = make_napari_viewer()
     viewer.open_sample(PLUGIN, "mni152_brain")
     image, reference = viewer.layers["mni152_t1"], viewer.layers["mni152_t1 reference"]
@@ -40,7 +40,7 @@ def test_open_paint_validate_train_review_resume_export(make_napari_viewer, qtbo
     # the Train dock: the reference is not offered as what to train on; a new layer is
     train = open_dock(viewer, "Train (semi-supervised)")
     assert [lab for _, lab in train.pairs()] == [None]
-    train._rows[0].new_labels_button.click()
+    train.rows[0].new_labels_button.click()
     labels = viewer.layers[f"{image.name} labels"]
     assert [(im.name, lab.name) for im, lab in train.pairs()] == [(image.name, labels.name)]
 
@@ -53,15 +53,7 @@ def test_open_paint_validate_train_review_resume_export(make_napari_viewer, qtbo
     train.mark_button.click()
     assert train.validation_label.text() == f"{image.name}: {VALIDATION}"
 
-    build = train.build_config
-
-    def build_small():  # the dock's config with a small network (test speed only)
-        cfg = build()
-        cfg.model.base_channels, cfg.model.depth = 8, 3
-        cfg.data.batch_labelled = cfg.data.batch_unlabelled = 2
-        return cfg
-
-    monkeypatch.setattr(train, "build_config", build_small)
+    small_network(train)
     set_train_dock(train, tmp_path / "run", method="mean_teacher", iterations=6, refresh_every=3, patch_size=64)
 
     train.train_button.click()

@@ -16,7 +16,7 @@ from napari_semicl.engine.events import Finished, Preview  # noqa: E402
 from napari_semicl.io.sample import load_sample_volume  # noqa: E402
 
 
-def test_dock_trains_and_previews_in_3d_on_a_volume(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+def test_dock_trains_and_previews_in_3d_on_a_volume(make_napari_viewer, qtbot, tmp_path, small_network):
     viewer = make_napari_viewer()
     image, reference = load_sample_volume()
     crop = (slice(28, 60), slice(10, 74), slice(10, 66))
@@ -34,14 +34,7 @@ def test_dock_trains_and_previews_in_3d_on_a_volume(make_napari_viewer, qtbot, t
     assert not controls.context_spin.isEnabled() and controls.depth_spin.isEnabled()
     controls.depth_spin.setValue(32)
     set_train_dock(train, tmp_path / "run", method="mean_teacher", iterations=2, refresh_every=1000, patch_size=32)
-    build = train.build_config
-
-    def small():  # test speed only
-        cfg = build()
-        cfg.model.base_channels, cfg.data.batch_labelled, cfg.data.batch_unlabelled = 4, 1, 1
-        return cfg
-
-    monkeypatch.setattr(train, "build_config", small)
+    small_network(train, base_channels=4, depth=None, batch=1)
     cfg = train.build_config()
     assert cfg.model.spatial_dims == 3 and cfg.data.patch_shape == (32, 32, 32) and cfg.data.context_slices == 0
     finished, previews = [], []

@@ -25,7 +25,7 @@ from napari_semicl.engine.events import Finished, StepDone  # noqa: E402
 from napari_semicl.io.sample import SAMPLE_IMAGE_FILE, sample_data_dir  # noqa: E402
 from napari_semicl.widgets.export_widget import ExportWidget  # noqa: E402
 from napari_semicl.widgets.launch import add_sample_layers  # noqa: E402
-from napari_semicl.widgets.train_widget import TrainWidget  # noqa: E402
+from napari_semicl.widgets.train import TrainWidget  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +75,6 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-def small_network(widget: TrainWidget, monkeypatch) -> None:
-    """Keep the dock's config but train a small U-Net (test speed only)."""
-    build = widget.build_config
-
-    def build_small():
-        cfg = build()
-        cfg.model.base_channels = 8
-        cfg.model.depth = 3
-        cfg.data.batch_labelled = 2
-        cfg.data.batch_unlabelled = 2
-        return cfg
-
-    monkeypatch.setattr(widget, "build_config", build_small)
-
-
 def record_events(widget: TrainWidget) -> list:
     events: list = []
     widget.worker.yielded.connect(events.append)
@@ -104,10 +89,10 @@ def sample_viewer(make_napari_viewer):
     return viewer, image, reference, painted
 
 
-def make_train_widget(viewer, tmp_path, monkeypatch, *, iterations, method="supervised") -> TrainWidget:
+def make_train_widget(viewer, tmp_path, small_network, *, iterations, method="supervised") -> TrainWidget:
     widget = TrainWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Train (semi-supervised)")
-    small_network(widget, monkeypatch)
+    small_network(widget)
     widget.method_combo.setCurrentText(method)
     widget.iterations_spin.setValue(iterations)
     widget.patch_spin.setValue(64)
@@ -132,7 +117,7 @@ def test_dock_defaults_and_new_labels_layer(sample_viewer, qtbot):
     assert widget.method_combo.count() >= 2
     assert widget.device_label.text().startswith("Device: ")
 
-    row = widget._rows[0]
+    row = widget.rows[0]
     row.new_labels_button.click()
     new = viewer.layers[-1]
     assert isinstance(new, napari.layers.Labels)
@@ -182,10 +167,10 @@ def test_train_with_empty_labels_notifies(sample_viewer, qtbot, tmp_path, monkey
     assert len(viewer.layers) == n_layers
 
 
-def test_train_live_labels_stop_resume(crop_viewer, qtbot, tmp_path, monkeypatch):
+def test_train_live_labels_stop_resume(crop_viewer, qtbot, tmp_path, small_network):
     viewer, image, reference, painted = crop_viewer
     paint(painted, reference, (*CROP_PAINTED, CROP_VALIDATION))
-    widget = make_train_widget(viewer, tmp_path, monkeypatch, iterations=100_000)
+    widget = make_train_widget(viewer, tmp_path, small_network, iterations=100_000)
     widget.refresh_spin.setValue(5)
     assert widget.pairs() == [(image, painted)]
     viewer.dims.set_current_step(0, CROP_VALIDATION)
@@ -257,10 +242,10 @@ def test_train_live_labels_stop_resume(crop_viewer, qtbot, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("method", ["arco", "plgcl"])
-def test_review_layers_show_the_sampler_on_the_current_slice(crop_viewer, qtbot, tmp_path, monkeypatch, method):
+def test_review_layers_show_the_sampler_on_the_current_slice(crop_viewer, qtbot, tmp_path, small_network, method):
     viewer, image, reference, painted = crop_viewer
     paint(painted, reference, CROP_PAINTED)
-    widget = make_train_widget(viewer, tmp_path, monkeypatch, iterations=12, method=method)
+    widget = make_train_widget(viewer, tmp_path, small_network, iterations=12, method=method)
     widget.refresh_spin.setValue(5)
     widget.method_settings.control("warmup_steps").setValue(1)
     if method == "arco":
@@ -297,14 +282,14 @@ def test_review_layers_show_the_sampler_on_the_current_slice(crop_viewer, qtbot,
     assert [layer.name for layer in viewer.layers][:3] == [image.name, reference.name, painted.name]
 
 
-def test_closing_the_dock_stops_training(sample_viewer, qtbot, tmp_path, monkeypatch):
+def test_closing_the_dock_stops_training(sample_viewer, qtbot, tmp_path, small_network):
     viewer, image, reference, painted = sample_viewer
     paint(painted, reference, PAINTED)
-    widget = make_train_widget(viewer, tmp_path, monkeypatch, iterations=100_000)
+    widget = make_train_widget(viewer, tmp_path, small_network, iterations=100_000)
     assert widget.start_training()
     trainer = widget.trainer
     qtbot.waitUntil(lambda: trainer.step >= 2, timeout=30_000)
-    control = widget._control
+    control = widget.run.control
     t0 = time.perf_counter()
     viewer.window.remove_dock_widget(widget)  # the dock's "x"
     assert time.perf_counter() - t0 < 8
@@ -316,13 +301,13 @@ def test_closing_the_dock_stops_training(sample_viewer, qtbot, tmp_path, monkeyp
     assert trainer.step == step
 
 
-def test_closing_the_viewer_stops_training(sample_viewer, qtbot, tmp_path, monkeypatch):
+def test_closing_the_viewer_stops_training(sample_viewer, qtbot, tmp_path, small_network):
     viewer, image, reference, painted = sample_viewer
     paint(painted, reference, PAINTED)
-    widget = make_train_widget(viewer, tmp_path, monkeypatch, iterations=100_000)
+    widget = make_train_widget(viewer, tmp_path, small_network, iterations=100_000)
     assert widget.start_training()
     trainer = widget.trainer
-    control = widget._control
+    control = widget.run.control
     qtbot.waitUntil(lambda: trainer.step >= 2, timeout=30_000)
     t0 = time.perf_counter()
     viewer.close()  # napari cancels its tasks (worker.quit), then deletes the dock
@@ -335,10 +320,10 @@ def test_closing_the_viewer_stops_training(sample_viewer, qtbot, tmp_path, monke
     assert trainer.step == step
 
 
-def test_export_prediction_nifti(sample_viewer, qtbot, tmp_path, monkeypatch):
+def test_export_prediction_nifti(sample_viewer, qtbot, tmp_path, monkeypatch, small_network):
     viewer, image, reference, painted = sample_viewer
     paint(painted, reference, PAINTED)
-    widget = make_train_widget(viewer, tmp_path, monkeypatch, iterations=4)
+    widget = make_train_widget(viewer, tmp_path, small_network, iterations=4)
     widget.refresh_spin.setValue(1000)  # one whole-volume prediction, at the end
     assert widget.start_training()
     events = record_events(widget)

@@ -9,12 +9,11 @@ import pytest
 
 pytest.importorskip("napari")
 
-from test_widgets import small_network
 from test_wsi import CELL, _he_tiles
 
 from napari_semicl.bench.slides import write_mosaic_slide
 from napari_semicl.io._npe2 import get_reader
-from napari_semicl.widgets.train_widget import TrainWidget
+from napari_semicl.widgets.train import TrainWidget
 
 pytestmark = pytest.mark.gui
 
@@ -29,7 +28,7 @@ def _paint_tile(labels, row: int, col: int) -> None:
 
 
 def test_slide_paint_two_tiles_train_and_see_the_prediction_at_every_level(make_napari_viewer, qtbot, tmp_path,
-                                                                           monkeypatch):
+                                                                           small_network):
     layout = np.array([[0, 1, 2, 3], [3, 2, -1, 0], [1, -1, -1, 2], [-1, 0, 1, -1]])
     path = write_mosaic_slide(tmp_path / "slide.ome.tif", _he_tiles(4), layout, tile=128, min_size=256)
     reader = get_reader(str(path))
@@ -42,7 +41,7 @@ def test_slide_paint_two_tiles_train_and_see_the_prediction_at_every_level(make_
 
     widget = TrainWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Train (semi-supervised)")
-    small_network(widget, monkeypatch)
+    small_network(widget)
     labels = widget.new_labels_layer(image)
     assert labels.data.shape == (4 * CELL, 4 * CELL)
     assert not isinstance(labels.data, np.ndarray)  # chunked: a slide's labels are not allocated whole

@@ -145,3 +145,120 @@ def speed(*, methods=None, image=None, reference=None, patch_size: int = 128, ba
         "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
     }
     return out
+
+
+#: ``compare_defaults``' variants: (name, model.precision, channels_last, threads) where
+#: threads 'one' is one thread (the dock's until issue 26), 'all' every core of the process,
+#: 'default' the CLI's and the benchmarks' count now (the idle cores,
+#: :func:`~napari_semicl.engine.device.default_cpu_threads`) and 'gui' the dock's
+#: (:func:`~napari_semicl.engine.device.gui_thread_count`)
+COMPARE_VARIANTS = (
+    ("today", "fp32", False, "one"),
+    ("bf16", "bf16", False, "one"),
+    ("channels_last", "fp32", True, "one"),
+    ("bf16+channels_last", "bf16", True, "one"),
+    ("threads", "fp32", False, "all"),
+    ("new_default", "auto", True, "default"),
+    ("new_default_all_cores", "auto", True, "all"),
+    ("new_default_dock", "auto", True, "gui"),
+)
+
+
+def _memory_format(trainer, channels_last: bool) -> None:
+    """Put the trainer's network (and teacher) in channels_last or contiguous format, in place."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for module in (trainer.model, getattr(trainer.method, "teacher", None)):
+        if module is not None:
+            module.to(memory_format=fmt)
+
+
+def compare_defaults(*, image=None, reference=None, method: str = "recommended", rounds: int = 3, steps: int = 4,
+                     device=None, inference_slices: int = 32, variants=COMPARE_VARIANTS) -> dict:
+    """Training steps and inference per minute of today's default (fp32, contiguous, one
+    thread) against the new defaults and each factor alone, in one process.
+
+    Every variant gets its own trainer on the same data (``method``: 'recommended', the Train
+    dock's default, or a registered method) and the variants take turns: ``rounds`` rounds,
+    each a warm-up step and ``steps`` timed steps per variant, then one whole-volume
+    prediction of the first ``inference_slices`` slices per variant, so that a change in the
+    machine's load (it is shared) falls on every variant alike. Wall-clock seconds (what a
+    user waits) and this process's CPU seconds (``time.process_time``: all its threads) are
+    both recorded; the load average before and after says how busy the machine was.
+    """
+    import os
+
+    from ..engine.config import recommended_config
+    from ..engine.device import cpu_thread_count, default_cpu_threads, gui_thread_count, set_threads
+    from ..engine.precision import resolve_precision
+
+    device = device or pick_device()
+    if image is None:
+        from ..io.sample import load_sample_volume
+
+        img, ref = load_sample_volume()
+        image, reference = img.data, ref.data
+    n = reference.shape[0]
+    painted = reveal_slices(reference, [n // 4, n // 2, 3 * n // 4], 0)
+    counts = {"one": 1, "all": cpu_thread_count(), "default": default_cpu_threads(), "gui": gui_thread_count()}
+    before = os.getloadavg()
+    trainers, rows = {}, {}
+    for name, setting, last, threads in variants:
+        cfg = recommended_config() if method == "recommended" else TrainConfig(method=method)
+        cfg.iterations, cfg.refresh_every, cfg.seed = 10**6, 10**9, 0
+        cfg.data.unpainted = "background"
+        cfg.model.precision = setting
+        trainer = Trainer(cfg, [AnnotatedPair(image, painted)], device=device)
+        _memory_format(trainer, last)
+        trainers[name] = trainer
+        rows[name] = {"precision": resolve_precision(setting, device).describe(), "channels_last": last,
+                      "threads": counts[threads], "step_wall_s": [], "step_cpu_s": [], "inference_wall_s": [],
+                      "inference_cpu_s": []}
+    sub = image[:inference_slices]
+    try:
+        for r in range(rounds):
+            for name, row in rows.items():
+                trainer = trainers[name]
+                set_threads(row["threads"])
+                for _ in range(2 if r == 0 else 1):
+                    trainer.train_step()  # warm-up (the prior's fill is built at the first)
+                for _ in range(steps):
+                    _sync(device)
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    trainer.train_step()
+                    _sync(device)
+                    row["step_wall_s"].append(time.perf_counter() - w0)
+                    row["step_cpu_s"].append(time.process_time() - c0)
+            for name, row in rows.items():
+                set_threads(row["threads"])
+                model = trainers[name].method.inference_model()
+                if r == 0:
+                    predict_volume(model, sub[:4], class_values=trainers[name].dataset.class_values, device=device)
+                w0, c0 = time.perf_counter(), time.process_time()
+                predict_volume(model, sub, class_values=trainers[name].dataset.class_values, device=device)
+                _sync(device)
+                row["inference_wall_s"].append(time.perf_counter() - w0)
+                row["inference_cpu_s"].append(time.process_time() - c0)
+            log.info("round %d of %d done", r + 1, rounds)
+    finally:
+        set_threads(default_cpu_threads())
+    for row in rows.values():
+        wall, cpu = statistics.median(row["step_wall_s"]), statistics.median(row["step_cpu_s"])
+        iw, ic = statistics.median(row["inference_wall_s"]), statistics.median(row["inference_cpu_s"])
+        row.update({"steps_per_minute": 60.0 / wall, "steps_per_cpu_minute": 60.0 / cpu,
+                    "step_wall_s_median": wall, "step_cpu_s_median": cpu,
+                    "step_wall_s_spread": [min(row["step_wall_s"]), max(row["step_wall_s"])],
+                    "inference_slices_per_minute": 60.0 * len(sub) / iw,
+                    "inference_slices_per_cpu_minute": 60.0 * len(sub) / ic,
+                    "inference_wall_s_spread": [min(row["inference_wall_s"]), max(row["inference_wall_s"])]})
+    base = rows[variants[0][0]]
+    for row in rows.values():
+        for key in ("steps_per_minute", "steps_per_cpu_minute", "inference_slices_per_minute",
+                    "inference_slices_per_cpu_minute"):
+            row[f"{key}_x"] = row[key] / base[key]
+    return {"protocol": "speed_compare", "method": method, "device": describe_device(device),
+            "machine": machine_info(), "cpu_bf16": resolve_precision("auto", device).name == "bf16",
+            "volume_shape": list(image.shape), "inference_slices": int(len(sub)),
+            "patch_size": trainers[variants[0][0]].config.data.patch_size,
+            "batch_labelled": trainers[variants[0][0]].config.data.batch_labelled,
+            "rounds": rounds, "steps_per_round": steps, "thread_counts": counts, "load_average_before": list(before),
+            "load_average_after": list(os.getloadavg()), "baseline": variants[0][0], "variants": rows}

@@ -32,6 +32,16 @@ BUDGET_CHOICES = ("iterations", "minutes")
 
 SPATIAL_DIMS_CHOICES = (2, 3)
 
+#: the 3D network's training patch (D, H, W) and batch (labelled, unlabelled) where the user
+#: sets none (``data.patch_size``, ``data.patch_depth`` and the batch sizes at their 2D
+#: defaults): chosen by measuring short runs on a left-atrium volume on a 2-core, 24 GB
+#: machine (docs/reliability.md, "Memory"); :func:`apply_network_defaults` applies them
+DEFAULT_3D_PATCH = (64, 96, 96)
+DEFAULT_3D_BATCH = (2, 2)
+#: the settings the memory check (:mod:`~napari_semicl.engine.memory`) may shrink when the
+#: user left them at their defaults, and refuses when forced ones do not fit
+MEMORY_SETTINGS = ("data.patch_size", "data.patch_depth", "data.batch_labelled", "data.batch_unlabelled")
+
 
 @dataclass
 class ModelConfig:
@@ -40,7 +50,9 @@ class ModelConfig:
     ``in_channels`` is set from the data (1 for grey, 3 for RGB); ``n_classes`` from the
     class table. ``spatial_dims``: 2 trains on slices (2.5D with ``data.context_slices``),
     3 on (patch_depth, patch_size, patch_size) patches of volumes with MONAI's BasicUNet
-    (``depth`` must then be 4, its number of stages).
+    (``depth`` must then be 4, its number of stages). ``precision``: {'auto', 'fp32', 'bf16'},
+    the arithmetic of training and inference (:mod:`~napari_semicl.engine.precision`; 'auto':
+    bf16 autocast on a CPU with bf16 instructions, AMP on CUDA, else fp32).
     """
 
     in_channels: int = 1
@@ -49,8 +61,10 @@ class ModelConfig:
     depth: int = 4
     dropout: float = 0.1
     spatial_dims: int = 2
+    precision: str = "auto"
 
     def validate(self, path: str = "model") -> None:
+        _check_choice(f"{path}.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_positive(f"{path}.in_channels", self.in_channels)
         if self.n_classes < 2:
             raise ConfigError(f"{path}.n_classes must be >= 2, got {self.n_classes}")
@@ -158,6 +172,10 @@ class TrainConfig:
     aua: AUAConfig = field(default_factory=AUAConfig)
     wsi: WSIConfig = field(default_factory=WSIConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
+    #: settings the user chose explicitly, by key path (e.g. 'data.patch_size'): the memory check
+    #: refuses these when they do not fit instead of shrinking them (:func:`is_forced`);
+    #: :func:`set_option` adds to it
+    forced: list[str] = field(default_factory=list)
     #: settings of registered methods without a field above (a method added by a plugin or
     #: a test: its ``config_class``), by method name; read and written as ``cfg.<name>``
     #: and saved at the top level of the JSON like the others
@@ -294,6 +312,47 @@ def set_option(cfg: TrainConfig, key: str, raw: str, *, default_section: str | N
     if tp is bool and isinstance(value, str):
         value = value.lower() in ("1", "true", "yes", "on")
     setattr(section, name, _coerce(tp, value, key))
+    path = f"{where}.{name}" if where else name
+    if path not in cfg.forced:
+        cfg.forced.append(path)
+
+
+def _default_of(key: str, spatial_dims: int):
+    """The value ``key`` (one of :data:`MEMORY_SETTINGS`) has when the user sets nothing."""
+    name = key.split(".")[1]
+    if spatial_dims == 3:
+        return {"patch_size": DEFAULT_3D_PATCH[1], "patch_depth": DEFAULT_3D_PATCH[0],
+                "batch_labelled": DEFAULT_3D_BATCH[0], "batch_unlabelled": DEFAULT_3D_BATCH[1]}[name]
+    return getattr(DataConfig(), name)
+
+
+def is_forced(cfg: TrainConfig, key: str) -> bool:
+    """Whether the user forced setting ``key`` (one of :data:`MEMORY_SETTINGS`): it is in
+    ``cfg.forced`` (set with :func:`set_option`, e.g. ``--set`` or ``--patch-size``), or its
+    value is neither its 2D default (:class:`DataConfig`'s) nor, for a 3D network, the 3D
+    default (:data:`DEFAULT_3D_PATCH`, :data:`DEFAULT_3D_BATCH`). A forced value that does
+    not fit in memory is refused; the others shrink to fit."""
+    if key in cfg.forced:
+        return True
+    name = key.split(".")[1]
+    value = getattr(cfg.data, name)
+    return value not in (getattr(DataConfig(), name), _default_of(key, cfg.model.spatial_dims))
+
+
+def apply_network_defaults(cfg: TrainConfig) -> list[str]:
+    """Give a 3D network (``model.spatial_dims = 3``) the 3D patch and batch defaults
+    (:data:`DEFAULT_3D_PATCH`, :data:`DEFAULT_3D_BATCH`) in place of the 2D ones where the
+    user did not force a value (:func:`is_forced`); returns the keys changed. The 2D
+    defaults (128 x 128 crops, 4 + 4) would need about 24 GB a step in 3D."""
+    if cfg.model.spatial_dims != 3:
+        return []
+    changed = []
+    for key in MEMORY_SETTINGS:
+        name = key.split(".")[1]
+        if not is_forced(cfg, key) and getattr(cfg.data, name) != _default_of(key, 3):
+            setattr(cfg.data, name, _default_of(key, 3))
+            changed.append(key)
+    return changed
 
 
 def recommended_config() -> TrainConfig:
@@ -378,6 +437,8 @@ __all__ = [
     "OptimConfig",
     "PriorConfig",
     "TrainConfig",
+    "apply_network_defaults",
+    "is_forced",
     "recommended_config",
     "set_option",
     "WSIConfig",

@@ -8,6 +8,11 @@ normalised entropy map) of the whole volume is kept. When the device runs out of
 prediction goes on with fewer slices per batch, then smaller windows (tiles), and says so
 (:attr:`Prediction.notes`, a log warning); only when one slice in the smallest window
 does not fit does it raise :class:`~napari_semicl.errors.DataError`.
+
+The network runs in the precision it was trained in (its ``model.precision`` setting, recorded
+on it by :func:`~napari_semicl.engine.precision.prepare_model`; 'auto' for a network built
+elsewhere): under bf16/fp16 autocast where that applies, each window's output cast to float32
+before the windows are blended, so probabilities, labels and entropy come out float32.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from ..data.annotation import decode_classes
 from ..data.dataset import normalise_image, to_slices, with_context
 from ..errors import DataError
 from ..models.ops import argmax_classes, normalised_entropy
+from .memory import fit_inference_window, fit_slice_batch
+from .precision import precision_of
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +133,10 @@ def predict_slices(
     if getattr(model, "spatial_dims", 2) == 3:
         return predict_volume_patches(model, slices, device=device, max_window=min(max_window, MAX_WINDOW_3D),
                                       overlap=overlap, with_entropy=with_entropy, notes=notes, fuse=fuse)
+    batch_size, max_window = fit_slice_batch(model, slices.shape, device, batch_size, max_window, notes=notes)
     was_training = model.training
     model.eval()
+    predictor = precision_of(model, device).predictor(model)  # the training's autocast, float32 out
     multiple = getattr(model, "multiple", 16)
     labels = np.empty((s, h, w), dtype=np.int64)
     entropy = np.empty((s, h, w), dtype=np.float32) if with_entropy else None
@@ -139,7 +148,7 @@ def predict_slices(
         batch, window = size
         x = torch.from_numpy(slices[start:start + batch]).to(device)
         logits = sliding_window_inference(
-            x, roi(window), sw_batch_size=batch, predictor=model, overlap=overlap, mode="gaussian"
+            x, roi(window), sw_batch_size=batch, predictor=predictor, overlap=overlap, mode="gaussian"
         )
         idx, ent = classes_from_probabilities(logits.float().softmax(dim=1), fuse=fuse, start=start,
                                               with_entropy=with_entropy)
@@ -200,6 +209,7 @@ def predict_volume_probabilities(
     s, _, h, w = slices.shape
     was_training = model.training
     model.eval()
+    predictor = precision_of(model, device).predictor(model)  # the training's autocast, float32 out
     multiple = getattr(model, "multiple", 16)
     volume = torch.from_numpy(np.ascontiguousarray(slices.transpose(1, 0, 2, 3)))[None]  # (1, C, S, H, W)
 
@@ -208,7 +218,7 @@ def predict_volume_probabilities(
 
     def predict(window: int) -> torch.Tensor:
         logits = sliding_window_inference(
-            volume.to(device), roi(window), sw_batch_size=1, predictor=model, overlap=overlap, mode="gaussian",
+            volume.to(device), roi(window), sw_batch_size=1, predictor=predictor, overlap=overlap, mode="gaussian",
             sw_device=device, device=torch.device("cpu"),
         )
         return logits.float().softmax(dim=1)[0].transpose(0, 1)  # (S, K, H, W)
@@ -223,6 +233,7 @@ def predict_volume_probabilities(
         window = max(multiple, side // 2 // multiple * multiple)
         return window, f"out of memory on {device.type}: predicting in {window}-voxel 3D windows"
 
+    max_window = fit_inference_window(model, slices.shape, device, max_window, notes=notes)
     try:
         probs, _ = _retry_out_of_memory(predict, shrink, max(multiple, max_window // multiple * multiple),
                                         device=device, notes=notes)

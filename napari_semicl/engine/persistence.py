@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import CheckpointError, SemiclError
 from ..io import atomic_path
 from ..models import build_model
+from .precision import MixedPrecision
 from .autosave import save_annotations
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -94,7 +95,7 @@ def load_predictor(path, *, device=None):
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"the checkpoint does not fit its own config: {str(exc).splitlines()[0]}") from None
-    return model.to(device).eval(), config
+    return MixedPrecision(config.model.precision, device, config.model.spatial_dims).prepare(model.to(device)).eval(), config
 
 
 class AnnotationsAutosave:

@@ -50,10 +50,12 @@ from . import refresh as _refresh
 from .budget import Budget, warm_up_notice
 from .config import TrainConfig
 from .device import describe_device, pick_device, set_threads
+from .precision import MixedPrecision
 from .distributed import setup as setup_distributed
 from .events import Analysed, DataUpdated, Finished, Notice, Preview, Reviewed, Started, StepDone
 from .fusion import PairPredictions, same_annotation
 from .inference import Prediction, is_out_of_memory, predict_volume
+from .memory import fit_training_memory
 from .persistence import (
     CHECKPOINT_NAME,
     AnnotationsAutosave,
@@ -122,7 +124,8 @@ class Trainer:
             )
         self.config.model.in_channels = self.dataset.in_channels
         self.config.model.n_classes = self.dataset.n_classes
-        self.model = build_model(self.config.model).to(self.device)
+        self.amp = MixedPrecision(self.config.model.precision, self.device, self.config.model.spatial_dims)
+        self.model = self.amp.prepare(build_model(self.config.model).to(self.device))  # channels_last in 2D
         self.method = get_method(self.config.method)(self.config, self.model)
         self.optimizer = torch.optim.AdamW(
             [*self.model.parameters(), *self.method.extra_parameters()], lr=self.config.optim.lr, weight_decay=self.config.optim.weight_decay
@@ -140,6 +143,8 @@ class Trainer:
             Notice("warning", f"'{self.pairs[p].name}': {n} NaN/Inf voxel(s) are treated as the image minimum")
             for p, n in sorted(getattr(self.dataset, "non_finite", {}).items())
         ]
+        # memory estimated before it is spent: defaults shrink (with a notice), forced settings are refused
+        self._notices += [Notice("warning", n) for n in fit_training_memory(self.config, self.dataset, self.device)]
         self._autosave = AnnotationsAutosave(self.out_dir)
         if self.method.uses_unlabelled and not self.dataset.unlabelled:
             self._notices.append(Notice("warning", "no unlabelled slice: the consistency term uses labelled slices"))
@@ -252,7 +257,8 @@ class Trainer:
         batch = self.dataset.sample_batch(self._rng, self.device, with_unlabelled=self.method.uses_unlabelled,
                                           dense_share=share)
         def compute() -> dict:
-            return self.method.compute_losses(batch, step=self.step, generator=self._torch_gen)
+            with self.amp.autocast():  # bf16/fp16 autocast, or nothing (engine.precision)
+                return self.method.compute_losses(batch, step=self.step, generator=self._torch_gen)
 
         if self.dist.active and self._ddp is None:
             self._ddp = self.dist.wrap(self.model, self.method.modules, self.device)
@@ -267,8 +273,7 @@ class Trainer:
                 "(optim.lr) or check the image for extreme values"
             )
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        self.amp.step(total, self.optimizer)  # backward and step (the loss scaled for fp16)
         self.method.after_step(self.step)
         self.step += 1
         return out
@@ -298,7 +303,7 @@ class Trainer:
         threads = set_threads(self.num_threads)
         t0 = time.monotonic()
         budget = Budget.of(cfg, self.step)
-        where = describe_device(self.device, threads)
+        where = describe_device(self.device, threads, self.amp.precision)
         if self.dist.active:
             where += f" x {self.dist.world_size} processes"
         yield from self._emit(Started(where, self.step, budget.target, budget.seconds, self.dataset.summary()))

@@ -16,6 +16,7 @@ b'payload'
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import pathlib
@@ -23,7 +24,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 
-__all__ = ["atomic_path", "atomic_write", "full_suffix"]
+__all__ = ["atomic_path", "atomic_write", "full_suffix", "write_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -247,3 +248,13 @@ def atomic_write(
     with atomic_path(path, overwrite=overwrite, directory=directory) as tmp:
         write_fn(tmp)
     return path
+
+
+def write_json(path: str | os.PathLike, data, *, overwrite: bool = True) -> pathlib.Path:
+    """Write ``data`` as indented JSON (ending in a newline) to ``path`` atomically.
+
+    Data that is not JSON (a ``TypeError`` from :func:`json.dumps`) leaves an existing
+    ``path`` untouched and no temporary file behind.
+    """
+    text = json.dumps(data, indent=2) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=overwrite)

@@ -45,6 +45,7 @@ from torch import nn
 
 from ..errors import ConfigError, check_positive
 from .base import eval_mode
+from ..models.ops import in_float32
 from .patch_contrast import PatchBatch, PatchContrastMethod
 
 #: torch.quantile refuses inputs above 2**24 elements: N^2 <= 2**24
@@ -102,6 +103,7 @@ class AGCLConfig:
 
 
 # --- Eq. 2: the affinity graph ----------------------------------------------------------------
+@in_float32  # bf16/fp16 autocast: float32 here (engine.precision)
 def squared_distances(y_t: torch.Tensor, y_s: torch.Tensor) -> torch.Tensor:
     """``D_ij = |y_t^i - y_s^j|^2`` for (N, D) and (M, D) rows -> (N, M), >= 0.
 
@@ -174,6 +176,7 @@ class AffinityGraphLoss(nn.Module):
             raise ValueError(f"the affinity matrix must be square (N, N), got {tuple(affinity.shape)}")
         return torch.diagonal(affinity).sum(), torch.linalg.matrix_norm(affinity, ord="nuc")
 
+    @in_float32  # bf16/fp16 autocast: float32 here (engine.precision)
     def forward(self, affinity: torch.Tensor) -> torch.Tensor:
         trace, nuclear = self.terms(affinity)
         n = affinity.shape[0]
@@ -182,6 +185,7 @@ class AffinityGraphLoss(nn.Module):
 
 # --- Eq. 6: affinity-guided hard negatives -------------------------------------------------------
 @torch.no_grad()
+@in_float32  # bf16/fp16 autocast: float32 here (engine.precision)
 def closest_negative_pairs(
     queries: torch.Tensor,
     query_classes: torch.Tensor,
@@ -269,6 +273,7 @@ def mix_hard_negatives(a_ii: torch.Tensor, n_i: torch.Tensor, n_j: torch.Tensor)
 
 
 # --- Eq. 4 / Eq. 7: InfoNCE -------------------------------------------------------------------------
+@in_float32  # bf16/fp16 autocast: float32 here (engine.precision)
 def info_nce(
     queries: torch.Tensor,
     positive_keys: torch.Tensor,

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError, check_choice, check_positive
 from ..models.heads import ProjectionHead
-from ..models.ops import channels_last
+from ..models.ops import channels_last, in_float32
 from .base import eval_mode
 from .losses import consistency_loss, sigmoid_rampup, supervised_loss
 from .mean_teacher import MeanTeacher, ema_update
@@ -95,6 +95,7 @@ class ARCOConfig:
             raise ConfigError(f"{path}.confidence must be in [0, 1], got {self.confidence}")
 
 
+@in_float32  # bf16/fp16 autocast: float32 here (engine.precision)
 def pixel_contrastive_loss(
     anchors: torch.Tensor,
     anchor_classes: torch.Tensor,

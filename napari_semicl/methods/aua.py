@@ -43,12 +43,11 @@ from torch import nn
 from torch.distributions import LowRankMultivariateNormal
 
 from ..data.annotation import IGNORE_INDEX
-from ..data.augment import weak_augment
 from ..errors import CheckpointError, ConfigError, check_choice, check_positive
 from ..models import build_model
 from ..models.heads import AleatoricHead, ProjectionHead, low_rank_logit_distribution, sample_logits
-from ..models.ops import argmax_classes, normalised_entropy, window_slices
-from .base import StageChange, eval_mode, review_arrays
+from ..models.ops import argmax_classes, in_float32, normalised_entropy, window_slices
+from .base import StageChange, eval_mode, review_arrays, weak_augment
 from .boundary_contrast import boundary_mask, pixel_vectors, sample_pixels, supervised_contrastive_loss
 from .energy_distance import generalized_dice_distance, generalized_energy_distance
 from .losses import masked_cross_entropy, masked_dice_loss, sigmoid_rampup
@@ -130,6 +129,7 @@ class AUAConfig:
 
 
 # --- Eq. 3-4: the Monte-Carlo likelihood of the low-rank Gaussian (Eq. 5, models.heads) -------
+@in_float32  # bf16/fp16 autocast: float32 here (engine.precision)
 def mc_supervised_loss(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Eq. 3-4: ``-(LSE_s log p(y | g_s) - log S)`` per image, divided by its valid pixels.
 

@@ -19,6 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data import augment as _augment
+from ..models.ops import in_float32
+
+#: the augmentations in float32 under bf16/fp16 autocast (their blur and stain matrices would
+#: otherwise round the images the network sees): the methods import them from here
+weak_augment = in_float32(_augment.weak_augment)
+strong_augment = in_float32(_augment.strong_augment)
 
 @contextlib.contextmanager
 def eval_mode(*modules: nn.Module | None) -> Iterator[None]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..data.annotation import IGNORE_INDEX
-from ..models.ops import channels_last, max_pool, one_hot_channels
+from ..models.ops import channels_last, in_float32, max_pool, one_hot_channels
 
 
 def boundary_mask(target: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -62,6 +62,7 @@ def pixel_vectors(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return channels_last(features)[mask]
 
 
+@in_float32  # bf16/fp16 autocast: float32 here (engine.precision)
 def supervised_contrastive_loss(
     z: torch.Tensor, labels: torch.Tensor, tau: float, *, groups: torch.Tensor | None = None
 ) -> torch.Tensor:

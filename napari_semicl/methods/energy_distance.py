@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from ..models.ops import in_float32
 
+
+@in_float32  # bf16/fp16 autocast: float32 here (engine.precision)
 def generalized_dice_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Eq. 8 as printed: ``1 - <a, b> / (<a, a> + <b, b>)`` over the last axis.
 
@@ -32,6 +35,7 @@ def _pairwise_dice_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 1.0 - ab / (aa[:, :, None] + bb[:, None, :])
 
 
+@in_float32  # bf16/fp16 autocast: float32 here (engine.precision)
 def generalized_energy_distance(p_student: torch.Tensor, p_teacher: torch.Tensor) -> torch.Tensor:
     """Eq. 7 with the 1/S^2 averages of METHODS.md §2, mean over images.
 

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..data.augment import strong_augment, weak_augment
 from ..errors import ConfigError, check_choice, check_positive
-from .base import Method
+from .base import Method, strong_augment, weak_augment
 from .losses import consistency_loss, sigmoid_rampup, supervised_loss
 
 

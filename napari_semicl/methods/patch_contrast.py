@@ -34,11 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import strong_augment, weak_augment
 from ..errors import ConfigError
 from ..models.heads import ProjectionHead
 from ..models.ops import argmax_classes, pad_to_multiple
-from .base import review_arrays
+from .base import review_arrays, strong_augment, weak_augment
 from .losses import masked_cross_entropy, supervised_loss
 from .mean_teacher import MeanTeacher, ema_update
 from .memory_bank import ClassMemoryBank

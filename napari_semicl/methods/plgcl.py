@@ -36,6 +36,7 @@ from torch import nn
 
 from ..errors import ConfigError, check_choice, check_positive
 from .base import eval_mode
+from ..models.ops import in_float32
 from .patch_contrast import PatchBatch, PatchContrastMethod
 from .patch_sampling import extract_patches
 
@@ -143,6 +144,7 @@ class PLGCLLoss(nn.Module):
             raise ValueError(f"reduction must be one of {set(REDUCTION_CHOICES)}, got {reduction!r}")
         self.tau, self.eps, self.zeta, self.reduction = tau, eps, zeta, reduction
 
+    @in_float32  # bf16/fp16 autocast: float32 here (engine.precision)
     def forward(
         self,
         anchors: torch.Tensor,

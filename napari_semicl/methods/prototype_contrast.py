@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import CheckpointError
+from ..models.ops import in_float32
 
 
 class ClassStatistics:
@@ -69,6 +70,7 @@ class ClassStatistics:
             setattr(self, key, value.to(getattr(self, key).device, torch.float64).clone())
 
 
+@in_float32  # bf16/fp16 autocast: float32 here (engine.precision)
 def prototype_contrastive_loss(
     vectors: torch.Tensor, labels: torch.Tensor, stats: ClassStatistics, tau: float
 ) -> torch.Tensor:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data.augment import weak_augment
-from .base import Method
+from .base import Method, weak_augment
 from .losses import supervised_loss
 
 

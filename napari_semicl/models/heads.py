@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import LowRankMultivariateNormal
 
+from .ops import in_float32
+
 #: variance added to exp(log-diagonal) (METHODS.md §2: D = exp(.) + 1e-5)
 DIAGONAL_EPS = 1e-5
 
@@ -53,13 +55,13 @@ class ProjectionHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         flat, spatial = _as_planes(features)
-        z = self.net(flat)
+        z = self.net(flat).float()  # float32 out, also under autocast
         z = z.reshape(z.shape[0], z.shape[1], *spatial)
         return F.normalize(z, dim=1) if self.normalise else z
 
     def project_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
         """(N, C) -> (N, out_dim), through the same layers (as 1x1 'images')."""
-        z = self.net(vectors[:, :, None, None])[:, :, 0, 0]
+        z = self.net(vectors[:, :, None, None])[:, :, 0, 0].float()
         return F.normalize(z, dim=1) if self.normalise else z
 
 
@@ -94,10 +96,11 @@ class AleatoricHead(nn.Module):
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat, spatial = _as_planes(features)
         b = flat.shape[0]
-        factor = self.factor(flat).view(b, self.n_classes, self.rank, *spatial)
-        return self.log_diagonal(flat).view(b, self.n_classes, *spatial), factor
+        factor = self.factor(flat).float().view(b, self.n_classes, self.rank, *spatial)  # float32 out
+        return self.log_diagonal(flat).float().view(b, self.n_classes, *spatial), factor
 
 
+@in_float32
 def low_rank_logit_distribution(
     mu: torch.Tensor, log_diagonal: torch.Tensor, factor: torch.Tensor
 ) -> LowRankMultivariateNormal:
@@ -125,6 +128,7 @@ def low_rank_logit_distribution(
     return LowRankMultivariateNormal(loc, cov_factor, cov_diag, validate_args=False)
 
 
+@in_float32
 def sample_logits(dist: LowRankMultivariateNormal, n_samples: int, *, antithetic: bool = True) -> torch.Tensor:
     """(S, B, N) reparameterised samples; antithetic pairs ``mu + e`` and ``mu - e``.
 

@@ -2,11 +2,53 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "mps")
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except (RuntimeError, TypeError):  # a device type this build does not know
+        return False
+
+
+def in_float32(fn):
+    """Decorator: run ``fn`` in float32 even inside an autocast region.
+
+    Floating-point tensor arguments (positional and keyword) are cast to float32 and autocast
+    is switched off for the call, so that its matrix products (similarities divided by a
+    temperature, distances as differences of squares) and reductions keep float32 accuracy
+    under bf16/fp16 training (:mod:`napari_semicl.engine.precision`). Outside autocast it is
+    ``fn`` itself (float64 inputs stay float64). Gradients flow through the casts.
+    """
+
+    def cast(value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype in (torch.bfloat16, torch.float16):
+            return value.float()
+        return value
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        active = [d for d in _AUTOCAST_DEVICES if _autocast_on(d)]
+        if not active:
+            return fn(*args, **kwargs)
+        args = tuple(cast(a) for a in args)
+        kwargs = {k: cast(v) for k, v in kwargs.items()}
+        with contextlib.ExitStack() as stack:
+            for device_type in active:
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def argmax_classes(x: torch.Tensor, dim: int = 1) -> torch.Tensor:

@@ -2,7 +2,8 @@
 volume patches.
 
 Layout: input (B, C_in, H, W) (2D) or (B, C_in, D, H, W) (3D) with every spatial size a
-multiple of ``model.multiple``; output logits (B, n_classes, *spatial).
+multiple of ``model.multiple``; output logits (B, n_classes, *spatial), float32 also under
+autocast (the layers compute in bf16/fp16 there, see :mod:`napari_semicl.engine.precision`).
 ``forward(x, return_features=True)`` also returns the last decoder feature map
 (B, feature_channels, *spatial), which the contrastive methods project and pool. Both
 networks carry ``spatial_dims``, ``multiple`` and ``feature_channels``.
@@ -103,8 +104,8 @@ class UNet2D(nn.Module):
                 x = self.pool(x)
         for up, dec, skip in zip(self.ups, self.decoders, reversed(skips)):
             x = dec(torch.cat([up(x), skip], dim=1))
-        logits = self.head(x)
-        return (logits, x) if return_features else logits
+        logits = self.head(x).float()  # float32 out, also under autocast (engine.precision)
+        return (logits, x.float()) if return_features else logits
 
 
 class UNet3D(BasicUNet):
@@ -145,8 +146,8 @@ class UNet3D(BasicUNet):
         x3 = self.down_3(x2)
         u = self.upcat_4(self.down_4(x3), x3)
         u = self.upcat_1(self.upcat_2(self.upcat_3(u, x2), x1), x0)
-        logits = self.final_conv(u)
-        return (logits, u) if return_features else logits
+        logits = self.final_conv(u).float()  # float32 out, also under autocast (engine.precision)
+        return (logits, u.float()) if return_features else logits
 
 
 def build_model(cfg) -> nn.Module:

@@ -2,7 +2,7 @@
 its trainer for analyses, and moving the viewer to a slice or pixel.
 
 A review dock never owns a trainer: it listens to
-:attr:`~napari_semicl.widgets.train_widget.TrainWidget.event_received` and asks the Train
+:attr:`~napari_semicl.widgets.train.TrainWidget.event_received` and asks the Train
 dock's trainer for :class:`~napari_semicl.engine.events.Analysed` results, served between
 training steps while training runs (:meth:`Trainer.request_analysis`) or computed in a
 worker thread when idle (:meth:`Trainer.analyse`).
@@ -19,13 +19,9 @@ from qtpy.QtWidgets import QLabel, QWidget
 
 from ..errors import SemiclError
 from . import _layers
+from ._worker import _RUNNING, start_worker  # noqa: F401 - the review docks' import path
 
 log = logging.getLogger(__name__)
-
-#: Background workers still running. They are kept here, not by the dock that started them:
-#: a worker whose dock was closed meanwhile would otherwise lose its Qt signals and raise
-#: in its thread when it finishes.
-_RUNNING: set = set()
 
 
 class StatusLabel(QLabel):
@@ -50,45 +46,13 @@ class StatusLabel(QLabel):
         self.setToolTip(text)
 
 
-def start_worker(fn, *args, returned=None, errored=None, **kwargs):
-    """Run ``fn(*args, **kwargs)`` in napari's thread pool; ``returned(value)`` and
-    ``errored(exc)`` are called on the Qt thread, and skipped quietly when the widget they
-    belong to was deleted meanwhile."""
-    from napari.qt.threading import create_worker
-
-    def deliver(callback):
-        def call(value) -> None:
-            try:
-                callback(value)
-            except RuntimeError as exc:  # "wrapped C/C++ object ... has been deleted"
-                if "deleted" not in str(exc):
-                    raise
-                log.debug("result of %s dropped: its widget is gone", getattr(fn, "__name__", fn))
-        return call
-
-    from ._worker import background_priority
-
-    def background(*a, **kw):  # below the event loop for the OS scheduler
-        with background_priority():
-            return fn(*a, **kw)
-
-    worker = create_worker(background, *args, _start_thread=False, _ignore_errors=True, **kwargs)
-    if returned is not None:
-        worker.returned.connect(deliver(returned))
-    if errored is not None:
-        worker.errored.connect(deliver(errored))
-    _RUNNING.add(worker)
-    worker.finished.connect(lambda: _RUNNING.discard(worker))
-    worker.start()
-    return worker
-
 #: How often a dock without a Train dock looks for one (ms).
 FIND_INTERVAL_MS = 1000
 
 
 def find_train_widget(viewer):
     """The first Train dock docked in ``viewer``'s window, or None."""
-    from .train_widget import TrainWidget
+    from .train import TrainWidget  # imported when needed: the Train dock imports torch
 
     window = getattr(viewer, "window", None)
     docks = getattr(window, "dock_widgets", {}) if window is not None else {}

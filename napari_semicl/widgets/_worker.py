@@ -4,7 +4,8 @@
 and, when :class:`RunControl` says the dock is going away, closes the trainer's generator
 at the next event. Closing raises ``GeneratorExit`` inside ``Trainer.run``, which
 checkpoints and returns, so the worker thread ends within one training step and the
-model is kept. :func:`start_training_worker` runs it in napari's worker thread pool.
+model is kept. :func:`start_training_worker` runs it in napari's worker thread pool;
+:func:`start_worker` runs any other background call of the docks (fills, analyses) there.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from collections.abc import Callable, Generator
 from ..analysis.render_server import RENDER_NICE
 
 log = logging.getLogger(__name__)
+
+#: Background workers still running. They are kept here, not by the dock that started them:
+#: a worker whose dock was closed meanwhile would otherwise lose its Qt signals and raise
+#: in its thread when it finishes.
+_RUNNING: set = set()
 
 _frozen_runs = 0
 _freeze_lock = threading.Lock()
@@ -193,3 +199,34 @@ def start_training_worker(
     worker.finished.connect(on_finished)
     worker.start()
     return worker, control
+
+
+def start_worker(fn, *args, returned=None, errored=None, **kwargs):
+    """Run ``fn(*args, **kwargs)`` in napari's thread pool; ``returned(value)`` and
+    ``errored(exc)`` are called on the Qt thread, and skipped quietly when the widget they
+    belong to was deleted meanwhile."""
+    from napari.qt.threading import create_worker
+
+    def deliver(callback):
+        def call(value) -> None:
+            try:
+                callback(value)
+            except RuntimeError as exc:  # "wrapped C/C++ object ... has been deleted"
+                if "deleted" not in str(exc):
+                    raise
+                log.debug("result of %s dropped: its widget is gone", getattr(fn, "__name__", fn))
+        return call
+
+    def background(*a, **kw):  # below the event loop for the OS scheduler
+        with background_priority():
+            return fn(*a, **kw)
+
+    worker = create_worker(background, *args, _start_thread=False, _ignore_errors=True, **kwargs)
+    if returned is not None:
+        worker.returned.connect(deliver(returned))
+    if errored is not None:
+        worker.errored.connect(deliver(errored))
+    _RUNNING.add(worker)
+    worker.finished.connect(lambda: _RUNNING.discard(worker))
+    worker.start()
+    return worker

@@ -47,7 +47,7 @@ def add_docks(viewer) -> tuple:
     from qtpy.QtCore import QTimer
 
     from .export_widget import ExportWidget
-    from .train_widget import TrainWidget
+    from .train import TrainWidget
 
     train = TrainWidget(viewer)
     export = ExportWidget(viewer)

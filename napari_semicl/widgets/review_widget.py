@@ -282,7 +282,7 @@ class ReviewWidget(ReviewDock):
                 key = slice_index_tuple(array.ndim, self.axis, s)
                 array[key] = old.data[key]
         layer = self._pseudo_layer_for(pair_index, image, array)
-        names = getattr(self.train_widget, "_class_names", {})
+        names = getattr(self.train_widget, "class_names", {})
         if names:
             _layers.apply_class_names(layer, names)
         known = float(np.count_nonzero(array)) / max(array.size, 1)

@@ -188,7 +188,7 @@ def train_dock_on(viewer, image, labels, *, method: str, iterations: int, refres
     """A Train dock docked in ``viewer``, set to train ``method`` on (image, labels) with
     unpainted pixels as background, for ``iterations`` steps, refreshing every
     ``refresh_every``; not started."""
-    from .train_widget import TrainWidget
+    from .train import TrainWidget
 
     dock = TrainWidget(viewer)
     viewer.window.add_dock_widget(dock, name="Train")

@@ -1,0 +1,162 @@
+"""Issue 26: what a network trained on painted volumes is worth on the next volume.
+
+A cohort of ``--train-volumes`` left-atrium volumes, each with ``--k-train`` slices painted
+strictly inside the structure, trains one network (the dock's recommended configuration: the
+fill of the painted slices as dense targets). At every ``--eval-every`` steps the network
+alone predicts the ``--test-volumes`` other volumes (whole-volume Dice: a volume nobody
+painted). Then each test volume gets ``--k-new`` painted slices and four masks are scored on
+its unpainted slices:
+
+- ``fill``: the fill between the painted slices alone (flow);
+- ``network``: the cohort network alone;
+- ``cohort_fused``: the cohort network fused with that fill (engine.prior's fusion), after
+  ``--finetune-steps`` more steps from the cohort's weights on the new volume;
+- ``scratch_fused``: the same steps from scratch on the new volume alone (the recommended
+  configuration), fused the same way.
+
+Budgets are steps (robust on a shared machine); wall and process CPU seconds are recorded.
+
+    python benchmarks/cohort_transfer.py --data ../shared/data/la/train --steps 1500 \
+        --eval-every 500 --finetune-steps 150 --out docs/results/cohort_transfer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_semicl.bench.common import find_cases, machine_info, score, thinnest_axis
+from napari_semicl.bench.label_efficiency import apply_overrides
+from napari_semicl.data import AnnotatedPair
+from napari_semicl.data.interpolation import interpolate_labels
+from napari_semicl.data.reveal import choose_reveal_slices, reveal_slices
+from napari_semicl.engine import Trainer, recommended_config
+from napari_semicl.engine.device import describe_device, set_threads
+from napari_semicl.engine.events import Finished, StepDone
+from napari_semicl.io import atomic_path
+
+log = logging.getLogger("cohort_transfer")
+
+
+def _settings(items) -> dict:
+    out = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _config(steps: int, axis: int, seed: int, settings: dict):
+    cfg = recommended_config()
+    cfg.seed, cfg.refresh_every, cfg.budget, cfg.iterations = seed, 10**9, "iterations", steps
+    cfg.data.axis = axis
+    apply_overrides(cfg, cfg.method, settings)
+    return cfg
+
+
+def _network_alone(trainer: Trainer, cases) -> list[float]:
+    return [float(score(trainer.predict(c.image.data).labels, c.reference.data)["dice"]) for c in cases]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--train-volumes", type=int, default=4)
+    ap.add_argument("--test-volumes", type=int, default=4)
+    ap.add_argument("--k-train", type=int, default=5)
+    ap.add_argument("--k-new", type=int, default=2)
+    ap.add_argument("--steps", type=int, required=True, help="cohort training steps")
+    ap.add_argument("--eval-every", type=int, default=0, help="network-alone Dice on the test volumes every N steps")
+    ap.add_argument("--finetune-steps", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", help="SECTION.KEY=VALUE for the cohort and fine-tune configs")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    set_threads(args.threads)
+    settings = _settings(args.set)
+
+    cases = find_cases(args.data)
+    train, test = cases[: args.train_volumes], cases[args.train_volumes: args.train_volumes + args.test_volumes]
+    axis = thinnest_axis(train[0].reference.data.shape)
+    device = torch.device("cpu")
+    result = {"protocol": "cohort_transfer", "data": args.data, "train": [c.name for c in train],
+              "test": [c.name for c in test], "k_train": args.k_train, "k_new": args.k_new, "steps": args.steps,
+              "finetune_steps": args.finetune_steps, "threads": args.threads, "settings": settings,
+              "device": describe_device(device, args.threads), "machine": machine_info(), "curve": [], "new": []}
+
+    def write():
+        with atomic_path(args.out) as tmp:
+            Path(tmp).write_text(json.dumps(result, indent=1))
+
+    pairs = []
+    for c in train:
+        slices = choose_reveal_slices(c.reference.data, args.k_train, axis, "inside")
+        pairs.append(AnnotatedPair(c.image.data, reveal_slices(c.reference.data, slices, axis), name=c.name,
+                                   spacing=c.image.scale))
+    trainer = Trainer(_config(args.steps, axis, args.seed, settings), pairs, device=device, num_threads=args.threads)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    train_cpu = 0.0
+    for event in trainer.run(previews=False):
+        if isinstance(event, StepDone) and args.eval_every and event.step % args.eval_every == 0:
+            t_eval = time.process_time()
+            dice = _network_alone(trainer, test)
+            train_cpu += t_eval - cpu0
+            result["curve"].append({"step": event.step, "train_cpu_s": train_cpu,
+                                    "wall_s": time.perf_counter() - wall0, "dice": dice,
+                                    "mean": float(np.mean(dice)), "std": float(np.std(dice))})
+            log.info("step %d: network alone on new volumes %.4f +- %.4f (train CPU %.0f s)", event.step,
+                     np.mean(dice), np.std(dice), train_cpu)
+            cpu0 = time.process_time()
+            write()
+        if isinstance(event, Finished) and event.reason == "error":
+            raise SystemExit(f"cohort training failed: {event.error}")
+    work = Path(tempfile.mkdtemp(prefix="cohort_"))
+    ckpt = trainer.save(work / "checkpoint.pt")
+
+    for c in test:
+        ref = c.reference.data
+        slices = choose_reveal_slices(ref, args.k_new, axis, "inside")
+        painted = reveal_slices(ref, slices, axis)
+        keep = np.setdiff1d(np.arange(ref.shape[axis]), slices)
+        row = {"name": c.name, "painted": slices}
+        fill = interpolate_labels(painted, axis=axis, spacing=c.image.scale, image=c.image.data, method="flow").labels
+        row["fill"] = score(fill, ref, keep_slices=keep, axis=axis)["dice"]
+        row["network"] = score(trainer.predict(c.image.data).labels, ref, keep_slices=keep, axis=axis)["dice"]
+        pair = AnnotatedPair(c.image.data, painted, name=c.name, spacing=c.image.scale)
+        tuned = Trainer.from_checkpoint(ckpt, [pair], device=device, num_threads=args.threads)
+        tuned.config.iterations = args.finetune_steps
+        if args.finetune_steps:
+            for _ in tuned.run(previews=False):
+                pass
+        row["cohort_fused"] = score(tuned.predict_pair(0).labels, ref, keep_slices=keep, axis=axis)["dice"]
+        if args.finetune_steps:
+            scratch = Trainer(_config(args.finetune_steps, axis, args.seed, settings), [pair], device=device,
+                              num_threads=args.threads)
+            for _ in scratch.run(previews=False):
+                pass
+            row["scratch_fused"] = score(scratch.predict_pair(0).labels, ref, keep_slices=keep, axis=axis)["dice"]
+        log.info("%s: %s", c.name, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
+        result["new"].append(row)
+        write()
+    for key in ("fill", "network", "cohort_fused", "scratch_fused"):
+        values = [r[key] for r in result["new"] if key in r]
+        if values:
+            result[f"{key}_mean"], result[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
+    write()
+    print(json.dumps({k: v for k, v in result.items() if k.endswith(("_mean", "_std"))}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
