@@ -157,3 +157,45 @@ def test_beyond_length_weights_the_fill_less_past_the_outermost_painted_slices()
     assert fusion_weight(np.full(4, 5.0, np.float32), 8.0, 1.0).tolist() == prior_weight(np.full(4, 5.0), 8.0).tolist()
     with pytest.raises(ConfigError, match="beyond_length"):
         PriorConfig(beyond_length=0.0).validate()
+
+
+def write_nifti(path, array):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(array.transpose(*reversed(range(array.ndim)))), np.eye(4)), path)
+    return str(path)
+
+
+def test_the_cli_continues_a_cohort_with_new_volumes_from_its_weights(tmp_path):
+    from napari_semicl.cli import main
+    from napari_semicl.engine import TrainConfig, load_checkpoint
+    from napari_semicl.io import read_labels
+
+    (a, la), (b, lb), (c, lc), (d, _) = volume(0), volume(1), volume(2), volume(3)
+    files = {name: write_nifti(tmp_path / f"{name}.nii.gz", arr) for name, arr in {
+        "a": a, "la": painted(la, (4, 12, 19)), "b": b, "lb": painted(lb, (4, 12, 19)),
+        "c": c, "lc": painted(lc, (8, 12)), "d": d}.items()}
+    small = ["--patch-size", "32", "--set", "model.base_channels=4", "--set", "model.depth=2", "--prior", "targets",
+             "--interpolation", "sdf", "--unpainted", "background"]
+    first = tmp_path / "cohort"
+    assert main(["-q", "train", "--image", files["a"], "--labels", files["la"], "--image", files["b"], "--labels",
+                 files["lb"], "--iterations", "4", *small, "--out", str(first)]) == 0
+    weights = load_checkpoint(first / "checkpoint.pt")
+    # the next volume with two painted slices, one more with nothing painted: from the cohort's weights
+    second = tmp_path / "next"
+    assert main(["-q", "train", "--image", files["a"], "--labels", files["la"], "--image", files["b"], "--labels",
+                 files["lb"], "--image", files["c"], "--labels", files["lc"], "--unlabelled", files["d"],
+                 "--resume", str(first), "--iterations", "3", "--set", "prior.beyond_length=1.5",
+                 "--set", "data.patch_size=64", "--out", str(second)]) == 0
+    resumed = load_checkpoint(second / "checkpoint.pt")
+    assert resumed["step"] == weights["step"] + 3 == 7
+    config = TrainConfig.from_json(resumed["config"])
+    assert config.prior.beyond_length == 1.5  # a fusion setting applies to the resumed run
+    assert config.data.patch_size == 32  # the network's settings stay the checkpoint's
+    metrics = __import__("json").loads((second / "metrics.json").read_text())
+    assert metrics["data"]["unlabelled"] > 0
+    masks = sorted(p.name for p in second.glob("prediction_*"))
+    assert len(masks) == 4 and masks[3].startswith("prediction_3_")
+    fused = read_labels(second / masks[2]).data
+    for s in (8, 12):
+        np.testing.assert_array_equal(fused[s], lc[s])  # C's painted slices exact in its mask

@@ -52,6 +52,9 @@ from ..models.ops import normalised_entropy
 log = logging.getLogger(__name__)
 
 PRIOR_MODES = ("off", "targets")
+#: the PriorConfig fields that only change how a mask fuses network and fill (a resumed run may change them)
+FUSION_SETTINGS = ("fuse", "confidence_length", "temperature_px", "agreement_power", "network_min_painted",
+                   "beyond_length")
 #: the fills of data.interpolation, the default first (docs/benchmarks.md: flow measured better)
 INTERPOLATION_CHOICES = ("flow", *(m for m in INTERPOLATION_METHODS if m != "flow"))
 
