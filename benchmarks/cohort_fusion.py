@@ -2,14 +2,18 @@
 
 A network trains on ``--cohort`` volumes with ``--k-cohort`` painted slices each (the Train
 dock's recommended config: supervised, the painted-slice prior as dense targets) for
-``--steps`` steps. Then, for each of ``--new`` other volumes, on a copy of that trainer:
+``--steps`` steps. Then, for each of ``--new`` other volumes, the same trainer goes back to the
+cohort's weights, optimiser and step, and the volume joins its pairs (``Trainer.replace_data``,
+as a volume joins a running trainer; the cohort's fills are kept):
 
 * ``network``: the volume joins with nothing painted; its mask is the network's alone;
 * ``fill``: ``--k-new`` slices are painted (strictly inside the structure); the fill alone;
 * ``fused_0``: the same, the cohort network fused with the fill, before any more training;
+* ``fused_beyond_0``: fused with ``prior.beyond_length = --beyond``; ``fused_beyond_nogate_0``:
+  that and no agreement gate (``prior.agreement_power = 0``);
 * after ``--tune`` more steps from the cohort weights (the new volume among the pairs):
-  ``tuned_network`` (network alone), ``tuned_fused`` (fused), ``tuned_fused_beyond``
-  (fused with ``prior.beyond_length = --beyond``);
+  ``tuned_network`` (network alone), ``tuned_fused``, ``tuned_fused_beyond``,
+  ``tuned_fused_beyond_nogate``;
 * ``scratch_fused``: a new network trained ``--tune`` steps on the new volume alone, fused.
 
 Dice (foreground) on the unpainted slices of the new volume. Steps, not seconds, are the
