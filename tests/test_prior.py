@@ -342,7 +342,7 @@ def test_scores_agree_with_the_labels_for_any_voxel_size(brain):
     for spacing in (None, (2.0, 2.0, 2.0), (3.0, 1.0, 1.0), (1.0, 0.5, 1.0)):
         out = interpolate_labels(painted, axis=0, spacing=spacing)
         values = np.asarray(out.class_values)
-        np.testing.assert_array_equal(values[out.scores.argmax(axis=0)], out.labels)
+        np.testing.assert_array_equal(values[out.full_scores().argmax(axis=0)], out.labels)
         for s in PAINTED:
             np.testing.assert_array_equal(out.labels[s], reference[s])
 
@@ -359,3 +359,36 @@ def test_bench_knows_recommended_and_dotted_overrides():
     apply_overrides(cfg, "mean_teacher", {"prior.mode": "targets", "data.context_slices": "1", "ema_alpha": "0.9"})
     assert (cfg.prior.mode, cfg.data.context_slices, cfg.mean_teacher.ema_alpha) == ("targets", 1, 0.9)
     assert check_methods(["recommended", "interp", "supervised:prior.mode=targets"])
+
+
+def test_the_prior_is_logged_once_in_a_cli_run(brain, caplog):
+    # issue 27: the trainer logged its message and handed the same text on as a Notice, which
+    # the CLI's progress printer logs: every CLI run printed it twice
+    import logging
+
+    from napari_semicl.cli import _progress_printer
+
+    image, reference = brain
+    trainer = Trainer(_config("supervised", iterations=1), [AnnotatedPair(image, reveal_slices(reference, PAINTED, 0))],
+                      device=CPU)
+    with caplog.at_level(logging.INFO, logger="napari_semicl"):
+        run_sync(trainer.run(previews=False), _progress_printer())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("painted-slice prior")]
+    assert len(lines) == 1, lines
+
+
+def test_the_prior_keeps_the_fill_region_and_gives_whole_plane_scores(brain):
+    # the prior stores the fill's region (half precision) and extends it to the plane on demand:
+    # its mask is the fill's labels, its scores those of the fill to float16's precision
+    image, reference = brain
+    painted = reveal_slices(reference, PAINTED, 0)
+    trainer = Trainer(_config("supervised", iterations=1, calibrate=False), [AnnotatedPair(image, painted)],
+                      device=CPU)
+    prior = trainer.prior
+    fill = interpolate_labels(painted, axis=0, image=image, spacing=None, method="flow", unpainted="background")
+    values = np.asarray(trainer.dataset.class_values)
+    np.testing.assert_array_equal(values[prior.mask(0)], fill.labels)
+    full = fill.full_scores()
+    got = prior.scores(0, 5, 9)  # (slices, K, H, W)
+    assert got.dtype == np.float32 and got.shape == (4, full.shape[0], *image.shape[1:])
+    np.testing.assert_allclose(got, np.moveaxis(full[:, 5:9], 1, 0), atol=0.02, rtol=1e-3)
