@@ -392,3 +392,34 @@ def test_the_prior_keeps_the_fill_region_and_gives_whole_plane_scores(brain):
     got = prior.scores(0, 5, 9)  # (slices, K, H, W)
     assert got.dtype == np.float32 and got.shape == (4, full.shape[0], *image.shape[1:])
     np.testing.assert_allclose(got, np.moveaxis(full[:, 5:9], 1, 0), atol=0.02, rtol=1e-3)
+
+
+def test_leave_one_out_reuses_the_fills_flows(brain, monkeypatch):
+    # issue 27: the leave-one-out fills took the prior's time at CT size; with the whole fill's
+    # flow cache they measure only the two flows that reach each left-out slice, and score alike
+    import napari_semicl.data.interpolation as interpolation
+    from napari_semicl.data.interpolation import FlowCache
+    from napari_semicl.engine.prior import leave_one_out
+
+    image, reference = brain
+    painted = reveal_slices(reference, [3, 8, 14, 20], 0)
+    plain = leave_one_out(painted, [3, 8, 14, 20], axis=0, method="flow", image=image)
+    cache = FlowCache()
+    interpolate_labels(painted, axis=0, image=image, flow_cache=cache)
+    measured = len(cache.flows)
+    # both ways between painted slices, and outward past the ends (slices 0-2 and 21-23)
+    assert measured == 2 * ((8 - 3 - 1) + (14 - 8 - 1) + (20 - 14 - 1)) + 3 + 3
+    calls = []
+    real = interpolation._flow_warper
+
+    def counting(*args, **kwargs):
+        warp = real(*args, **kwargs)
+        return lambda maps, source, target: calls.append(1) or warp(maps, source, target)
+
+    monkeypatch.setattr(interpolation, "_flow_warper", counting)
+    before = len(cache.flows)
+    cached = leave_one_out(painted, [3, 8, 14, 20], axis=0, method="flow", image=image, flow_cache=cache)
+    assert len(cache.flows) - before == 2 * 2  # slices 8 and 14: the flows onto each from its neighbours
+    assert calls  # the warps ran, on cached flows
+    for (d0, q0, e0), (d1, q1, e1) in zip(plain, cached):
+        assert d0 == d1 and q1 == pytest.approx(q0, abs=0.02) and e1 == pytest.approx(e0, rel=0.25, abs=0.1)

@@ -260,8 +260,29 @@ def _block_mean(img: np.ndarray, f: int) -> np.ndarray:
     return padded.reshape(padded.shape[0] // f, f, padded.shape[1] // f, f).mean(axis=(1, 3))
 
 
+class FlowCache:
+    """The optical flows of one fill, kept for further fills of the same image and region.
+
+    Pass one to :func:`interpolate_labels` (``flow_cache``): the first fill records its
+    region, flow resolution and intensity range and keeps every flow it measures (at the
+    flow's resolution, ``(2, h / f, w / f)`` float32 a slice pair); later fills of the same
+    image, or of a stretch of its slices starting at ``offset``, use that region and reuse the
+    flows between the same slices (:func:`napari_semicl.engine.prior.leave_one_out` refills
+    each inner painted slice from its neighbours this way, measuring few flows again).
+    """
+
+    def __init__(self) -> None:
+        self.box = None
+        self.factor = 1
+        self.intensity = None
+        self.plane = None
+        #: the slice index, in the first fill's image, of the next fill's slice 0
+        self.offset = 0
+        self.flows: dict[tuple[int, int], np.ndarray] = {}
+
+
 def _flow_warper(image: np.ndarray, radius: int, *, factor: int = 1, intensity=None, prefilter: bool = False,
-                 num_warp: int = 4):
+                 num_warp: int = 4, cache: FlowCache | None = None):
     """A function warp(maps, source, target): ``maps`` (C, Y, X) of slice ``source`` moved
     onto slice ``target`` by optical flow between the image slices.
 
@@ -287,8 +308,13 @@ def _flow_warper(image: np.ndarray, radius: int, *, factor: int = 1, intensity=N
         if source == target:
             return maps
         # flow v with image[source](x + v(x)) ~ image[target](x)
-        flow = optical_flow_ilk(prepared(target), prepared(source), radius=radius, num_warp=num_warp,
-                                prefilter=prefilter)
+        key = None if cache is None else (source + cache.offset, target + cache.offset)
+        flow = None if key is None else cache.flows.get(key)
+        if flow is None:
+            flow = optical_flow_ilk(prepared(target), prepared(source), radius=radius, num_warp=num_warp,
+                                    prefilter=prefilter)
+            if key is not None:
+                cache.flows[key] = flow
         if factor > 1:
             # bilinear, block centres to pixel centres: pixel y reads the coarse grid at (y + 0.5) / f - 0.5
             flow = factor * np.stack([ndimage.zoom(c, factor, order=1, mode="nearest", grid_mode=True)
@@ -401,6 +427,7 @@ def interpolate_labels(
     flow_chain: bool = True,
     crop: bool = True,
     flow_max_px: int | None = DEFAULT_FLOW_MAX_PX,
+    flow_cache: FlowCache | None = None,
 ) -> Interpolation:
     """Fill the slices between fully painted slices, the way 3D Slicer and ITK-SNAP do.
 
@@ -437,6 +464,23 @@ def interpolate_labels(
     flow_chain : bool
         ``method='flow'``: register neighbouring slices and carry each map along, slice by
         slice (True), or register each slice directly to the painted slice (False).
+    crop : bool
+        Work on a region of the plane: the bounding box of the foreground painted on any
+        painted slice, plus a margin (:func:`crop_margin`), on every slice; the labels outside
+        it are the background. With ``method='sdf'`` the labels are exactly the whole plane's
+        and so are the scores in the region (a foreground score is positive only inside a
+        painted shape, and 1 pixel of margin keeps the distances exact). With 'flow' the
+        flow's coarse levels see the region rather than the plane, so a few boundary pixels
+        may differ (docs/prior.md, "CT-sized volumes"). False: the whole plane.
+    flow_max_px : int or None
+        ``method='flow'``: regions longer than this on a side get their optical flow measured
+        on image slices averaged over f x f blocks, f the smallest integer bringing the side to
+        at most ``flow_max_px`` (the window radius in those pixels); the flow is carried back
+        to every pixel (bilinear) and its vectors scaled by f. None: full resolution always.
+    flow_cache : FlowCache, optional
+        ``method='flow'``: keep the flows (a first fill) or reuse them with the first fill's
+        region, flow resolution and intensity range (later fills of the same image, or of its
+        slices from ``flow_cache.offset`` on; same plane).
 
     Returns
     -------
@@ -515,6 +559,14 @@ def interpolate_labels(
         m = crop_margin((y1 - y0, x1 - x0), reach, use_flow, flow_radius, factor)
         box = ((max(y0 - m, 0), min(y1 + m, plane[0])), (max(x0 - m, 0), min(x1 + m, plane[1])))
         factor = _flow_factor((box[0][1] - box[0][0], box[1][1] - box[1][0]), flow_max_px) if use_flow else 1
+    intensity = None
+    if use_flow and flow_cache is not None:
+        if flow_cache.box is None:  # the first fill: record its choices
+            flow_cache.box, flow_cache.factor, flow_cache.plane = box, factor, plane
+            flow_cache.intensity = _intensity_range(image)
+        elif flow_cache.plane != plane:
+            raise DataError(f"the flow cache holds flows of {flow_cache.plane} planes, these are {plane}")
+        box, factor, intensity = flow_cache.box, flow_cache.factor, flow_cache.intensity
     (y0, y1), (x0, x1) = box
     window = (slice(None), slice(y0, y1), slice(x0, x1))
     h, w = y1 - y0, x1 - x0
@@ -536,7 +588,8 @@ def interpolate_labels(
     if use_flow:
         # the image travels with the labels: its slicing axis moves to the front too
         moved = np.moveaxis(image, axis, 0)
-        warp = _flow_warper(moved[window], flow_radius, factor=factor, intensity=_intensity_range(image))
+        warp = _flow_warper(moved[window], flow_radius, factor=factor,
+                            intensity=_intensity_range(image) if intensity is None else intensity, cache=flow_cache)
 
     # past the outermost painted slices: the nearest map minus `shrink` per slice; once no
     # class scores above 0 any more the flow stops (warps only average, so no score can come

@@ -44,7 +44,7 @@ import torch
 
 from ..data.annotation import IGNORE_INDEX
 from ..data.interpolation import METHODS as INTERPOLATION_METHODS
-from ..data.interpolation import extend_scores, interpolate_labels
+from ..data.interpolation import FlowCache, extend_scores, interpolate_labels
 from ..errors import ConfigError, DataError
 from ..errors import check_choice as _check_choice
 from ..models.ops import normalised_entropy
@@ -224,7 +224,7 @@ def _boundary_pixels(mask: np.ndarray) -> int:
 
 
 def leave_one_out(labels: np.ndarray, painted, *, axis: int, spacing=None, unpainted: str = "background",
-                  method: str = "sdf", image: np.ndarray | None = None):
+                  method: str = "sdf", image: np.ndarray | None = None, flow_cache: FlowCache | None = None):
     """Fill each inner painted slice from its two painted neighbours and compare it with
     what was painted.
 
@@ -239,6 +239,10 @@ def leave_one_out(labels: np.ndarray, painted, *, axis: int, spacing=None, unpai
         As in :func:`~napari_semicl.data.interpolation.interpolate_labels`. Only the
         stretch between the two neighbours is filled, so leaving every inner slice out costs
         about one interpolation of the volume.
+    flow_cache : FlowCache, optional
+        The flows of the whole volume's fill (``interpolate_labels(flow_cache=...)``): each
+        stretch is filled in that fill's region with its flows, so that few flows are
+        measured again (those that reach the left-out slice).
 
     Returns
     -------
@@ -257,7 +261,10 @@ def leave_one_out(labels: np.ndarray, painted, *, axis: int, spacing=None, unpai
         inner[axis] = slice(1, b - a)
         sub[tuple(inner)] = 0
         sub_image = None if image is None else np.take(image, stretch, axis=axis)
-        fill = interpolate_labels(sub, axis=axis, spacing=spacing, unpainted=unpainted, method=method, image=sub_image)
+        if flow_cache is not None:
+            flow_cache.offset = a
+        fill = interpolate_labels(sub, axis=axis, spacing=spacing, unpainted=unpainted, method=method, image=sub_image,
+                                  flow_cache=flow_cache)
         filled = np.take(fill.labels, j - a, axis=axis)
         present = set(np.unique(truth).tolist())
         values = [v for v in fill.class_values[1:] if v in present]  # the foreground (background first)
@@ -343,8 +350,10 @@ class SlicePrior:
         image = None
         if self.config.interpolation == "flow" and not pair.rgb:
             image = np.asarray(pair.image, np.float32)
+        # the leave-one-out fills below reuse this fill's flows (and region)
+        cache = FlowCache() if image is not None and self.config.calibrate else None
         interp = interpolate_labels(labels, axis=self.axis, spacing=pair.spacing, method=self.config.interpolation,
-                                    image=image, unpainted=unpainted)
+                                    image=image, unpainted=unpainted, flow_cache=cache)
         missing = [v for v in interp.class_values if v not in self.class_values]
         if missing:
             raise DataError(f"label values {missing} are not in this run's class table {self.class_values}")
@@ -359,7 +368,7 @@ class SlicePrior:
         loo = []
         if self.config.calibrate:
             loo = leave_one_out(labels, painted, axis=self.axis, spacing=pair.spacing, unpainted=unpainted,
-                                method=self.config.interpolation, image=image)
+                                method=self.config.interpolation, image=image, flow_cache=cache)
         return scores, class_index, distance, region, calibrate(loo, self.config), len(painted)
 
     def take_over(self, other: "SlicePrior", pairs: dict[int, int]) -> None:
