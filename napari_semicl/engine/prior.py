@@ -196,8 +196,13 @@ def dense_target(scores: np.ndarray, class_index: np.ndarray, distance: float, b
 
     scores : (K, H, W) signed distances of the prior's classes.
     """
-    order = np.sort(scores, axis=0)
-    margin = (order[-1] - order[-2]) / 2.0 if scores.shape[0] > 1 else np.full(scores.shape[1:], np.inf)
+    if scores.shape[0] == 2:  # the usual case, without sorting a whole plane
+        margin = np.abs(scores[1] - scores[0]) / 2.0
+    elif scores.shape[0] > 2:
+        order = np.partition(scores, -2, axis=0)
+        margin = (order[-1] - order[-2]) / 2.0
+    else:
+        margin = np.full(scores.shape[1:], np.inf)
     target = class_index[np.argmax(scores, axis=0)].astype(np.int64)
     target[margin < boundary_px * distance] = IGNORE_INDEX
     return target
