@@ -12,6 +12,10 @@ each, each run in a fresh subprocess: wall time and CPU time of the fill alone, 
 peak resident memory (``resource.getrusage``, loading included) and the peak growth during the
 fill, and Dice against the reference on the unpainted slices. Writes JSON to ``--out``.
 
+``--dice OLD_CHECKOUT`` instead: the fill's Dice on the unpainted slices of ``--cases`` original
+volumes at K = 2, 3, 5 (placements 'ends' and 'inside'), this checkout's against another's, with
+the CPU time of each fill (in a subprocess per checkout).
+
 The optional ITK baseline needs ``pip install itk itk-morphologicalcontourinterpolation``
 (large wheels; not a dependency of the plugin): its time includes loading the library.
 """
@@ -62,6 +66,60 @@ json.dump({"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": peak / 1024, "
 """
 
 
+#: runs in the subprocess: argv = code dir, data folder, cases, result path
+_DICE_CHILD = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from napari_semicl.bench.common import find_cases, thinnest_axis
+from napari_semicl.data.interpolation import interpolate_labels
+from napari_semicl.data.reveal import choose_reveal_slices, reveal_slices
+res = {}
+for case in find_cases(sys.argv[2], limit=int(sys.argv[3])):
+    img, ref = np.asarray(case.image.data, np.float32), np.asarray(case.reference.data)
+    ax = thinnest_axis(ref.shape)
+    for k in (2, 3, 5):
+        for pl in ("ends", "inside"):
+            sl = choose_reveal_slices(ref, k, ax, pl)
+            c = time.process_time()
+            out = interpolate_labels(reveal_slices(ref, sl, ax), axis=ax, image=img, spacing=case.image.scale).labels
+            c = time.process_time() - c
+            keep = np.ones(ref.shape[ax], bool); keep[sl] = False
+            a, b = np.compress(keep, out, axis=ax) != 0, np.compress(keep, ref, axis=ax) != 0
+            res[f"{case.name}|{k}|{pl}"] = {"dice": float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1)), "cpu_seconds": c}
+json.dump(res, open(sys.argv[4], "w"), indent=1)
+"""
+
+
+def compare_dice(old: Path, data: str, cases: int, out: Path) -> None:
+    """This checkout's fill against ``old``'s on the original volumes (see the module doc)."""
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, code in (("old", old), ("new", ROOT)):
+            path = Path(tmp) / f"{name}.json"
+            subprocess.run([sys.executable, "-c", _DICE_CHILD, str(code), data, str(cases), str(path)], check=True)
+            runs[name] = json.loads(path.read_text())
+    rows = {}
+    for key in runs["old"]:
+        _, k, placement = key.split("|")
+        rows.setdefault(f"K={k} {placement}", []).append(key)
+    summary = {}
+    for label, keys in rows.items():
+        o = np.array([runs["old"][x]["dice"] for x in keys])
+        n = np.array([runs["new"][x]["dice"] for x in keys])
+        summary[label] = {"old": float(o.mean()), "new": float(n.mean()), "diff_min": float((n - o).min()),
+                          "diff_max": float((n - o).max()),
+                          "cpu_old": float(sum(runs["old"][x]["cpu_seconds"] for x in keys)),
+                          "cpu_new": float(sum(runs["new"][x]["cpu_seconds"] for x in keys))}
+        r = summary[label]
+        print(f"{label:10s} Dice old {r['old']:.4f} new {r['new']:.4f} (new - old {r['diff_min']:+.4f} .. "
+              f"{r['diff_max']:+.4f}); cpu {r['cpu_old']:.1f} s -> {r['cpu_new']:.1f} s")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"old": str(old.resolve()), "data": data, "cases": cases, "summary": summary,
+                               "per_fill": runs}, indent=1))
+    print(f"written to {out}")
+
+
 def build(image: np.ndarray, reference: np.ndarray, size) -> tuple[np.ndarray, np.ndarray]:
     """The volume resampled to ``size`` voxels (the smallest size to the thinnest axis, and so
     on: the slices stay the same anatomy): linear image, nearest-neighbour reference."""
@@ -109,8 +167,14 @@ def main() -> None:
     ap.add_argument("--code", type=Path, default=ROOT, help="the checkout whose fill runs (default: this one)")
     ap.add_argument("--itk", action="store_true", help="also ITK's MorphologicalContourInterpolator (if installed)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each fill (the figures are per run)")
+    ap.add_argument("--dice", type=Path, metavar="OLD_CHECKOUT",
+                    help="compare the fill's Dice with this checkout's on the original volumes, and stop")
+    ap.add_argument("--cases", type=int, default=4, help="--dice: how many volumes")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    if args.dice is not None:
+        compare_dice(args.dice, args.data, args.cases, args.out)
+        return
 
     cases = find_cases(args.data)
     case = next(c for c in cases if args.case in (None, c.name))
