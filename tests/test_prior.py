@@ -423,3 +423,26 @@ def test_leave_one_out_reuses_the_fills_flows(brain, monkeypatch):
     assert calls  # the warps ran, on cached flows
     for (d0, q0, e0), (d1, q1, e1) in zip(plain, cached):
         assert d0 == d1 and q1 == pytest.approx(q0, abs=0.02) and e1 == pytest.approx(e0, rel=0.25, abs=0.1)
+
+
+def test_a_prior_on_a_region_of_the_plane_is_the_fill_everywhere():
+    # a small structure in a wide plane: the fill's region is a part of it; the prior's mask,
+    # dense targets and fused probabilities cover the whole plane (background outside)
+    yy, xx = np.mgrid[:90, :120]
+    truth = np.stack([((yy - 40) ** 2 + (xx - 30 - 2 * s) ** 2 <= (8 + s % 3) ** 2) for s in range(12)]).astype(np.uint8)
+    image = (truth * 100.0 + 10 + np.random.default_rng(0).normal(0, 3, truth.shape)).astype(np.float32)
+    painted = reveal_slices(truth, [1, 5, 10], 0)
+    trainer = Trainer(_config("supervised", iterations=1), [AnnotatedPair(image, painted)], device=CPU)
+    prior = trainer.prior
+    fill = interpolate_labels(painted, axis=0, image=image, method="flow")
+    (y0, y1), (x0, x1) = prior._regions[0][0]
+    assert (y1 - y0) * (x1 - x0) < 0.6 * 90 * 120 and prior._volumes[0][0].dtype == np.float16
+    np.testing.assert_array_equal(prior.mask(0), fill.labels)  # class indices 0/1 = values 0/1
+    targets = trainer.dataset.dense_targets
+    assert targets and all(t.shape == (90, 120) and t.dtype == np.int16 for t in targets.values())
+    for t in targets.values():
+        assert (t[:y0] == 0).all() and (t[y1:] == 0).all() and (t[:, x1:] == 0).all()
+    probs = torch.full((2, 2, 90, 120), 0.5)
+    fused = prior.fuser(0, agreement=1.0)(3, 5, probs)
+    assert fused.shape == probs.shape and torch.allclose(fused.sum(1), torch.ones(2, 90, 120))
+    assert (fused[:, 0, :y0] > 0.5).all()  # outside the region the prior says background
