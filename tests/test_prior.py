@@ -366,13 +366,13 @@ def test_the_prior_is_logged_once_in_a_cli_run(brain, caplog):
     # the CLI's progress printer logs: every CLI run printed it twice
     import logging
 
-    from napari_semicl.cli import _progress_printer
+    from napari_semicl.cli.running import progress_printer
 
     image, reference = brain
     trainer = Trainer(_config("supervised", iterations=1), [AnnotatedPair(image, reveal_slices(reference, PAINTED, 0))],
                       device=CPU)
     with caplog.at_level(logging.INFO, logger="napari_semicl"):
-        run_sync(trainer.run(previews=False), _progress_printer())
+        run_sync(trainer.run(previews=False), progress_printer())
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("painted-slice prior")]
     assert len(lines) == 1, lines
 
