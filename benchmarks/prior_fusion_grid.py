@@ -40,7 +40,8 @@ def train(args) -> None:
         return p
 
     predict_slices(trainer.method.inference_model(), trainer.dataset.images[0], device=torch.device("cpu"), fuse=keep)
-    scores, class_index, dist = trainer.prior._volumes[0]
+    _, class_index, dist = trainer.prior._volumes[0]
+    scores = trainer.prior.scores(0, 0, len(dist))  # (S, K, H, W): the whole plane (issue 27 keeps a region)
     np.savez_compressed(args.out, probs=np.concatenate(probs), scores=scores.astype(np.float16),
                         class_index=class_index, dist=dist, ref=np.moveaxis(ref, axis, 0),
                         revealed=np.array(revealed))

@@ -342,7 +342,7 @@ def test_scores_agree_with_the_labels_for_any_voxel_size(brain):
     for spacing in (None, (2.0, 2.0, 2.0), (3.0, 1.0, 1.0), (1.0, 0.5, 1.0)):
         out = interpolate_labels(painted, axis=0, spacing=spacing)
         values = np.asarray(out.class_values)
-        np.testing.assert_array_equal(values[out.scores.argmax(axis=0)], out.labels)
+        np.testing.assert_array_equal(values[out.full_scores().argmax(axis=0)], out.labels)
         for s in PAINTED:
             np.testing.assert_array_equal(out.labels[s], reference[s])
 
@@ -359,3 +359,90 @@ def test_bench_knows_recommended_and_dotted_overrides():
     apply_overrides(cfg, "mean_teacher", {"prior.mode": "targets", "data.context_slices": "1", "ema_alpha": "0.9"})
     assert (cfg.prior.mode, cfg.data.context_slices, cfg.mean_teacher.ema_alpha) == ("targets", 1, 0.9)
     assert check_methods(["recommended", "interp", "supervised:prior.mode=targets"])
+
+
+def test_the_prior_is_logged_once_in_a_cli_run(brain, caplog):
+    # issue 27: the trainer logged its message and handed the same text on as a Notice, which
+    # the CLI's progress printer logs: every CLI run printed it twice
+    import logging
+
+    from napari_semicl.cli.running import progress_printer
+
+    image, reference = brain
+    trainer = Trainer(_config("supervised", iterations=1), [AnnotatedPair(image, reveal_slices(reference, PAINTED, 0))],
+                      device=CPU)
+    with caplog.at_level(logging.INFO, logger="napari_semicl"):
+        run_sync(trainer.run(previews=False), progress_printer())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("painted-slice prior")]
+    assert len(lines) == 1, lines
+
+
+def test_the_prior_keeps_the_fill_region_and_gives_whole_plane_scores(brain):
+    # the prior stores the fill's region (half precision) and extends it to the plane on demand:
+    # its mask is the fill's labels, its scores those of the fill to float16's precision
+    image, reference = brain
+    painted = reveal_slices(reference, PAINTED, 0)
+    trainer = Trainer(_config("supervised", iterations=1, calibrate=False), [AnnotatedPair(image, painted)],
+                      device=CPU)
+    prior = trainer.prior
+    fill = interpolate_labels(painted, axis=0, image=image, spacing=None, method="flow", unpainted="background")
+    values = np.asarray(trainer.dataset.class_values)
+    np.testing.assert_array_equal(values[prior.mask(0)], fill.labels)
+    full = fill.full_scores()
+    got = prior.scores(0, 5, 9)  # (slices, K, H, W)
+    assert got.dtype == np.float32 and got.shape == (4, full.shape[0], *image.shape[1:])
+    np.testing.assert_allclose(got, np.moveaxis(full[:, 5:9], 1, 0), atol=0.02, rtol=1e-3)
+
+
+def test_leave_one_out_reuses_the_fills_flows(brain, monkeypatch):
+    # issue 27: the leave-one-out fills took the prior's time at CT size; with the whole fill's
+    # flow cache they measure only the two flows that reach each left-out slice, and score alike
+    import napari_semicl.data.interpolation as interpolation
+    from napari_semicl.data.interpolation import FlowCache
+    from napari_semicl.engine.prior import leave_one_out
+
+    image, reference = brain
+    painted = reveal_slices(reference, [3, 8, 14, 20], 0)
+    plain = leave_one_out(painted, [3, 8, 14, 20], axis=0, method="flow", image=image)
+    cache = FlowCache()
+    interpolate_labels(painted, axis=0, image=image, flow_cache=cache)
+    measured = len(cache.flows)
+    # both ways between painted slices, and outward past the ends (slices 0-2 and 21-23)
+    assert measured == 2 * ((8 - 3 - 1) + (14 - 8 - 1) + (20 - 14 - 1)) + 3 + 3
+    calls = []
+    real = interpolation._flow_warper
+
+    def counting(*args, **kwargs):
+        warp = real(*args, **kwargs)
+        return lambda maps, source, target: calls.append(1) or warp(maps, source, target)
+
+    monkeypatch.setattr(interpolation, "_flow_warper", counting)
+    before = len(cache.flows)
+    cached = leave_one_out(painted, [3, 8, 14, 20], axis=0, method="flow", image=image, flow_cache=cache)
+    assert len(cache.flows) - before == 2 * 2  # slices 8 and 14: the flows onto each from its neighbours
+    assert calls  # the warps ran, on cached flows
+    for (d0, q0, e0), (d1, q1, e1) in zip(plain, cached):
+        assert d0 == d1 and q1 == pytest.approx(q0, abs=0.02) and e1 == pytest.approx(e0, rel=0.25, abs=0.1)
+
+
+def test_a_prior_on_a_region_of_the_plane_is_the_fill_everywhere():
+    # a small structure in a wide plane: the fill's region is a part of it; the prior's mask,
+    # dense targets and fused probabilities cover the whole plane (background outside)
+    yy, xx = np.mgrid[:90, :120]
+    truth = np.stack([((yy - 40) ** 2 + (xx - 30 - 2 * s) ** 2 <= (8 + s % 3) ** 2) for s in range(12)]).astype(np.uint8)
+    image = (truth * 100.0 + 10 + np.random.default_rng(0).normal(0, 3, truth.shape)).astype(np.float32)
+    painted = reveal_slices(truth, [1, 5, 10], 0)
+    trainer = Trainer(_config("supervised", iterations=1), [AnnotatedPair(image, painted)], device=CPU)
+    prior = trainer.prior
+    fill = interpolate_labels(painted, axis=0, image=image, method="flow")
+    (y0, y1), (x0, x1) = prior._regions[0][0]
+    assert (y1 - y0) * (x1 - x0) < 0.6 * 90 * 120 and prior._volumes[0][0].dtype == np.float16
+    np.testing.assert_array_equal(prior.mask(0), fill.labels)  # class indices 0/1 = values 0/1
+    targets = trainer.dataset.dense_targets
+    assert targets and all(t.shape == (90, 120) and t.dtype == np.int16 for t in targets.values())
+    for t in targets.values():
+        assert (t[:y0] == 0).all() and (t[y1:] == 0).all() and (t[:, x1:] == 0).all()
+    probs = torch.full((2, 2, 90, 120), 0.5)
+    fused = prior.fuser(0, agreement=1.0)(3, 5, probs)
+    assert fused.shape == probs.shape and torch.allclose(fused.sum(1), torch.ones(2, 90, 120))
+    assert (fused[:, 0, :y0] > 0.5).all()  # outside the region the prior says background

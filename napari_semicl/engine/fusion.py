@@ -67,8 +67,7 @@ def build_prior(pairs, dataset, cfg, notices: list, previous=None) -> SlicePrior
                         f"{dice}, so the targets leave out {cal.band_px:.1f} px a slice around the filled boundary")
     if cfg.fuse:
         message += "; the predicted mask falls back on it where the network is unsure"
-    log.info(message)
-    notices.append(Notice("info", message))
+    notices.append(Notice("info", message))  # one line: the caller logs or shows its notices (issue 27)
     return prior
 
 

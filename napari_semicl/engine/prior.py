@@ -44,7 +44,7 @@ import torch
 
 from ..data.annotation import IGNORE_INDEX
 from ..data.interpolation import METHODS as INTERPOLATION_METHODS
-from ..data.interpolation import interpolate_labels
+from ..data.interpolation import FlowCache, extend_scores, interpolate_labels
 from ..errors import ConfigError, DataError
 from ..errors import check_choice as _check_choice
 from ..models.ops import normalised_entropy
@@ -196,8 +196,13 @@ def dense_target(scores: np.ndarray, class_index: np.ndarray, distance: float, b
 
     scores : (K, H, W) signed distances of the prior's classes.
     """
-    order = np.sort(scores, axis=0)
-    margin = (order[-1] - order[-2]) / 2.0 if scores.shape[0] > 1 else np.full(scores.shape[1:], np.inf)
+    if scores.shape[0] == 2:  # the usual case, without sorting a whole plane
+        margin = np.abs(scores[1] - scores[0]) / 2.0
+    elif scores.shape[0] > 2:
+        order = np.partition(scores, -2, axis=0)
+        margin = (order[-1] - order[-2]) / 2.0
+    else:
+        margin = np.full(scores.shape[1:], np.inf)
     target = class_index[np.argmax(scores, axis=0)].astype(np.int64)
     target[margin < boundary_px * distance] = IGNORE_INDEX
     return target
@@ -224,7 +229,7 @@ def _boundary_pixels(mask: np.ndarray) -> int:
 
 
 def leave_one_out(labels: np.ndarray, painted, *, axis: int, spacing=None, unpainted: str = "background",
-                  method: str = "sdf", image: np.ndarray | None = None):
+                  method: str = "sdf", image: np.ndarray | None = None, flow_cache: FlowCache | None = None):
     """Fill each inner painted slice from its two painted neighbours and compare it with
     what was painted.
 
@@ -239,6 +244,10 @@ def leave_one_out(labels: np.ndarray, painted, *, axis: int, spacing=None, unpai
         As in :func:`~napari_semicl.data.interpolation.interpolate_labels`. Only the
         stretch between the two neighbours is filled, so leaving every inner slice out costs
         about one interpolation of the volume.
+    flow_cache : FlowCache, optional
+        The flows of the whole volume's fill (``interpolate_labels(flow_cache=...)``): each
+        stretch is filled in that fill's region with its flows, so that few flows are
+        measured again (those that reach the left-out slice).
 
     Returns
     -------
@@ -257,7 +266,10 @@ def leave_one_out(labels: np.ndarray, painted, *, axis: int, spacing=None, unpai
         inner[axis] = slice(1, b - a)
         sub[tuple(inner)] = 0
         sub_image = None if image is None else np.take(image, stretch, axis=axis)
-        fill = interpolate_labels(sub, axis=axis, spacing=spacing, unpainted=unpainted, method=method, image=sub_image)
+        if flow_cache is not None:
+            flow_cache.offset = a
+        fill = interpolate_labels(sub, axis=axis, spacing=spacing, unpainted=unpainted, method=method, image=sub_image,
+                                  flow_cache=flow_cache)
         filled = np.take(fill.labels, j - a, axis=axis)
         present = set(np.unique(truth).tolist())
         values = [v for v in fill.class_values[1:] if v in present]  # the foreground (background first)
@@ -309,8 +321,11 @@ class SlicePrior:
         self.axis = int(dataset.cfg.axis)
         self.class_values = list(dataset.class_values)
         self.notes: list[str] = []
-        #: pair index -> (scores (S, K_prior, H, W) float32, class index (K_prior,), distance (S,))
+        #: pair index -> (scores (K_prior, S, h, w) float16 of the fill's region, class index
+        #: (K_prior,), distance (S,)); :meth:`scores` gives them as float32 on the whole plane
         self._volumes: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        #: pair index -> (the region's box in the plane, the plane's shape, sampling, unit)
+        self._regions: dict[int, tuple] = {}
         #: pair index -> Calibration (the band and confidence length in use)
         self.calibration: dict[int, Calibration] = {}
         #: pair index -> how many complete painted slices the fill starts from
@@ -324,7 +339,7 @@ class SlicePrior:
             if len(pair.spatial_shape) != 3:
                 continue  # a 2D image has no slices to fill between
             try:
-                *volume, self.calibration[p], self.painted_count[p] = self._build(
+                *volume, self._regions[p], self.calibration[p], self.painted_count[p] = self._build(
                     pair, validation.get(p, []), dataset.cfg.unpainted)
                 self._volumes[p] = tuple(volume)
             except DataError as exc:
@@ -340,26 +355,33 @@ class SlicePrior:
         image = None
         if self.config.interpolation == "flow" and not pair.rgb:
             image = np.asarray(pair.image, np.float32)
+        # the leave-one-out fills below reuse this fill's flows (and region)
+        cache = FlowCache() if image is not None and self.config.calibrate else None
         interp = interpolate_labels(labels, axis=self.axis, spacing=pair.spacing, method=self.config.interpolation,
-                                    image=image, unpainted=unpainted)
+                                    image=image, unpainted=unpainted, flow_cache=cache)
         missing = [v for v in interp.class_values if v not in self.class_values]
         if missing:
             raise DataError(f"label values {missing} are not in this run's class table {self.class_values}")
         class_index = np.array([self.class_values.index(v) for v in interp.class_values], np.int64)
-        scores = np.ascontiguousarray(np.moveaxis(interp.scores, 1 + self.axis, 0))  # (S, K, H, W)
+        # the region's scores only, slice layout, in half precision: signed distances of at most
+        # a plane's size, kept to 0.5 px at 1024 px and finer near the boundary, which decides
+        scores = np.moveaxis(interp.scores, 1 + self.axis, 1).astype(np.float16)  # (K, S, h, w)
+        plane = tuple(n for a, n in enumerate(labels.shape) if a != self.axis)
+        region = (interp.box, plane, interp.sampling, interp.unit)
+        painted, distance = interp.painted, interp.slice_distance.astype(np.float32)
+        del interp
         loo = []
         if self.config.calibrate:
-            loo = leave_one_out(labels, interp.painted, axis=self.axis, spacing=pair.spacing, unpainted=unpainted,
-                                method=self.config.interpolation, image=image)
-        return (scores, class_index, interp.slice_distance.astype(np.float32), calibrate(loo, self.config),
-                len(interp.painted))
+            loo = leave_one_out(labels, painted, axis=self.axis, spacing=pair.spacing, unpainted=unpainted,
+                                method=self.config.interpolation, image=image, flow_cache=cache)
+        return scores, class_index, distance, region, calibrate(loo, self.config), len(painted)
 
     def take_over(self, other: "SlicePrior", pairs: dict[int, int]) -> None:
         """Use ``other``'s fill of its pair ``pairs[p]`` as this prior's pair ``p`` (a pair
         whose image, painted and validation slices did not change: no fill computed again)."""
         for p, q in pairs.items():
             if q in other._volumes:
-                self._volumes[p] = other._volumes[q]
+                self._volumes[p], self._regions[p] = other._volumes[q], other._regions[q]
                 self.calibration[p], self.painted_count[p] = other.calibration[q], other.painted_count[q]
 
     # --- queries ------------------------------------------------------------------------
@@ -369,23 +391,44 @@ class SlicePrior:
     def slice_distance(self, pair_index: int) -> np.ndarray:
         return self._volumes[pair_index][2]
 
+    def scores(self, pair_index: int, start: int, stop: int) -> np.ndarray:
+        """(stop - start, K_prior, H, W) float32: the fill's scores of slices ``[start, stop)``
+        on the whole plane (outside the fill's region extended as
+        :func:`~napari_semicl.data.interpolation.extend_scores` does)."""
+        crop = self._volumes[pair_index][0][:, start:stop].astype(np.float32)
+        box, plane, sampling, unit = self._regions[pair_index]
+        return np.moveaxis(extend_scores(crop, box, plane, sampling, unit), 1, 0)
+
+    def _mask_of(self, pair_index: int, slices) -> np.ndarray:
+        """(N, H, W) network class indices of the fill on ``slices``: the argmax in the
+        region, the background outside it."""
+        crop, class_index, _ = self._volumes[pair_index]
+        (y0, y1), (x0, x1) = self._regions[pair_index][0]
+        slices = np.asarray(slices, int)
+        out = np.full((len(slices), *self._regions[pair_index][1]), class_index[0],
+                      np.min_scalar_type(int(class_index.max())))
+        for i, s in enumerate(slices):
+            out[i, y0:y1, x0:x1] = class_index[np.argmax(crop[:, s], axis=0)]
+        return out
+
     def mask(self, pair_index: int) -> np.ndarray | None:
         """(S, H, W) network class indices of the interpolated shape (slice layout), or None."""
         if pair_index not in self._volumes:
             return None
-        scores, class_index, _ = self._volumes[pair_index]
-        return class_index[np.argmax(scores, axis=1)]
+        return self._mask_of(pair_index, range(self._volumes[pair_index][0].shape[1]))
 
     def dense_targets(self, unlabelled) -> dict[tuple[int, int], np.ndarray]:
-        """Targets of the given unlabelled (pair, slice) items that have a prior."""
+        """Targets (H, W) int16 (:func:`dense_target`'s values) of the given unlabelled (pair,
+        slice) items that have a prior."""
         out = {}
         for p, s in unlabelled:
             if p not in self._volumes:
                 continue
-            scores, class_index, dist = self._volumes[p]
+            _, class_index, dist = self._volumes[p]
             if dist[s] == 0:
                 continue  # a painted slice (never an unlabelled one, but be safe)
-            out[(p, s)] = dense_target(scores[s], class_index, float(dist[s]), self.calibration[p].band_px)
+            target = dense_target(self.scores(p, s, s + 1)[0], class_index, float(dist[s]), self.calibration[p].band_px)
+            out[(p, s)] = target.astype(np.int16)  # a quarter of int64's memory: one per unpainted slice
         return out
 
     def near_slices(self, pair_index: int, within: float = 2.0) -> np.ndarray:
@@ -398,8 +441,8 @@ class SlicePrior:
         ``predicted`` (N, H, W) of ``slices`` and the prior there (1.0 with nothing to compare)."""
         if len(slices) == 0:
             return 1.0
-        scores, class_index, _ = self._volumes[pair_index]
-        mask = class_index[np.argmax(scores[np.asarray(slices)], axis=1)]  # those slices only
+        class_index = self._volumes[pair_index][1]
+        mask = self._mask_of(pair_index, slices)  # those slices only
         background = class_index[0]
         dices = []
         for k in np.unique(mask):
@@ -416,13 +459,13 @@ class SlicePrior:
         if pair_index not in self._volumes or not self.config.fuse:
             return None
         fill_only = self.painted_count[pair_index] < self.config.network_min_painted  # PriorConfig doc
-        scores, class_index, dist = self._volumes[pair_index]
+        _, class_index, dist = self._volumes[pair_index]
         weight = fusion_weight(dist, self.calibration[pair_index].length, self.config.beyond_length)
         n_classes = len(self.class_values)
 
         def fuse(start: int, stop: int, probs: torch.Tensor) -> torch.Tensor:
             device = probs.device
-            s = torch.from_numpy(scores[start:stop]).to(device)
+            s = torch.from_numpy(self.scores(pair_index, start, stop)).to(device)
             d = torch.from_numpy(dist[start:stop]).to(device)
             p_small = prior_probabilities(s, d, self.config.temperature_px)
             p_prior = torch.zeros_like(probs)
