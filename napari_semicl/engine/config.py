@@ -95,6 +95,10 @@ class DataConfig:
     ``patch_depth``: with a 3D network (``model.spatial_dims = 3``), the patch's extent
     along the slicing axis (0: ``patch_size``); patches are (patch_depth, patch_size,
     patch_size), e.g. 80 x 112 x 112 as the seeds' left-atrium V-Nets.
+    ``intensity_augment``: supervised training only: the probability that each labelled crop
+    (after flips and rotation) also gets each of the strong view's intensity changes (gamma,
+    contrast, brightness, blur, noise; no cutout), so that a network trained on a few volumes
+    meets other volumes' contrasts (0: off).
     """
 
     axis: int = 0
@@ -108,6 +112,7 @@ class DataConfig:
     validation_slices: dict[str, list[int]] = field(default_factory=dict)
     context_slices: int = 0
     patch_depth: int = 0
+    intensity_augment: float = 0.0
 
     @property
     def patch_shape(self) -> tuple[int, int, int]:
@@ -120,6 +125,8 @@ class DataConfig:
         if self.patch_size < 16 or self.patch_size % 16:
             raise ConfigError(f"{path}.patch_size must be a multiple of 16 and >= 16, got {self.patch_size}")
         _check_positive(f"{path}.batch_labelled", self.batch_labelled)
+        if not 0 <= self.intensity_augment <= 1:
+            raise ConfigError(f"{path}.intensity_augment must be a probability in [0, 1], got {self.intensity_augment}")
         _check_positive(f"{path}.batch_unlabelled", self.batch_unlabelled, allow_zero=True)
         if self.axis < 0:
             raise ConfigError(f"{path}.axis must be >= 0, got {self.axis}")
