@@ -11,8 +11,10 @@ import threading
 from pathlib import Path
 
 from ..engine import Evaluated, Finished, Notice, StepDone, Trainer, pick_device
+from ..engine.config import set_option
+from ..engine.prior import FUSION_SETTINGS
 from ..engine.trainer import CHECKPOINT_NAME
-from .common import CliError
+from .common import CliError, set_items
 
 log = logging.getLogger("napari_semicl")
 
@@ -68,6 +70,10 @@ def make_trainer(args, cfg, pairs: list, out: Path) -> Trainer:
     if args.iterations is not None or args.minutes is not None:  # the budget flags still apply
         trainer.config.iterations, trainer.config.minutes = cfg.iterations, cfg.minutes
         trainer.config.budget = cfg.budget
+    for key, raw in set_items(args):  # how the mask fuses network and fill is not the network's: it may change
+        section, _, name = key.partition(".")
+        if section == "prior" and name in FUSION_SETTINGS:
+            set_option(trainer.config, key, raw)
     return trainer
 
 

@@ -28,6 +28,9 @@ def arguments(t) -> None:
     t.add_argument("--image", required=True, action="append",
                    help="image file, whole-slide image or folder of tiles (repeat for several pairs)")
     t.add_argument("--labels", action="append", help="painted labels, 0 = unpainted (one per --image)")
+    t.add_argument("--unlabelled", action="append", metavar="IMAGE",
+                   help="an image with nothing painted: unlabelled data for the semi-supervised methods, and its "
+                        "mask predicted at the end (repeatable; with --resume, a cohort's next volumes)")
     add_training_options(t)
     t.add_argument("--unpainted", choices=UNPAINTED_CHOICES,
                    help="unpainted pixels of labelled slices: ignore (scribbles, default) or background")
@@ -151,8 +154,8 @@ def cmd_train(args) -> int:
         from .slides import train_slides
 
         return train_slides(args, build_config(args), out, labels)
-    images = [read_input_image(p) for p in args.image]  # a file, or a folder of tiles as a stack
-    pairs = _pairs(images, labels)
+    images = [read_input_image(p) for p in [*args.image, *(args.unlabelled or [])]]  # a file, or tiles as a stack
+    pairs = _pairs(images, labels)  # those past the --labels given (--unlabelled ones too) have none
     cfg = build_config(args)
     out.mkdir(parents=True, exist_ok=True)
     trainer = make_trainer(args, cfg, pairs, out)

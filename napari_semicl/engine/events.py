@@ -79,8 +79,12 @@ class Evaluated:
 
 @dataclass(frozen=True)
 class DataUpdated:
+    """New snapshots replaced the training data; ``changed``: the pairs that are new or whose
+    image, labels or validation slices changed (their masks follow at once as previews)."""
+
     step: int
     summary: dict
+    changed: tuple = ()
 
 
 @dataclass(frozen=True)

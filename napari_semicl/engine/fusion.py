@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -26,17 +27,32 @@ from .prior import SlicePrior
 log = logging.getLogger(__name__)
 
 
-def build_prior(pairs, dataset, cfg, notices: list) -> SlicePrior | None:
+def build_prior(pairs, dataset, cfg, notices: list, previous=None) -> SlicePrior | None:
     """The painted-slice prior of ``dataset`` (``cfg`` is ``config.prior``), or None.
 
     Volumes without one (scribbles, 2D images) are named in a notice (appended to
-    ``notices``, with a summary); training goes on without a prior for them. In
-    ``'targets'`` mode the dataset's dense targets are set here."""
+    ``notices``, with a summary); training goes on without a prior for them. A volume with
+    nothing painted yet (one just opened, a cohort's next volume) is said to get the
+    network's mask. ``previous``: (pairs, prior) of the last build, whose fills are kept for
+    the pairs that did not change (:func:`same_annotation`). In ``'targets'`` mode the
+    dataset's dense targets are set here."""
     if not cfg.active or isinstance(dataset, TileDataset):
         return None
     t0 = time.perf_counter()
-    prior = SlicePrior(pairs, dataset, cfg)
+    kept: dict[int, int] = {}
+    if previous is not None and previous[1] is not None:
+        old_pairs, old_prior = previous
+        kept = {p: p for p, pair in enumerate(pairs)
+                if p < len(old_pairs) and p in old_prior and same_annotation(old_pairs[p], pair)}
+    unpainted = {p for p, pair in enumerate(pairs) if pair.labels is not None and not np.any(pair.labels)}
+    # those the prior skips (no labels): kept ones are taken over, unpainted ones have none
+    prior = SlicePrior([replace(pair, labels=None) if p in kept or p in unpainted else pair
+                        for p, pair in enumerate(pairs)], dataset, cfg)
+    if kept:
+        prior.take_over(previous[1], kept)
     notices.extend(Notice("warning", note) for note in prior.notes)
+    notices.extend(Notice("info", f"'{pairs[p].name}': nothing painted yet, its mask is the network's prediction")
+                   for p in sorted(unpainted))
     if not any(p in prior for p in range(len(pairs))):
         return None
     if cfg.mode == "targets":
@@ -56,6 +72,16 @@ def build_prior(pairs, dataset, cfg, notices: list) -> SlicePrior | None:
     return prior
 
 
+def same_annotation(a, b) -> bool:
+    """Whether two snapshots of a pair hold the same image, labels and validation slices."""
+    if (a.image.shape != b.image.shape or tuple(a.validation_slices) != tuple(b.validation_slices)
+            or a.spacing != b.spacing or a.rgb != b.rgb or (a.labels is None) != (b.labels is None)):
+        return False
+    if a.labels is not None and not np.array_equal(a.labels, b.labels):
+        return False
+    return a.image is b.image or np.array_equal(a.image, b.image)
+
+
 def to_pair_layout(arr: np.ndarray, pair, axis: int) -> np.ndarray:
     """A (S, H, W) array in slice layout back in the pair's own layout."""
     if len(pair.spatial_shape) == 2:
@@ -72,6 +98,7 @@ class PairPredictions:
     def __init__(self, trainer) -> None:
         self.trainer = trainer
         self._prior: SlicePrior | None = None
+        self._built_from: list = []  # the pairs the prior was built from
         self._stale = True
         #: (step, pair) -> the network's agreement with the prior: measured once per step, for
         #: the refresh's previews and its validation alike (cleared when the prior is rebuilt)
@@ -85,7 +112,9 @@ class PairPredictions:
     def prior(self) -> SlicePrior | None:
         if self._stale:
             t = self.trainer
-            self._prior = build_prior(t.pairs, t.dataset, t.config.prior, t._notices)
+            self._prior = build_prior(t.pairs, t.dataset, t.config.prior, t._notices,
+                                      previous=(self._built_from, self._prior))
+            self._built_from = list(t.pairs)
             self._stale = False
             self.agreements.clear()
         return self._prior

@@ -52,6 +52,9 @@ from ..models.ops import normalised_entropy
 log = logging.getLogger(__name__)
 
 PRIOR_MODES = ("off", "targets")
+#: the PriorConfig fields that only change how a mask fuses network and fill (a resumed run may change them)
+FUSION_SETTINGS = ("fuse", "confidence_length", "temperature_px", "agreement_power", "network_min_painted",
+                   "beyond_length")
 #: the fills of data.interpolation, the default first (docs/benchmarks.md: flow measured better)
 INTERPOLATION_CHOICES = ("flow", *(m for m in INTERPOLATION_METHODS if m != "flow"))
 
@@ -88,6 +91,11 @@ class PriorConfig:
         fill with the network (left atrium, slices inside the structure, 4 volumes) and +0.000
         with the tips painted (2 volumes; the agreement gate kept the fill); with the earlier 3 px
         fall-off the tips case had cost 0.06 (docs/benchmarks.md). One painted slice gets the fill.
+    beyond_length : float or None
+        Slices: the prior's confidence length past the outermost painted slices, where the
+        fill is an extrapolation (``None``: ``confidence_length`` there too). A network that
+        learnt the anatomy from other volumes (a cohort) is worth more there than the fill's
+        shrinking copy of the last painted slice.
     calibrate : bool
         With three painted slices or more, measure the interpolation on the volume itself
         (:func:`leave_one_out`) and set the band (pixels per slice) from it instead of
@@ -104,6 +112,7 @@ class PriorConfig:
     temperature_px: float = 2.0
     agreement_power: float = 8.0
     network_min_painted: int = 2
+    beyond_length: float | None = None
     calibrate: bool = True
 
     def validate(self, path: str = "prior") -> None:
@@ -117,6 +126,8 @@ class PriorConfig:
             raise ConfigError(f"{path}.network_min_painted must be >= 0, got {self.network_min_painted}")
         if not self.agreement_power >= 0:
             raise ConfigError(f"{path}.agreement_power must be >= 0, got {self.agreement_power}")
+        if self.beyond_length is not None and not self.beyond_length > 0:
+            raise ConfigError(f"{path}.beyond_length must be > 0 (or null), got {self.beyond_length}")
         for name in ("boundary_px", "confidence_length", "temperature_px"):
             value = getattr(self, name)
             if not value >= 0 or (name != "boundary_px" and value == 0):
@@ -137,6 +148,20 @@ def dense_share(config: PriorConfig, fraction: float) -> float:
 def prior_weight(slice_distance: np.ndarray, length: float) -> np.ndarray:
     """c(d) = exp(-d / length): 1 on painted slices, falling with the distance to them."""
     return np.exp(-np.asarray(slice_distance, np.float32) / np.float32(length)).astype(np.float32)
+
+
+def fusion_weight(slice_distance: np.ndarray, length: float, beyond_length: float | None = None) -> np.ndarray:
+    """c(d) of every slice: :func:`prior_weight` between the painted slices, and with
+    ``beyond_length`` (slices) instead of ``length`` past the outermost painted ones."""
+    dist = np.asarray(slice_distance, np.float32)
+    weight = prior_weight(dist, length)
+    painted = np.flatnonzero(dist == 0)
+    if beyond_length is None or len(painted) == 0:
+        return weight
+    index = np.arange(len(dist))
+    beyond = (index < painted[0]) | (index > painted[-1])
+    weight[beyond] = prior_weight(dist[beyond], beyond_length)
+    return weight
 
 
 def prior_probabilities(scores: torch.Tensor, slice_distance: torch.Tensor, temperature_px: float) -> torch.Tensor:
@@ -329,6 +354,14 @@ class SlicePrior:
         return (scores, class_index, interp.slice_distance.astype(np.float32), calibrate(loo, self.config),
                 len(interp.painted))
 
+    def take_over(self, other: "SlicePrior", pairs: dict[int, int]) -> None:
+        """Use ``other``'s fill of its pair ``pairs[p]`` as this prior's pair ``p`` (a pair
+        whose image, painted and validation slices did not change: no fill computed again)."""
+        for p, q in pairs.items():
+            if q in other._volumes:
+                self._volumes[p] = other._volumes[q]
+                self.calibration[p], self.painted_count[p] = other.calibration[q], other.painted_count[q]
+
     # --- queries ------------------------------------------------------------------------
     def __contains__(self, pair_index: int) -> bool:
         return pair_index in self._volumes
@@ -384,7 +417,7 @@ class SlicePrior:
             return None
         fill_only = self.painted_count[pair_index] < self.config.network_min_painted  # PriorConfig doc
         scores, class_index, dist = self._volumes[pair_index]
-        weight = prior_weight(dist, self.calibration[pair_index].length)
+        weight = fusion_weight(dist, self.calibration[pair_index].length, self.config.beyond_length)
         n_classes = len(self.class_values)
 
         def fuse(start: int, stop: int, probs: torch.Tensor) -> torch.Tensor:

@@ -43,12 +43,13 @@ def refresh(trainer, steps) -> list:
     return events
 
 
-def volume_previews(trainer) -> list:
-    """The mask (network fused with the prior) and the entropy of every training pair."""
+def volume_previews(trainer, pairs=None) -> list:
+    """The mask (network fused with the prior) and the entropy of every training pair (of
+    the pair indices ``pairs``)."""
     events: list = []
     notes: list[str] = []
     predictions = trainer.predictions
-    for p_idx in range(len(trainer.dataset.images)):
+    for p_idx in range(len(trainer.dataset.images)) if pairs is None else pairs:
         idx, ent = predictions.pair_classes(p_idx, with_entropy=True, notes=notes)
         events.append(Preview(trainer.step, "prediction", p_idx, predictions.labels(idx, p_idx)))
         events.append(Preview(trainer.step, "entropy", p_idx, predictions.in_pair_layout(ent, p_idx)))

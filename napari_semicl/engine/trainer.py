@@ -34,6 +34,7 @@ import copy
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Generator
 
@@ -52,7 +53,7 @@ from .device import describe_device, pick_device, set_threads
 from .precision import MixedPrecision
 from .distributed import setup as setup_distributed
 from .events import Analysed, DataUpdated, Finished, Notice, Preview, Reviewed, Started, StepDone
-from .fusion import PairPredictions
+from .fusion import PairPredictions, same_annotation
 from .inference import Prediction, is_out_of_memory, predict_volume
 from .memory import fit_training_memory
 from .persistence import (
@@ -215,8 +216,12 @@ class Trainer:
 
     def replace_data(self, pairs) -> DataUpdated:
         """New annotation snapshots replace the training data (the class table is kept);
-        weights, optimiser and step go on. The prior is rebuilt at its next use."""
-        pairs = list(pairs)
+        weights, optimiser and step go on: a volume joins a running cohort (with nothing
+        painted it is unlabelled data, and its mask the network's; with painted slices, the
+        network fused with their fill). The prior is rebuilt at its next use, its fills kept
+        for the pairs that did not change."""
+        pairs, old = list(pairs), self.pairs
+        changed = tuple(p for p, pair in enumerate(pairs) if p >= len(old) or not same_annotation(old[p], pair))
         dataset = make_dataset(pairs, copy.deepcopy(self.config.data), self.config.wsi,  # class table kept
                                spatial_dims=self.config.model.spatial_dims)
         self.pairs, self.dataset = pairs, dataset
@@ -228,7 +233,7 @@ class Trainer:
                 f"label values {sorted(dataset.unknown_values)} are not in the class table "
                 f"{dataset.class_values} of this run and are ignored: press Train (not Resume) to learn them",
             ))
-        return DataUpdated(self.step, dataset.summary())
+        return DataUpdated(self.step, dataset.summary(), changed)
 
     # --- the step ------------------------------------------------------------------------------
     def _lr(self, fraction: float) -> float:
@@ -331,6 +336,10 @@ class Trainer:
                 update = self._apply_pending()
                 if update is not None:
                     yield from self._emit(update)
+                    if previews and update.changed and not isinstance(self.dataset, TileDataset):
+                        # the mask of a new or repainted pair at once, not at the next refresh
+                        for event in _refresh.refresh(self, [partial(_refresh.volume_previews, pairs=update.changed)]):
+                            yield from self._emit(event)
                     yield from self._emit_notices()
                 reviewed = self._apply_review()
                 if reviewed is not None:
