@@ -94,8 +94,12 @@ def test_the_next_volume_joins_a_running_cohort(make_napari_viewer, qtbot, tmp_p
         np.testing.assert_array_equal(fused[s], ref["C"][s])
     assert np.count_nonzero(trainer.pairs[2].labels) == np.count_nonzero(ref["C"][NEW_PAINTED])
     if os.environ.get("SEMICL_SCREENSHOTS"):  # for a person to look at
+        for layer in viewer.layers:  # C and its mask in view, at an unpainted slice
+            layer.visible = layer.name in ("C", "C prediction", "C labels")
         viewer.layers.selection.active = viewer.layers["C prediction"]
+        viewer.reset_view()
         viewer.dims.set_point(0, float(NEW_PAINTED[0] + 4) * image.scale[0])
+        qtbot.wait(200)
         from imageio import imwrite
 
         imwrite(Path(os.environ["SEMICL_SCREENSHOTS"]) / "cohort_next_volume.png",
@@ -110,6 +114,19 @@ def test_the_next_volume_joins_a_running_cohort(make_napari_viewer, qtbot, tmp_p
     assert steps == sorted(steps) and len(set(steps)) == len(steps) and steps[0] == 1  # never back to 0
     assert finished.step == steps[-1] > update.step
     assert all(not isinstance(e, DataUpdated) or e.step > 0 for e in events)
+
+    # one more volume after Stop: it joins at Resume (same network, the step goes on)
+    viewer.add_image(image.data[CROPS["A"]].copy() * 0.9, name="D", scale=image.scale)
+    train.pairs_view.add_pair_button.click()
+    assert train.rows[-1].image_combo.currentText() == "D"
+    since = len(events)
+    assert train.resume_training()
+    qtbot.waitUntil(lambda: bool(predictions_of(events, 3, since)), timeout=60_000)
+    train.stop_training()
+    qtbot.waitUntil(lambda: isinstance(events[-1], Finished) and not train.is_training, timeout=60_000)
+    assert train.trainer is trainer and len(trainer.pairs) == 4 and trainer.pairs[3].labels is None
+    assert [e.step for e in events[since:] if isinstance(e, StepDone)][0] == finished.step + 1
+    assert viewer.layers["D prediction"].data.shape == ref["A"].shape
 
 
 def test_merge_pairs_appends_new_images_and_takes_a_labels_layer_made_for_one():
