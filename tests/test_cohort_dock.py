@@ -147,4 +147,45 @@ def test_join_problem_names_an_image_the_run_cannot_take():
     assert "not a volume" in join_problem([volume], AnnotatedPair(np.zeros((8, 8), np.float32), None, name="s"),
                                           spatial_dims=3)
     rgb = AnnotatedPair(np.zeros((4, 8, 8, 3), np.float32), None, rgb=True, name="colour")
-    assert "'colour' has 3 channel(s)" in join_problem([volume], rgb)
+    assert "it has 3 channel(s) but this run's images have 1" in join_problem([volume], rgb)
+
+
+def test_an_image_the_run_cannot_take_is_named_and_training_goes_on(make_napari_viewer, qtbot, tmp_path,
+                                                                    small_network, monkeypatch):
+    import napari_semicl.widgets.train.controller as controller_module
+
+    warnings: list[str] = []
+    monkeypatch.setattr(controller_module.notifications, "show_warning", warnings.append)
+    viewer = make_napari_viewer()
+    image, reference = load_sample_volume()
+    crop = CROPS["B"]
+    viewer.add_image(image.data[crop].copy(), name="B", scale=image.scale)
+    viewer.add_labels(reveal_slices(reference.data[crop], PAINTED, 0).astype(np.uint16), name="B painted",
+                      scale=image.scale)
+    _, train = viewer.window.add_plugin_dock_widget("napari-semicl", "Train (semi-supervised)")
+    small_network(train)
+    train.set_pair(0, viewer.layers["B"], viewer.layers["B painted"])
+    train.background_check.setChecked(True)
+    train.prior_controls.interpolation_combo.setCurrentText("sdf")
+    train.iterations_spin.setValue(100_000)
+    train.patch_spin.setValue(32)
+    train.refresh_spin.setValue(5)
+    train.run_folder_edit.setText(str(tmp_path / "run"))
+    events: list = []
+    train.event_received.connect(events.append)
+    assert train.start_training()
+    trainer = train.trainer
+    qtbot.waitUntil(lambda: trainer.step >= 3, timeout=120_000)
+    grey = image.data[crop]
+    viewer.add_image(np.stack([grey] * 3, axis=-1), name="colour", rgb=True)
+    train.pairs_view.add_pair_button.click()
+    assert train.rows[-1].image_combo.currentText() == "colour"
+    assert warnings == ["'colour' does not join the run: it has 3 channel(s) but this run's images have 1: "
+                        "press Stop, then Train for a new run with it"]
+    assert len(train.run_layers) == 1
+    step = trainer.step
+    qtbot.waitUntil(lambda: len(predictions_of(events, 0)) >= 3 and trainer.step > step + 5, timeout=60_000)
+    assert len(warnings) == 1 and len(trainer.pairs) == 1 and train.is_training  # said once; the run goes on
+    train.stop_training()
+    qtbot.waitUntil(lambda: not train.is_training, timeout=60_000)
+    assert [e.reason for e in events if isinstance(e, Finished)] == ["stopped"]

@@ -185,16 +185,16 @@ def merge_pairs(run_layers: list, chosen: list, same) -> tuple[list, list[int]]:
 
 
 def join_problem(pairs: list, new, spatial_dims: int = 2) -> str | None:
-    """Why the snapshot ``new`` cannot join a run on ``pairs`` (None when it can): one
+    """Why the snapshot ``new`` cannot join a run on ``pairs`` ('it ...'; None when it can): one
     network takes images of the same channels (grey or RGB), and a 3D network
     (``spatial_dims`` 3) volumes only. Checked before the trainer gets it: its thread would
     stop the run with the error."""
     if not pairs or not hasattr(new, "spatial_shape") or not hasattr(pairs[0], "spatial_shape"):
         return None  # slides: the engine decides
     if spatial_dims == 3 and len(new.spatial_shape) != 3:
-        return f"'{new.name}' is not a volume and this run trains a 3D network: press Stop, then Train for a new run"
+        return "it is not a volume and this run trains a 3D network: press Stop, then Train for a new run with it"
     if _channels(new) != _channels(pairs[0]):
-        return (f"'{new.name}' has {_channels(new)} channel(s) but this run's images have {_channels(pairs[0])}: "
+        return (f"it has {_channels(new)} channel(s) but this run's images have {_channels(pairs[0])}: "
                 "press Stop, then Train for a new run with it")
     return None
 
