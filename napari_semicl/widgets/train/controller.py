@@ -60,17 +60,21 @@ class RunController(QWidget):
         ``began(trainer)``: a new trainer is about to start (the class table shows its classes).
     status : callable
         ``status(text)``; ``starting(device text)``: the presenter's lines.
+    joined : callable, optional
+        ``joined(images)``: image layers that joined the run (their output layers are made
+        then, on the user's click, not at their first preview).
     """
 
     def __init__(self, viewer, run: TrainRun, *, build_config: Callable, snapshot: Callable,
                  chosen_layers: Callable, budget: Callable[[], dict], run_folder: Callable[[], str],
                  validation_of: Callable, active_pair: Callable, began: Callable, status: Callable,
-                 starting: Callable, parent: QWidget | None = None) -> None:
+                 starting: Callable, joined: Callable | None = None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer, self.run = viewer, run
         self._build_config, self._snapshot, self._chosen_layers = build_config, snapshot, chosen_layers
         self._budget, self._run_folder_text, self._validation_of = budget, run_folder, validation_of
         self._active_pair, self._began, self._status, self._starting = active_pair, began, status, starting
+        self._joined = joined
         #: torch CPU threads while training (all cores but one, so the Qt thread keeps one)
         self.num_threads = gui_thread_count()
         self._finished_slot = None  # the running worker's 'finished' handler
@@ -261,6 +265,8 @@ class RunController(QWidget):
             changed = True
         self.run.run_layers = layers
         if len(layers) > known:
+            if self._joined is not None:
+                self._joined([image for image, _ in layers[known:]])
             joined = ", ".join(f"'{image.name}'" for image, _ in layers[known:])
             self._status(f"{joined} joined the run at step {trainer.step}"
                          + (": the network's mask follows" if self.run.running else ": it trains at Resume"))

@@ -93,6 +93,7 @@ class TrainWidget(QWidget):
             budget=self.form.budget, run_folder=self.form.run_folder_text,
             validation_of=self.validation_box.slices_of, active_pair=self.pairs_view.active_pair,
             began=self._on_began, status=self._set_status, starting=self.presenter.starting,
+            joined=lambda images: self.presenter.prepare_output_layers(self.run.trainer, images),
         )
         run.run_starting.connect(self._on_run_starting)  # after the presenter made its layers
         run.event_received.connect(self._on_run_event)
