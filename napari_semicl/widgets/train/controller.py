@@ -26,7 +26,7 @@ from ...errors import SemiclError
 from .. import _layers
 from .._worker import start_training_worker
 from .form import DEFAULT_RUNS_ROOT
-from .model import TrainRun, apply_budget
+from .model import TrainRun, apply_budget, join_problem
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +60,25 @@ class RunController(QWidget):
         ``began(trainer)``: a new trainer is about to start (the class table shows its classes).
     status : callable
         ``status(text)``; ``starting(device text)``: the presenter's lines.
+    joined : callable, optional
+        ``joined(images)``: image layers that joined the run (their output layers are made
+        then, on the user's click, not at their first preview).
     """
 
     def __init__(self, viewer, run: TrainRun, *, build_config: Callable, snapshot: Callable,
                  chosen_layers: Callable, budget: Callable[[], dict], run_folder: Callable[[], str],
                  validation_of: Callable, active_pair: Callable, began: Callable, status: Callable,
-                 starting: Callable, parent: QWidget | None = None) -> None:
+                 starting: Callable, joined: Callable | None = None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer, self.run = viewer, run
         self._build_config, self._snapshot, self._chosen_layers = build_config, snapshot, chosen_layers
         self._budget, self._run_folder_text, self._validation_of = budget, run_folder, validation_of
         self._active_pair, self._began, self._status, self._starting = active_pair, began, status, starting
+        self._joined = joined
         #: torch CPU threads while training (all cores but one, so the Qt thread keeps one)
         self.num_threads = gui_thread_count()
         self._finished_slot = None  # the running worker's 'finished' handler
+        self._refused: dict[str, str] = {}  # image layer key -> why it cannot join the run
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         self.device_label = QLabel(f"Device: {describe_device(pick_device(), self.num_threads)}")
@@ -224,16 +229,47 @@ class RunController(QWidget):
 
     # --- during a run ------------------------------------------------------------------------
     def submit_snapshot(self, force: bool = False) -> bool:
-        """Hand the trainer fresh copies of the labels (and validation slices) if changed."""
+        """Hand the trainer fresh copies of the labels (and validation slices) if changed.
+
+        Pairs chosen in the dock since the run began join it (a cohort's next volume: with
+        no labels layer it is unlabelled data and its mask the network's at once; a labels
+        layer created for it afterwards takes over); the trainer goes on from its weights."""
         trainer = self.run.trainer
         if trainer is None:
             return False
-        pairs, changed = [], False
-        for pair, (image, labels) in zip(trainer.pairs, self.run.run_layers):
+        known = len(self.run.run_layers)
+        self.run.join(self._chosen_layers(), _layers.same_layer)
+        pairs, layers, changed = [], [], False
+        for index, (image, labels) in enumerate(self.run.run_layers):
             alive_labels = labels if labels is not None and labels in self.viewer.layers else None
-            new = _layers.refresh_pair(pair, alive_labels, self._validation_of(image))
-            changed |= new is not None
-            pairs.append(new if new is not None else pair)
+            if index < len(trainer.pairs):
+                new = _layers.refresh_pair(trainer.pairs[index], alive_labels, self._validation_of(image))
+                changed |= new is not None
+                pairs.append(new if new is not None else trainer.pairs[index])
+                layers.append((image, labels))
+                continue
+            try:
+                new = _layers.snapshot_pair(image, alive_labels, validation_slices=self._validation_of(image),
+                                            wsi=trainer.config.wsi)
+                problem = join_problem(pairs, new, trainer.config.model.spatial_dims)
+            except USER_ERRORS as exc:
+                problem = str(exc)
+            if problem is not None:  # said once per image and reason; it may join once fixed
+                if self._refused.get(_layers.layer_key(image)) != problem:
+                    notifications.show_warning(f"'{image.name}' does not join the run: {problem}")
+                self._refused[_layers.layer_key(image)] = problem
+                continue
+            self._refused.pop(_layers.layer_key(image), None)
+            pairs.append(new)
+            layers.append((image, labels))
+            changed = True
+        self.run.run_layers = layers
+        if len(layers) > known:
+            if self._joined is not None:
+                self._joined([image for image, _ in layers[known:]])
+            joined = ", ".join(f"'{image.name}'" for image, _ in layers[known:])
+            self._status(f"{joined} joined the run at step {trainer.step}"
+                         + (": the network's mask follows" if self.run.running else ": it trains at Resume"))
         if changed or force:
             trainer.submit_data(pairs)
         return changed

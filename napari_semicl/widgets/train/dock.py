@@ -93,10 +93,12 @@ class TrainWidget(QWidget):
             budget=self.form.budget, run_folder=self.form.run_folder_text,
             validation_of=self.validation_box.slices_of, active_pair=self.pairs_view.active_pair,
             began=self._on_began, status=self._set_status, starting=self.presenter.starting,
+            joined=lambda images: self.presenter.prepare_output_layers(self.run.trainer, images),
         )
         run.run_starting.connect(self._on_run_starting)  # after the presenter made its layers
         run.event_received.connect(self._on_run_event)
         self.pairs_view.images_changed.connect(self._update_network_choice)
+        self.pairs_view.pairs_changed.connect(self._on_pairs_changed)
         for signal in (self.form.iterations_spin.valueChanged, self.form.minutes_spin.valueChanged,
                        self.form.budget_combo.currentTextChanged):
             signal.connect(self._update_resume_text)
@@ -281,6 +283,12 @@ class TrainWidget(QWidget):
 
     def _on_run_event(self, event) -> None:
         self.event_received.emit(event)
+
+    def _on_pairs_changed(self) -> None:
+        """While training runs, a pair added (a cohort's next volume) or given a labels layer
+        joins the run at once: its mask is drawn before the next step."""
+        if self.run.running and not self.run.stopping:
+            self.controller.submit_snapshot()
 
     def _on_refreshed(self) -> None:
         self.controller.refreshed()

@@ -96,6 +96,16 @@ class TrainRun:
         self.worker, self.control = None, None
         self._set_state(False, False)
 
+    def join(self, chosen: list, same) -> list[int]:
+        """The dock's chosen pairs (``chosen``: [(image, labels or None)]) become the run's:
+        the run's pairs keep their order (the trainer's pair indices, its previews' too), an
+        image not yet in the run is appended (a cohort's next volume, while training runs or
+        before Resume) and a run image without labels takes the labels layer chosen for it
+        since (one created to paint it). An image the dock no longer offers stays in the run. ``same(a,
+        b)``: whether two layers are the same. Returns the indices of the pairs appended."""
+        self.run_layers, added = merge_pairs(self.run_layers, chosen, same)
+        return added
+
     def set_idle(self) -> None:
         self._set_state(False, False)
 
@@ -158,6 +168,39 @@ class TrainRun:
         if self.trainer is not None:
             self.trainer.config.data.class_names = {str(v): n for v, n in names.items() if n}
         return names
+
+
+def merge_pairs(run_layers: list, chosen: list, same) -> tuple[list, list[int]]:
+    """:meth:`TrainRun.join` as a function: (the merged pairs, the indices appended)."""
+    merged = list(run_layers)
+    added = []
+    for image, labels in chosen:
+        index = next((i for i, (im, _) in enumerate(merged) if same(im, image)), None)
+        if index is None:
+            added.append(len(merged))
+            merged.append((image, labels))
+        elif labels is not None and merged[index][1] is None:  # a labels layer made for it
+            merged[index] = (merged[index][0], labels)
+    return merged, added
+
+
+def join_problem(pairs: list, new, spatial_dims: int = 2) -> str | None:
+    """Why the snapshot ``new`` cannot join a run on ``pairs`` ('it ...'; None when it can): one
+    network takes images of the same channels (grey or RGB), and a 3D network
+    (``spatial_dims`` 3) volumes only. Checked before the trainer gets it: its thread would
+    stop the run with the error."""
+    if not pairs or not hasattr(new, "spatial_shape") or not hasattr(pairs[0], "spatial_shape"):
+        return None  # slides: the engine decides
+    if spatial_dims == 3 and len(new.spatial_shape) != 3:
+        return "it is not a volume and this run trains a 3D network: press Stop, then Train for a new run with it"
+    if _channels(new) != _channels(pairs[0]):
+        return (f"it has {_channels(new)} channel(s) but this run's images have {_channels(pairs[0])}: "
+                "press Stop, then Train for a new run with it")
+    return None
+
+
+def _channels(pair) -> int:
+    return int(pair.image.shape[-1]) if pair.rgb else 1
 
 
 def apply_budget(cfg, *, iterations: int, minutes: float, budget: str, refresh_every: int) -> None:

@@ -63,9 +63,13 @@ class PairsView(QGroupBox):
     -------
     images_changed()
         A row's image changed, or rows were refilled (the form offers 3D patches for volumes).
+    pairs_changed()
+        The user changed the pairs: added or removed a row, picked another image or labels
+        layer, or made a labels layer for a row (a running trainer gets them at once).
     """
 
     images_changed = Signal()
+    pairs_changed = Signal()
 
     def __init__(self, viewer, parent: QWidget | None = None) -> None:
         super().__init__("Image / labels pairs", parent)
@@ -86,6 +90,7 @@ class PairsView(QGroupBox):
         row.remove_button.clicked.connect(functools.partial(self._on_remove_pair_clicked, row))
         row.new_labels_button.clicked.connect(functools.partial(self._on_new_labels_clicked, row))
         row.image_combo.currentTextChanged.connect(functools.partial(self._on_image_changed, row))
+        row.labels_combo.activated.connect(self._on_labels_picked)
         self.rows.append(row)
         self._rows_layout.addWidget(row)
         taken = {r.image_combo.currentText() for r in self.rows[:-1]}
@@ -199,9 +204,14 @@ class PairsView(QGroupBox):
     def _on_image_changed(self, row: PairRow, _text: str = "") -> None:
         self._fill_labels_combo(row)
         self.images_changed.emit()
+        self.pairs_changed.emit()
+
+    def _on_labels_picked(self, _index: int) -> None:
+        self.pairs_changed.emit()
 
     def _on_add_pair_clicked(self) -> None:
         self.add_pair()
+        self.pairs_changed.emit()
 
     def _on_remove_pair_clicked(self, row: PairRow) -> None:
         if len(self.rows) <= 1:
@@ -210,6 +220,7 @@ class PairsView(QGroupBox):
         row.setParent(None)
         row.deleteLater()
         self.enable_remove(True)
+        self.pairs_changed.emit()
 
     def _on_new_labels_clicked(self, row: PairRow) -> None:
         image = self.layer(row.image_combo.currentText(), Image)
@@ -222,3 +233,4 @@ class PairsView(QGroupBox):
             notifications.show_error(str(exc))
             return
         self._fill_labels_combo(row, prefer=layer.name)
+        self.pairs_changed.emit()

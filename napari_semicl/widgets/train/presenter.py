@@ -71,9 +71,10 @@ class RunPresenter(QWidget):
         self.prepare_output_layers(trainer)
         self.dice_label.setText("Validation Dice: mark a painted slice for validation to see it")
 
-    def prepare_output_layers(self, trainer) -> None:
+    def prepare_output_layers(self, trainer, images=None) -> None:
         """Create the prediction/entropy layers and the method's review layers (patch
-        entropy, sampled pixels) now, empty, not in the middle of training.
+        entropy, sampled pixels) now, empty, not in the middle of training (of the run's
+        images, or of ``images``: those that just joined the run).
 
         Adding a layer costs napari a noticeable pause (visuals, shaders, layer controls:
         0.1-1 s measured by ``bench ui``); paying it when Train is pressed keeps the viewer
@@ -84,7 +85,7 @@ class RunPresenter(QWidget):
         dtype = decoded_dtype(trainer.dataset.class_values)
         wanted = set(getattr(trainer.method, "review_layers", ()))
         axis, k = trainer.config.data.axis, len(trainer.dataset.class_values)
-        for image, _ in self.run.run_layers:
+        for image in [image for image, _ in self.run.run_layers] if images is None else images:
             if image.multiscale:
                 continue  # a slide: its prediction pyramid arrives with the first refresh
             shape = _layers.spatial_shape(image)
