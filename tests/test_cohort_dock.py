@@ -194,3 +194,12 @@ def test_an_image_the_run_cannot_take_is_named_and_training_goes_on(make_napari_
     train.stop_training()
     qtbot.waitUntil(lambda: not train.is_training, timeout=60_000)
     assert [e.reason for e in events if isinstance(e, Finished)] == ["stopped"]
+
+
+def test_the_intensity_augmentation_control_sets_the_config(make_napari_viewer):
+    """Advanced > Intensity augmentation (issue 26: a cohort meets other volumes' contrasts)."""
+    viewer = make_napari_viewer()
+    _, train = viewer.window.add_plugin_dock_widget("napari-semicl", "Train (semi-supervised)")
+    assert train.build_config().data.intensity_augment == 0.0
+    train.intensity_spin.setValue(0.8)
+    assert train.build_config().data.intensity_augment == pytest.approx(0.8)
