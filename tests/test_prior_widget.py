@@ -71,6 +71,37 @@ def test_fill_between_slices_shows_the_interpolation_before_training(make_napari
     assert not train.is_training
 
 
+@pytest.mark.parametrize("axis", [1, 2])
+def test_fill_between_slices_on_the_docks_slicing_axis_1_and_2(make_napari_viewer, qtbot, axis):
+    """Issue 27: the same discs painted across axis 1 or 2 (the dock's Slicing axis) give the
+    same fill as axis 0 on the transposed volume (the flow fill failed there before)."""
+    depth, size = 9, 40
+    yy, xx = np.mgrid[:size, :size]
+    radius = np.hypot(yy - 19.5, xx - 19.5)
+    texture = np.random.default_rng(0).random((size, size))
+    image0 = np.repeat((texture + (radius < 13))[None], depth, axis=0).astype(np.float32)
+    painted0 = np.zeros((depth, size, size), np.uint16)
+    painted0[2] = radius <= 5
+    painted0[6] = radius <= 10
+    fills = {}
+    for a in (0, axis):
+        viewer = make_napari_viewer()
+        viewer.add_image(np.moveaxis(image0, 0, a).copy(), name="disc")
+        viewer.add_labels(np.moveaxis(painted0, 0, a).copy(), name="painted")
+        _, train = viewer.window.add_plugin_dock_widget("napari-semicl", "Train (semi-supervised)")
+        train.set_pair(0, viewer.layers["disc"], viewer.layers["painted"])
+        train.background_check.setChecked(True)
+        train.axis_spin.setValue(a)
+        train.prior_controls.fill_button.click()
+        qtbot.waitUntil(lambda: not train.prior_controls.busy, timeout=20_000)
+        assert "slices filled between 2 painted slices" in train.status_label.text(), train.status_label.text()
+        fills[a] = viewer.layers["disc prediction"].data.copy()
+    assert fills[axis].shape == np.moveaxis(painted0, 0, axis).shape
+    np.testing.assert_array_equal(fills[axis], np.moveaxis(fills[0], 0, axis))
+    middle = np.take(fills[axis], 4, axis=axis)  # radius 7.5 halfway between 5 and 10
+    assert (middle[radius <= 6.5] == 1).all() and (middle[radius >= 8.5] == 0).all()
+
+
 def test_scribbles_are_refused_with_a_message(dock, qtbot):
     viewer, img, ref, train = dock
     train.background_check.setChecked(False)  # 0 = unpainted: painted slices are scribbles
