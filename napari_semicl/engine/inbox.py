@@ -31,6 +31,20 @@ from .review import padded_slice, run_analysis
 log = logging.getLogger(__name__)
 
 
+
+def dispatch(message, target) -> None:
+    """Turn a message sent into a training generator (:class:`Stop`, :class:`UpdateData`,
+    :class:`ReviewSlice`; None: nothing was sent) into the call on ``target`` that asks for
+    it: ``request_stop()``, ``submit_data(pairs)`` or ``request_review(pair, slice)``. The
+    inbox and a distributed run (engine.launch) both take messages this way."""
+    if isinstance(message, Stop):
+        target.request_stop()
+    elif isinstance(message, UpdateData):
+        target.submit_data(message.pairs)
+    elif isinstance(message, ReviewSlice):
+        target.request_review(message.pair_index, message.slice_index)
+
+
 class Inbox:
     """Thread-safe holder of the requests a training loop serves between steps."""
 
@@ -66,12 +80,7 @@ class Inbox:
 
     def handle(self, message) -> None:
         """A message sent into the trainer's generator (None: nothing was sent)."""
-        if isinstance(message, Stop):
-            self.request_stop()
-        elif isinstance(message, UpdateData):
-            self.submit_data(message.pairs)
-        elif isinstance(message, ReviewSlice):
-            self.request_review(message.pair_index, message.slice_index)
+        dispatch(message, self)
 
     # --- taken by the loop -----------------------------------------------------------------
     def take_pairs(self) -> list | None:

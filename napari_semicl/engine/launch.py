@@ -51,7 +51,8 @@ from ..io import atomic_path
 from ..methods import get_method
 from . import events as events_module
 from .config import TrainConfig
-from .events import Finished, ReviewSlice, StepDone, Stop, UpdateData
+from .inbox import dispatch
+from .events import Finished, StepDone
 
 log = logging.getLogger(__name__)
 
@@ -310,12 +311,7 @@ class DistributedRun:
             self._job = None
 
     def _handle(self, message) -> None:
-        if isinstance(message, Stop):
-            self.request_stop()
-        elif isinstance(message, UpdateData):
-            self.submit_data(message.pairs)
-        elif isinstance(message, ReviewSlice):
-            self.request_review(message.pair_index, message.slice_index)
+        dispatch(message, self)
 
     def _failure(self, job: Path) -> str:
         """Why the job ended without finishing: its last error line, and the exit code."""
