@@ -36,6 +36,7 @@ import torch
 
 from napari_semicl.bench.common import find_cases, machine_info, score, thinnest_axis
 from napari_semicl.bench.label_efficiency import apply_overrides
+from napari_semicl.cli.common import set_items
 from napari_semicl.data import AnnotatedPair
 from napari_semicl.data.interpolation import interpolate_labels
 from napari_semicl.data.reveal import choose_reveal_slices, reveal_slices
@@ -45,14 +46,6 @@ from napari_semicl.engine.events import Finished, StepDone
 from napari_semicl.io import atomic_path
 
 log = logging.getLogger("cohort_transfer")
-
-
-def _settings(items) -> dict:
-    out = {}
-    for item in items or []:
-        key, _, value = item.partition("=")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def _config(steps: int, axis: int, seed: int, settings: dict):
@@ -84,7 +77,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     set_threads(args.threads)
-    settings = _settings(args.set)
+    settings = dict(set_items(args, sections=True))
 
     cases = find_cases(args.data)
     train, test = cases[: args.train_volumes], cases[args.train_volumes: args.train_volumes + args.test_volumes]

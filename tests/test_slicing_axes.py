@@ -12,6 +12,8 @@ from napari_semicl.data.reveal import reveal_slices
 from napari_semicl.engine import TrainConfig, Trainer, run_sync
 from napari_semicl.io.sample import load_sample_volume
 
+from test_prior import _config as prior_config
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
 PAINTED = [3, 11, 20]
@@ -24,16 +26,8 @@ def brain():
 
 
 def _config(axis: int) -> TrainConfig:
-    cfg = TrainConfig(method="supervised", iterations=2, refresh_every=1000, seed=0)
+    cfg = prior_config("supervised", iterations=2, interpolation="flow")
     cfg.data.axis = axis
-    cfg.data.patch_size = 32
-    cfg.data.batch_labelled = 2
-    cfg.data.batch_unlabelled = 2
-    cfg.data.unpainted = "background"
-    cfg.model.base_channels = 8
-    cfg.model.depth = 2
-    cfg.prior.mode = "targets"
-    cfg.prior.interpolation = "flow"
     return cfg
 
 
