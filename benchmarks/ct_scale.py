@@ -12,6 +12,15 @@ each, each run in a fresh subprocess: wall time and CPU time of the fill alone, 
 peak resident memory (``resource.getrusage``, loading included) and the peak growth during the
 fill, and Dice against the reference on the unpainted slices. Writes JSON to ``--out``.
 
+``--train`` instead: what a user waits for in ``napari-semicl train`` at that size (issue 27): the
+CT-like volume and its painted slices written as NIfTI (so the CLI reads 256 slices of 512 x 512,
+as a CT's axial slices), then ``train --prior targets --unpainted background --iterations
+--steps`` run as a user runs it, in a subprocess, its log lines stamped as they arrive: seconds
+from the command's start to the trainer's start (reading, imports), to the prior's notice, to
+the first step, to the end of training, to the prediction written; the whole command's peak
+resident memory (``resource.getrusage(RUSAGE_CHILDREN)``) and CPU seconds; and the prediction's
+Dice against the reference on the unpainted slices.
+
 ``--dice OLD_CHECKOUT`` instead: the fill's Dice on the unpainted slices of ``--cases`` original
 volumes at K = 2, 3, 5 (placements 'ends' and 'inside'), this checkout's against another's, with
 the CPU time of each fill (in a subprocess per checkout).
@@ -154,6 +163,60 @@ def run_fill(code: Path, image, painted, spacing, axis: int, method: str, ref, s
     return out
 
 
+def write_nifti(path: Path, array: np.ndarray, spacing) -> None:
+    """``array`` as a NIfTI file the plugin reads back with the same axes (its reader reverses
+    NIfTI's x, y, z to napari's z, y, x order)."""
+    import nibabel as nib
+
+    affine = np.diag([*reversed([float(s) for s in spacing]), 1.0])
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(array.T), affine), str(path))
+
+
+#: the log lines that end each phase of a train run (matched in order of arrival)
+_PHASES = (("trainer_started", " training "), ("prior_ready", "painted-slice prior"),
+           ("first_step", " step "), ("trained", "(100%)"), ("prediction_written", "prediction written"))
+
+
+def run_train(image, reference, painted, spacing, slices, axis: int, steps: int, tmp: Path, extra) -> dict:
+    """``napari-semicl train`` on the volume as a user runs it (see the module doc)."""
+    import resource
+
+    write_nifti(tmp / "image.nii.gz", image.astype(np.float32), spacing)
+    write_nifti(tmp / "painted.nii.gz", painted.astype(np.uint8), spacing)
+    cmd = [sys.executable, "-m", "napari_semicl", "train", "--image", str(tmp / "image.nii.gz"), "--labels",
+           str(tmp / "painted.nii.gz"), "--unpainted", "background", "--prior", "targets", "--axis", str(axis),
+           "--iterations", str(steps), "--out", str(tmp / "run"), *extra]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"})
+    marks: dict = {}
+    lines = []
+    for line in proc.stdout:
+        now = time.perf_counter() - t0
+        lines.append(line.rstrip())
+        for name, text in _PHASES:
+            if name not in marks and text in line:
+                marks[name] = now
+    proc.wait()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = {"command": " ".join(cmd[1:]), "exit": proc.returncode, "seconds_from_start": marks,
+           "cpu_seconds": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+           "peak_rss_mb": after.ru_maxrss / 1024, "log_tail": lines[-5:] if proc.returncode else []}
+    if "trainer_started" in marks:
+        start = marks["trainer_started"]
+        out["after_train_start"] = {k: v - start for k, v in marks.items() if k != "trainer_started"}
+        if "trained" in marks and "prediction_written" in marks:
+            out["prediction_seconds"] = marks["prediction_written"] - marks["trained"]
+    pred_path = tmp / "run" / "prediction.nii.gz"
+    if proc.returncode == 0 and pred_path.exists():
+        from napari_semicl.io import read_image
+
+        pred = np.asarray(read_image(pred_path).data)
+        out["dice_unpainted"] = dice_unpainted(pred, reference, slices, axis)
+    return out
+
+
 def main() -> None:
     from napari_semicl.bench.common import find_cases, thinnest_axis
     from napari_semicl.data.reveal import choose_reveal_slices, reveal_slices
@@ -167,6 +230,10 @@ def main() -> None:
     ap.add_argument("--code", type=Path, default=ROOT, help="the checkout whose fill runs (default: this one)")
     ap.add_argument("--itk", action="store_true", help="also ITK's MorphologicalContourInterpolator (if installed)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each fill (the figures are per run)")
+    ap.add_argument("--train", action="store_true",
+                    help="time `napari-semicl train --prior targets` at the CT size instead (see the module doc)")
+    ap.add_argument("--steps", type=int, default=5, help="--train: training steps")
+    ap.add_argument("--train-args", default="", help="--train: more arguments for the train command")
     ap.add_argument("--dice", type=Path, metavar="OLD_CHECKOUT",
                     help="compare the fill's Dice with this checkout's on the original volumes, and stop")
     ap.add_argument("--cases", type=int, default=4, help="--dice: how many volumes")
@@ -186,6 +253,26 @@ def main() -> None:
     spacing0 = tuple(float(s) for s in case.image.scale)
     big_spacing = tuple(s * n / m for s, n, m in zip(spacing0, image.shape, big_image.shape))
     volumes = {"original": (image, ref, spacing0), "ct": (big_image, big_ref, big_spacing)}
+    if args.train:
+        results = {"case": case.name, "k": args.k, "steps": args.steps, "build_seconds": build_s,
+                   "machine_load": os.getloadavg(), "runs": {}}
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, (img, reference, spacing) in volumes.items():
+                axis = thinnest_axis(reference.shape)
+                slices = choose_reveal_slices(reference, args.k, axis, "inside")
+                r = run_train(img, reference, reveal_slices(reference, slices, axis), spacing, slices, axis,
+                              args.steps, Path(tmp), args.train_args.split())
+                r.update(shape=list(reference.shape), axis=axis, painted=slices)
+                results["runs"][name] = r
+                phases = ", ".join(f"{k} {v:.1f} s" for k, v in r.get("after_train_start", {}).items())
+                print(f"{name:8s} {str(reference.shape):16s} exit {r['exit']}; after the trainer's start: {phases}; "
+                      f"peak {r['peak_rss_mb']:.0f} MB; cpu {r['cpu_seconds']:.1f} s; "
+                      f"Dice {r.get('dice_unpainted', float('nan')):.3f}", flush=True)
+        results["machine_load_after"] = os.getloadavg()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+        print(f"written to {args.out}")
+        return
     methods = [args.method] + (["itk"] if args.itk else [])
     results: dict = {"case": case.name, "k": args.k, "code": str(args.code.resolve()), "build_seconds": build_s,
                      "volumes": {}}

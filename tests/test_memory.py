@@ -299,3 +299,54 @@ def test_the_step_estimate_lies_above_a_measured_peak_within_a_factor(dims, meth
     assert figures["measured"] <= figures["estimate"], figures
     if precision == "fp32":
         assert figures["estimate"] <= ESTIMATE_FACTOR * figures["measured"], figures
+
+
+# --- a volume that joins a running trainer --------------------------------------------------------
+def _two_d_with_prior(patch: str | None = None) -> TrainConfig:
+    cfg = TrainConfig(method="supervised", iterations=1, refresh_every=10**6)
+    cfg.data.unpainted = "background"
+    cfg.prior.mode = "targets"
+    cfg.model.base_channels = 4
+    cfg.data.batch_labelled = cfg.data.batch_unlabelled = 1
+    if patch is not None:
+        set_option(cfg, "data.patch_size", patch)
+    return cfg
+
+
+def _budget_for(cfg, trainer, pairs, patch: int) -> int:
+    """The estimate of ``trainer``'s run on ``pairs`` with ``patch``-pixel crops."""
+    from napari_semicl.data.tiles import make_dataset
+    import copy
+
+    trial = copy.deepcopy(trainer.config)
+    trial.data.patch_size = patch
+    return memory.estimate_training(trial, make_dataset(pairs, trial.data, spatial_dims=2)).total
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_a_volume_joining_a_run_is_checked_against_memory(monkeypatch, forced):
+    """The bigger volume grows the prior's arrays: defaults shrink to fit (and say so); a forced
+    patch that no longer fits keeps the volume out of the run, which trains on."""
+    image, labels = volume()
+    cfg = _two_d_with_prior("112" if forced else None)
+    trainer = Trainer(cfg, [AnnotatedPair(image, labels, name="first")], device=torch.device("cpu"))
+    patch = trainer.config.data.patch_size
+    big_image, big_labels = volume((80, 96, 96), seed=1)
+    pairs = [*trainer.pairs, AnnotatedPair(big_image, big_labels, name="big")]
+    need = _budget_for(cfg, trainer, pairs, patch)
+    assert need > memory.estimate_training(trainer.config, trainer.dataset).total
+    monkeypatch.setattr(memory, "available_memory",
+                        lambda device=None: int((need - 1 + memory.RESERVE_BYTES) / 0.75) + 1)
+    trainer._notices.clear()
+    trainer.submit_data(pairs)
+    update = trainer._apply_pending()
+    texts = [n.text for n in trainer._notices]
+    if forced:
+        assert update.changed == () and [p.name for p in trainer.pairs] == ["first"]
+        assert len(texts) == 1 and texts[0].startswith("'big' not added to this run: data.patch_size = 112 does not fit")
+        assert trainer.config.data.patch_size == 112
+    else:
+        assert update.changed == (1,) and [p.name for p in trainer.pairs] == ["first", "big"]
+        assert trainer.config.data.patch_size < patch == trainer.dataset.cfg.patch_size + 16
+        assert len(texts) == 1 and "to fit in memory" in texts[0]
+    assert np.isfinite(trainer.train_step()["total"])  # and it trains on

@@ -48,3 +48,44 @@ def test_window_slices_tile_the_plane_once():
     for rows, cols in windows:
         cover[rows, cols] += 1
     assert (cover == 1).all()
+
+
+def test_fold_batch_norm_keeps_the_outputs_and_leaves_the_network_alone():
+    from napari_semicl.models.ops import fold_batch_norm
+    from napari_semicl.models.unet import UNet2D
+
+    torch.manual_seed(0)
+    net = UNet2D(1, 3, base_channels=8, depth=2)
+    net.train()
+    with torch.no_grad():  # running statistics far from the identity (mean 0, variance 1)
+        for _ in range(5):
+            net(torch.randn(4, 1, 32, 32) * 3 + 2)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.weight, 0.5, 2.0)
+            torch.nn.init.uniform_(m.bias, -1.0, 1.0)
+    net = net.to(memory_format=torch.channels_last).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    folded = fold_batch_norm(net)
+    assert net.training  # the original keeps its mode and its modules
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 10  # 5 blocks of 2
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert not folded.training and folded.multiple == net.multiple
+    first = folded.encoders[0][0]
+    assert first.bias is not None and first.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        expected = net.eval()(x)
+        got = folded(x)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_fold_batch_norm_copies_a_network_without_batch_norm_unchanged():
+    from napari_semicl.models.ops import fold_batch_norm
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.InstanceNorm2d(2), torch.nn.ReLU())
+    folded = fold_batch_norm(net)
+    assert [type(m) for m in folded] == [type(m) for m in net]
+    x = torch.randn(1, 1, 8, 8)
+    assert torch.equal(folded(x), net.eval()(x))

@@ -184,7 +184,9 @@ def compare_defaults(*, image=None, reference=None, method: str = "recommended",
     prediction of the first ``inference_slices`` slices per variant, so that a change in the
     machine's load (it is shared) falls on every variant alike. Wall-clock seconds (what a
     user waits) and this process's CPU seconds (``time.process_time``: all its threads) are
-    both recorded; the load average before and after says how busy the machine was.
+    both recorded; the load average before and after says how busy the machine was. The
+    baseline (the first variant) predicts as before batch normalisation was folded into the
+    convolutions for prediction; the others predict folded, as the plugin does now.
     """
     import os
 
@@ -212,7 +214,8 @@ def compare_defaults(*, image=None, reference=None, method: str = "recommended",
         _memory_format(trainer, last)
         trainers[name] = trainer
         rows[name] = {"precision": resolve_precision(setting, device).describe(), "channels_last": last,
-                      "threads": counts[threads], "step_wall_s": [], "step_cpu_s": [], "inference_wall_s": [],
+                      "threads": counts[threads], "batch_norm_folded": name != variants[0][0],  # the baseline: today's
+                      "step_wall_s": [], "step_cpu_s": [], "inference_wall_s": [],
                       "inference_cpu_s": []}
     sub = image[:inference_slices]
     try:
@@ -232,10 +235,13 @@ def compare_defaults(*, image=None, reference=None, method: str = "recommended",
             for name, row in rows.items():
                 set_threads(row["threads"])
                 model = trainers[name].method.inference_model()
+                fold = row["batch_norm_folded"]
                 if r == 0:
-                    predict_volume(model, sub[:4], class_values=trainers[name].dataset.class_values, device=device)
+                    predict_volume(model, sub[:4], class_values=trainers[name].dataset.class_values, device=device,
+                                   fold=fold)
                 w0, c0 = time.perf_counter(), time.process_time()
-                predict_volume(model, sub, class_values=trainers[name].dataset.class_values, device=device)
+                predict_volume(model, sub, class_values=trainers[name].dataset.class_values, device=device,
+                               fold=fold)
                 _sync(device)
                 row["inference_wall_s"].append(time.perf_counter() - w0)
                 row["inference_cpu_s"].append(time.process_time() - c0)

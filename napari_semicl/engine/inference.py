@@ -9,9 +9,12 @@ prediction goes on with fewer slices per batch, then smaller windows (tiles), an
 (:attr:`Prediction.notes`, a log warning); only when one slice in the smallest window
 does not fit does it raise :class:`~napari_semicl.errors.DataError`.
 
-The network runs in the precision it was trained in (its ``model.precision`` setting, recorded
-on it by :func:`~napari_semicl.engine.precision.prepare_model`; fp32 for a network built
-elsewhere): under bf16/fp16 autocast where that applies, each window's output cast to float32
+A 2D network predicts with its batch normalisation folded into the convolutions
+(:func:`~napari_semicl.models.ops.fold_batch_norm`, a copy: the same labels up to rounding,
+1.26x faster on 512 px slices, benchmarks/fold_bn.py). The network runs in the precision it
+was trained in (its ``model.precision`` setting, recorded on it by
+:func:`~napari_semicl.engine.precision.prepare_model`; fp32 for a network built elsewhere):
+under bf16/fp16 autocast where that applies, each window's output cast to float32
 before the windows are blended, so probabilities, labels and entropy come out float32.
 """
 
@@ -28,7 +31,7 @@ from monai.inferers import sliding_window_inference
 from ..data.annotation import decode_classes
 from ..data.dataset import normalise_image, to_slices, with_context
 from ..errors import DataError
-from ..models.ops import argmax_classes, normalised_entropy
+from ..models.ops import argmax_classes, fold_batch_norm, normalised_entropy
 from .memory import fit_inference_window, fit_slice_batch
 from .precision import precision_of
 
@@ -100,6 +103,7 @@ def predict_slices(
     with_entropy: bool = False,
     notes: list | None = None,
     fuse=None,
+    fold: bool = True,
 ):
     """Class indices (S, H, W) int64 and optional normalised entropy of (S, C, H, W) slices.
 
@@ -115,6 +119,8 @@ def predict_slices(
     multiple (capped at ``max_window``), blended with Gaussian weights where they overlap.
     Out of memory, the batch is halved down to one slice, then the window down to the
     network's size multiple; each fallback is logged and appended to ``notes`` (a list).
+    ``fold=False`` predicts with the network as it is (its batch normalisation unfolded:
+    the benchmarks' baseline).
 
     Raises
     ------
@@ -136,7 +142,8 @@ def predict_slices(
     batch_size, max_window = fit_slice_batch(model, slices.shape, device, batch_size, max_window, notes=notes)
     was_training = model.training
     model.eval()
-    predictor = precision_of(model, device).predictor(model)  # the training's autocast, float32 out
+    # the training's autocast, float32 out; batch normalisation folded into the convolutions
+    predictor = precision_of(model, device).predictor(fold_batch_norm(model) if fold else model)
     multiple = getattr(model, "multiple", 16)
     labels = np.empty((s, h, w), dtype=np.int64)
     entropy = np.empty((s, h, w), dtype=np.float32) if with_entropy else None
@@ -290,6 +297,7 @@ def predict_volume(
     batch_size: int = 8,
     with_entropy: bool = False,
     context_slices: int = 0,
+    fold: bool = True,
 ) -> Prediction:
     """Predict a 2D image or 3D volume as the network saw it in training.
 
@@ -304,6 +312,8 @@ def predict_volume(
     context_slices : int
         2.5D: neighbours on either side stacked as channels, as in training
         (``data.context_slices``; ignored for 2D images).
+    fold : bool
+        Batch normalisation folded into the convolutions (:func:`predict_slices`).
 
     A 3D network predicts the volume in 3D windows (:func:`predict_volume_patches`); a 2D
     image raises :class:`~napari_semicl.errors.DataError` for it.
@@ -316,7 +326,7 @@ def predict_volume(
         slices = with_context(slices, context_slices)
     notes: list[str] = []
     idx, ent = predict_slices(model, slices, device=device, batch_size=batch_size, with_entropy=with_entropy,
-                              notes=notes)
+                              notes=notes, fold=fold)
     spatial = image.ndim - (1 if rgb else 0)
     labels = decode_classes(idx, class_values)
     if spatial == 2:

@@ -42,13 +42,13 @@ import numpy as np
 import torch
 
 from ..data.tiles import TileDataset, make_dataset
-from ..errors import DataError, SemiclError
+from ..errors import ConfigError, DataError, SemiclError
 from ..methods import get_method
 from ..models import build_model
 from . import inbox as _inbox
 from . import refresh as _refresh
 from .budget import Budget, warm_up_notice
-from .config import TrainConfig
+from .config import MEMORY_SETTINGS, TrainConfig
 from .device import describe_device, pick_device, set_threads
 from .precision import MixedPrecision
 from .distributed import setup as setup_distributed
@@ -224,6 +224,8 @@ class Trainer:
         changed = tuple(p for p, pair in enumerate(pairs) if p >= len(old) or not same_annotation(old[p], pair))
         dataset = make_dataset(pairs, copy.deepcopy(self.config.data), self.config.wsi,  # class table kept
                                spatial_dims=self.config.model.spatial_dims)
+        if not self._fits_in_memory(dataset, pairs, changed):
+            return DataUpdated(self.step, self.dataset.summary(), ())
         self.pairs, self.dataset = pairs, dataset
         self.predictions.invalidate()  # predicted from the images being replaced; the new painted slices move the prior
         self._autosave.changed()
@@ -234,6 +236,31 @@ class Trainer:
                 f"{dataset.class_values} of this run and are ignored: press Train (not Resume) to learn them",
             ))
         return DataUpdated(self.step, dataset.summary(), changed)
+
+    def _fits_in_memory(self, dataset, pairs, changed) -> bool:
+        """The memory check of the trainer's start (:func:`~napari_semicl.engine.memory.fit_training_memory`)
+        for ``dataset``, which is to replace the current one: a bigger volume grows the prior's
+        arrays and the refresh's prediction. Settings left at their defaults shrink to fit (a
+        notice says so; ``dataset``'s data settings and the run's config both take them);
+        when a forced setting cannot fit, the data is not taken (a warning names the new
+        volumes and why) and training goes on with what it had. Returns whether it fits."""
+        data_cfg = getattr(dataset, "cfg", None)
+        if data_cfg is None:  # slides' tiles: no whole-volume arrays grow with a slide
+            return True
+        cfg = copy.copy(self.config)
+        cfg.data = data_cfg
+        try:
+            notices = fit_training_memory(cfg, dataset, self.device)
+        except ConfigError as exc:
+            names = ", ".join(f"'{pairs[p].name}'" for p in changed) or "the new data"
+            self._notices.append(Notice(
+                "warning", f"{names} not added to this run: {exc}. Training goes on with the data it had"))
+            return False
+        self._notices += [n for n in notices if n.level == "warning"]  # the 3D defaults were said at the start
+        for key in MEMORY_SETTINGS:
+            name = key.split(".")[1]
+            setattr(self.config.data, name, getattr(data_cfg, name))
+        return True
 
     # --- the step ------------------------------------------------------------------------------
     def _lr(self, fraction: float) -> float:

@@ -162,3 +162,31 @@ def window_slices(height: int, width: int, size: int) -> Iterator[tuple[slice, s
     for r in range(0, height, size):
         for c in range(0, width, size):
             yield slice(r, min(r + size, height)), slice(c, min(c + size, width))
+
+
+def fold_batch_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """An eval-mode copy of ``model`` for prediction, each ``Conv2d`` directly followed by a
+    ``BatchNorm2d`` in an ``nn.Sequential`` folded into one convolution (the normalisation's
+    running statistics and affine weights moved into the convolution's weight and bias; the
+    ``BatchNorm2d`` replaced by ``nn.Identity``): the same outputs up to rounding, one pass
+    over the activations less per block. ``model`` is not changed; its attributes
+    (``spatial_dims``, ``multiple``, the recorded precision) come with the copy, and a
+    channels_last weight stays channels_last. A network without such pairs (the 3D U-Net's
+    instance normalisation) is copied unchanged.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    copy = __import__("copy").deepcopy(model).eval()
+    for module in copy.modules():
+        if not isinstance(module, torch.nn.Sequential):
+            continue
+        names = list(module._modules)
+        for first, second in zip(names, names[1:]):
+            conv, bn = module._modules[first], module._modules[second]
+            if not (type(conv) is torch.nn.Conv2d and type(bn) is torch.nn.BatchNorm2d and bn.track_running_stats):
+                continue
+            fused = fuse_conv_bn_eval(conv, bn)
+            if conv.weight.is_contiguous(memory_format=torch.channels_last):
+                fused = fused.to(memory_format=torch.channels_last)
+            module._modules[first], module._modules[second] = fused, torch.nn.Identity()
+    return copy
