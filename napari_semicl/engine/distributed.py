@@ -215,11 +215,11 @@ def setup(device: torch.device) -> tuple[Distributed, torch.device]:
     Called by every :class:`Trainer`; the groups are made once per process and kept until
     :func:`shutdown` (which runs at exit too).
 
-    Every collective of a CPU run goes over a gloo group made here, not over torchrun's
-    default group: importing DDP imports ``torch.distributed.nn``, whose functions take the
-    default group as a default argument, so that group can never be freed and its gloo
-    threads run on into interpreter finalization (see :func:`shutdown`). The default group
-    does no work here, so its idle threads have nothing to free at exit.
+    Every collective of a CPU run goes over a gloo group made here, which :func:`shutdown`
+    can free (its threads joined), and ``torch.distributed.nn`` is imported before the
+    default group exists: its functions take the default group as a default argument, and
+    imported later (DDP imports it) they would hold it, and its gloo threads, until the
+    interpreter finalizes.
     """
     world = env_world_size()
     if world == 1:
@@ -237,6 +237,10 @@ def setup(device: torch.device) -> tuple[Distributed, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        # DDP imports torch.distributed.nn, whose functions take the default group as a
+        # default argument: imported after the group exists, they would pin it for good
+        import torch.distributed.nn  # noqa: F401
+
         try:
             dist.init_process_group(backend=backend)
         except (RuntimeError, ValueError) as exc:
