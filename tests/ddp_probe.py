@@ -2,6 +2,8 @@
 with the one Trainer and writes, per rank, what the test checks (``OUT/<method>_rank<r>.json``):
 the losses of every step, a fingerprint of every step's crops, a checksum of the weights
 (the parameters of student, heads and teacher) at the end and whether the trainer saw itself as rank 0.
+At the end, ``OUT/threads_rank<r>.json``: this process's gloo worker threads while the last
+trainer exists and after :func:`~napari_semicl.engine.distributed.shutdown` (Linux only).
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_probe.py OUT SPEC...
 
@@ -10,6 +12,7 @@ SPEC is METHOD[+prior]:STEPS; ``+prior`` turns the painted-slice prior's dense t
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import torch
 from napari_semicl.data import AnnotatedPair
 from napari_semicl.data.reveal import reveal_slices
 from napari_semicl.engine import TrainConfig, Trainer, run_sync
+from napari_semicl.engine.distributed import shutdown
 from napari_semicl.io.sample import load_sample_volume
 
 
@@ -39,6 +43,22 @@ def _config(method: str, steps: int) -> TrainConfig:
 def _checksum(*modules) -> float:
     """The sum of the modules' parameters (batch-norm statistics are each rank's own)."""
     return float(sum(float(p.double().sum()) for m in modules if m is not None for p in m.parameters()))
+
+
+def _gloo_workers() -> int | None:
+    """How many of this process's threads are gloo workers (None off Linux)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    names = []
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm", encoding="utf-8") as fh:
+                names.append(fh.read().strip())
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return sum(name == "pt_gloo_runloop" for name in names)
 
 
 def main(out: str, *specs: str) -> None:
@@ -70,6 +90,11 @@ def main(out: str, *specs: str) -> None:
         }
         path = Path(out) / f"{name}_rank{trainer.dist.rank}.json"
         path.write_text(json.dumps(record), encoding="utf-8")
+    rank, training = trainer.dist.rank, _gloo_workers()
+    del trainer, sample, recording
+    shutdown()  # what a CLI command does at its end (and atexit does for a script)
+    threads = {"training": training, "after_shutdown": _gloo_workers()}
+    (Path(out) / f"threads_rank{rank}.json").write_text(json.dumps(threads), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -83,6 +83,13 @@ def test_every_method_trains_in_step_on_two_ranks(tmp_path):
         assert (tmp_path / name / "checkpoint.pt").is_file()
     totals = json.loads((tmp_path / "supervised_rank0.json").read_text())["totals"]
     assert np.mean(totals[-5:]) < 0.85 * np.mean(totals[:5])
+    # shutdown() ends every gloo thread while Python is whole: ranks whose gloo threads ran
+    # on into interpreter finalization aborted now and then at exit ("terminate called
+    # without an active exception")
+    for r in (0, 1):
+        threads = json.loads((tmp_path / f"threads_rank{r}.json").read_text())
+        if threads["training"] is not None:
+            assert threads["training"] > 0 and threads["after_shutdown"] == 0, threads
 
 
 def test_cli_under_torchrun_writes_once_and_the_checkpoint_predicts_alone(sample_files, tmp_path):

@@ -31,6 +31,8 @@ by rank 0) stays usable. See docs/distributed.md.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import os
 from dataclasses import dataclass, field
@@ -91,7 +93,9 @@ class Distributed:
     world_size, rank, local_rank : int
     group : ProcessGroup or None
         The group for the small control messages (:meth:`agree`, :meth:`mean_losses`): a
-        gloo group beside NCCL, so they never touch the GPU; None with one process.
+        gloo group of this module's own (beside NCCL on CUDA, so they never touch the GPU);
+        None with one process. On the CPU it also carries the DDP gradients and
+        :meth:`broadcast_modules` (see :func:`setup` for why not torchrun's default group).
     """
 
     world_size: int = 1
@@ -121,6 +125,11 @@ class Distributed:
         torch.manual_seed(global_seed)
         return np.random.default_rng([int(seed), self.rank]), torch.Generator().manual_seed(torch_seed)
 
+    def tensor_group(self, device: torch.device):
+        """The group for the network's tensors on ``device`` (DDP's gradients, broadcasts):
+        the default group (NCCL) on CUDA, :attr:`group` (gloo) elsewhere."""
+        return None if torch.device(device).type == "cuda" else self.group
+
     # --- the step ---------------------------------------------------------------------------
     def wrap(self, student: nn.Module, heads: nn.Module, device: torch.device):
         """The student and the method's heads in one DistributedDataParallel, or None with
@@ -136,7 +145,8 @@ class Distributed:
 
         ids = [device.index if device.index is not None else self.local_rank] if device.type == "cuda" else None
         has_heads = any(p.requires_grad for p in heads.parameters())
-        return DistributedDataParallel(LossModule(student, heads), device_ids=ids, find_unused_parameters=has_heads)
+        return DistributedDataParallel(LossModule(student, heads), device_ids=ids, find_unused_parameters=has_heads,
+                                       process_group=self.tensor_group(device))
 
     def agree(self, stop: bool, elapsed_s: float) -> tuple[bool, float]:
         """(stop, elapsed) that every rank shares: stop if any rank asks, rank 0's clock.
@@ -191,7 +201,7 @@ class Distributed:
                 if module is None:
                     continue
                 for tensor in [*module.parameters(), *module.buffers()]:
-                    dist.broadcast(tensor.data, src=0)
+                    dist.broadcast(tensor.data, src=0, group=self.tensor_group(tensor.device))
 
 
 #: The single-process run: every call does nothing.
@@ -202,8 +212,14 @@ def setup(device: torch.device) -> tuple[Distributed, torch.device]:
     """Join ``torchrun``'s process group if there is one; returns (Distributed, device).
 
     On CUDA the device becomes ``cuda:LOCAL_RANK`` and the backend NCCL; elsewhere gloo.
-    Called by every :class:`Trainer`; the group is made once per process and kept until
-    :func:`shutdown`.
+    Called by every :class:`Trainer`; the groups are made once per process and kept until
+    :func:`shutdown` (which runs at exit too).
+
+    Every collective of a CPU run goes over a gloo group made here, which :func:`shutdown`
+    can free (its threads joined), and ``torch.distributed.nn`` is imported before the
+    default group exists: its functions take the default group as a default argument, and
+    imported later (DDP imports it) they would hold it, and its gloo threads, until the
+    interpreter finalizes.
     """
     world = env_world_size()
     if world == 1:
@@ -221,26 +237,55 @@ def setup(device: torch.device) -> tuple[Distributed, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        # DDP imports torch.distributed.nn, whose functions take the default group as a
+        # default argument: imported after the group exists, they would pin it for good
+        import torch.distributed.nn  # noqa: F401
+
         try:
             dist.init_process_group(backend=backend)
         except (RuntimeError, ValueError) as exc:
             raise ConfigError(f"could not join torchrun's process group ({backend}): "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
         log.info("rank %d of %d joined the process group (%s)", dist.get_rank(), dist.get_world_size(), backend)
+        _leave_at_exit()
     global _CONTROL_GROUP
     if _CONTROL_GROUP is None:
-        _CONTROL_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        _CONTROL_GROUP = dist.new_group(backend="gloo")
     return Distributed(dist.get_world_size(), dist.get_rank(), local_rank, _CONTROL_GROUP), device
 
 
 _CONTROL_GROUP = None
+_EXIT_HOOK = False
+
+
+def _leave_at_exit() -> None:
+    """Make :func:`shutdown` run at interpreter exit (once): a process that joined the group
+    and never called it (a script around :class:`Trainer`) leaves it while Python is whole."""
+    global _EXIT_HOOK
+    if not _EXIT_HOOK:
+        atexit.register(shutdown)
+        _EXIT_HOOK = True
 
 
 def shutdown() -> None:
-    """Leave the process group, if this process joined one (the end of a CLI command)."""
+    """Leave the process group, if this process joined one, and end its worker threads now.
+
+    Called at the end of a CLI command, and at interpreter exit by any process that joined
+    (:func:`setup` registers it). ``destroy_process_group`` alone does not stop gloo's
+    threads (a gloo group has nothing to shut down): they end when the group's last
+    reference goes, and the trainers' DDP wrappers and :class:`Distributed` hold it. A rank
+    whose gloo threads were still running while Python finalized aborted now and then
+    after training had finished ("terminate called without an active exception", SIGABRT,
+    raised on a non-Python thread while the main thread had no Python frame left); torchrun
+    then killed the other ranks, rank 0 before its checkpoint or its last events. So the
+    groups are destroyed here and the objects that hold them collected now: their threads
+    are joined while Python is whole. A trainer still referenced elsewhere keeps them
+    until it goes.
+    """
     global _CONTROL_GROUP
     import torch.distributed as dist
 
+    _CONTROL_GROUP = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    _CONTROL_GROUP = None
+        gc.collect()  # trainers (reference cycles) hold DDP wrappers and the group: their threads end here

@@ -324,12 +324,16 @@ class DistributedRun:
 
     def _pids(self) -> list[int]:
         pids = [] if self._proc is None else [self._proc.pid]
-        if self._job is not None and (self._job / PIDS_DIR).is_dir():
-            for f in (self._job / PIDS_DIR).iterdir():
-                try:
-                    pids.append(int(f.read_text()))
-                except (OSError, ValueError):
-                    pass
+        job = self._job
+        try:  # the job's two ending threads (abandon's, run's) race: the other may remove the folder
+            files = list((job / PIDS_DIR).iterdir()) if job is not None else []
+        except OSError:
+            files = []
+        for f in files:
+            try:
+                pids.append(int(f.read_text()))
+            except (OSError, ValueError):
+                pass
         return pids
 
     def _end(self, grace_s: float) -> None:
