@@ -46,7 +46,7 @@ import torch
 from napari_semicl.bench.common import find_cases, machine_info, score, thinnest_axis
 from napari_semicl.bench.label_efficiency import apply_overrides
 from napari_semicl.cli.common import set_items
-from napari_semicl.data import AnnotatedPair
+from napari_semicl.data import AnnotatedPair, augment
 from napari_semicl.data.interpolation import interpolate_labels
 from napari_semicl.data.reveal import choose_reveal_slices, reveal_slices
 from napari_semicl.engine import Trainer, recommended_config
@@ -132,6 +132,9 @@ def main(argv=None) -> int:
     ap.add_argument("--unlabelled-test", action="store_true",
                     help="give the test volumes' images (nothing painted) to the cohort run as unlabelled data")
     ap.add_argument("--tta", action="store_true", help="network alone: average over in-plane flips (4 passes)")
+    ap.add_argument("--spatial", metavar="ROT,SCALE",
+                    help="weak augmentation's largest rotation (degrees; default 15) and zoom (0.2: factors "
+                         "1/1.2..1.2; default 0) for every method of this run")
     ap.add_argument("--save", help="folder for the cohort checkpoint and the network-alone predictions (NAME.npy)")
     ap.add_argument("--network-only", action="store_true", help="stop after the cohort run's network-alone scores")
     ap.add_argument("--out", required=True)
@@ -139,6 +142,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     set_threads(args.threads)
     settings = dict(set_items(args, sections=True))
+    if args.spatial:  # the methods call weak_augment with its defaults: change those for this process
+        rot, zoom = (float(v) for v in args.spatial.split(","))
+        augment.weak_augment.__kwdefaults__.update(max_rotation_deg=rot, max_scale=zoom)
 
     cases = find_cases(args.data)
     train, test = cases[: args.train_volumes], cases[args.train_volumes: args.train_volumes + args.test_volumes]
@@ -147,7 +153,8 @@ def main(argv=None) -> int:
     result = {"protocol": "cohort_transfer", "data": args.data, "train": [c.name for c in train],
               "test": [c.name for c in test], "k_train": args.k_train, "k_new": args.k_new, "steps": args.steps,
               "finetune_steps": args.finetune_steps, "threads": args.threads, "settings": settings,
-              "method": args.method, "unlabelled_test": args.unlabelled_test, "tta": args.tta, "seed": args.seed,
+              "method": args.method, "spatial": args.spatial, "unlabelled_test": args.unlabelled_test,
+              "tta": args.tta, "seed": args.seed,
               "device": describe_device(device, args.threads), "machine": machine_info(), "curve": [], "new": []}
 
     def write():
@@ -165,11 +172,13 @@ def main(argv=None) -> int:
                       num_threads=args.threads)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     train_cpu = 0.0
+    last_eval = None
     for event in trainer.run(previews=False):
         if isinstance(event, StepDone) and args.eval_every and event.step % args.eval_every == 0:
             t_eval = time.process_time()
             train_cpu += t_eval - cpu0
-            dice, lcc, _ = _network_alone(trainer, test, args.tta)
+            dice, lcc, preds = _network_alone(trainer, test, args.tta)
+            last_eval = (event.step, dice, lcc, preds, time.process_time() - t_eval)
             result["curve"].append({"step": event.step, "train_cpu_s": train_cpu,
                                     "wall_s": time.perf_counter() - wall0, "dice": dice,
                                     "mean": float(np.mean(dice)), "std": float(np.std(dice)),
@@ -182,12 +191,18 @@ def main(argv=None) -> int:
             write()
         if isinstance(event, Finished) and event.reason == "error":
             raise SystemExit(f"cohort training failed: {event.error}")
+    train_cpu += time.process_time() - cpu0
+    result["train_cpu_s"], result["train_steps"] = train_cpu, trainer.step
     work = Path(args.save) if args.save else Path(tempfile.mkdtemp(prefix="cohort_"))
     work.mkdir(parents=True, exist_ok=True)
     ckpt = trainer.save(work / "checkpoint.pt")
     if args.save or args.network_only:
         t_eval = time.process_time()
-        dice, lcc, preds = _network_alone(trainer, test, args.tta)
+        if last_eval is not None and last_eval[0] == trainer.step:  # the last evaluation was at the end
+            _, dice, lcc, preds, eval_cpu = last_eval
+            t_eval -= eval_cpu
+        else:
+            dice, lcc, preds = _network_alone(trainer, test, args.tta)
         result["network_alone"] = {"dice": dice, "mean": float(np.mean(dice)), "std": float(np.std(dice)),
                                    "dice_lcc": lcc, "mean_lcc": float(np.mean(lcc)), "std_lcc": float(np.std(lcc)),
                                    "eval_cpu_s": time.process_time() - t_eval}
