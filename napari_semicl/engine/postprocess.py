@@ -9,6 +9,8 @@ in every volume (a left atrium, a ventricle) loses nothing by it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from scipy import ndimage
 
@@ -42,3 +44,19 @@ def keep_largest_component(labels: np.ndarray, *, background: int = 0, connectiv
         sizes[0] = 0
         out[mask & (components != int(np.argmax(sizes)))] = background
     return out
+
+
+def finish_labels(labels: np.ndarray, settings) -> np.ndarray:
+    """``labels`` finished as ``settings`` (a :class:`~napari_semicl.engine.config.PredictConfig`)
+    says: with ``largest_component`` each class keeps only its largest component."""
+    if getattr(settings, "largest_component", False):
+        return keep_largest_component(labels)
+    return labels
+
+
+def finish_prediction(prediction, settings):
+    """A :class:`~napari_semicl.engine.inference.Prediction` with its labels finished by
+    :func:`finish_labels` (the entropy map stays the network's)."""
+    if not getattr(settings, "largest_component", False):
+        return prediction
+    return dataclasses.replace(prediction, labels=finish_labels(prediction.labels, settings))
