@@ -136,6 +136,8 @@ def main(argv=None) -> int:
                     help="weak augmentation's largest rotation (degrees; default 15) and zoom (0.2: factors "
                          "1/1.2..1.2; default 0) for every method of this run")
     ap.add_argument("--save", help="folder for the cohort checkpoint and the network-alone predictions (NAME.npy)")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="train, report the process CPU seconds per step (past the first 100) and stop")
     ap.add_argument("--network-only", action="store_true", help="stop after the cohort run's network-alone scores")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -173,7 +175,10 @@ def main(argv=None) -> int:
     wall0, cpu0 = time.perf_counter(), time.process_time()
     train_cpu = 0.0
     last_eval = None
+    result["step_cpu"] = []  # (step, process CPU s since the start, evaluations excluded) every 100 steps
     for event in trainer.run(previews=False):
+        if isinstance(event, StepDone) and event.step % 100 == 0:
+            result["step_cpu"].append((event.step, train_cpu + time.process_time() - cpu0))
         if isinstance(event, StepDone) and args.eval_every and event.step % args.eval_every == 0:
             t_eval = time.process_time()
             train_cpu += t_eval - cpu0
@@ -193,6 +198,12 @@ def main(argv=None) -> int:
             raise SystemExit(f"cohort training failed: {event.error}")
     train_cpu += time.process_time() - cpu0
     result["train_cpu_s"], result["train_steps"] = train_cpu, trainer.step
+    if args.calibrate:  # the cost of a step: the slope of step_cpu past the first 100 steps
+        (s0, c0), (s1, c1) = result["step_cpu"][0], result["step_cpu"][-1]
+        result["cpu_per_step"] = (c1 - c0) / max(1, s1 - s0)
+        write()
+        print(json.dumps({"cpu_per_step": result["cpu_per_step"], "train_cpu_s": train_cpu}))
+        return 0
     work = Path(args.save) if args.save else Path(tempfile.mkdtemp(prefix="cohort_"))
     work.mkdir(parents=True, exist_ok=True)
     ckpt = trainer.save(work / "checkpoint.pt")
