@@ -15,6 +15,15 @@ its unpainted slices:
   configuration), fused the same way.
 
 Budgets are steps (robust on a shared machine); wall and process CPU seconds are recorded.
+``--method`` picks the training method (default: the recommended supervised configuration);
+``--unlabelled-test`` gives the test volumes' images, nothing painted, to the cohort run as
+unlabelled data (for the semi-supervised methods; their labels are never read in training).
+``--save DIR`` keeps the cohort checkpoint and each test volume's network-alone prediction
+(``NAME.npy``, label values) for later analyses without retraining; ``--network-only`` stops
+after that (no fill, fine-tuning or scratch runs). ``--tta`` averages the network's
+probabilities over the image and its flips along the two in-plane axes (4 passes); the
+network-alone Dice is also reported after :func:`~napari_semicl.engine.postprocess.keep_largest_component`
+(``network_lcc``).
 
     python benchmarks/cohort_transfer.py --data ../shared/data/la/train --steps 1500 \
         --eval-every 500 --finetune-steps 150 --out docs/results/cohort_transfer.json
@@ -37,27 +46,73 @@ import torch
 from napari_semicl.bench.common import find_cases, machine_info, score, thinnest_axis
 from napari_semicl.bench.label_efficiency import apply_overrides
 from napari_semicl.cli.common import set_items
-from napari_semicl.data import AnnotatedPair
+from napari_semicl.data import AnnotatedPair, augment
 from napari_semicl.data.interpolation import interpolate_labels
 from napari_semicl.data.reveal import choose_reveal_slices, reveal_slices
 from napari_semicl.engine import Trainer, recommended_config
 from napari_semicl.engine.device import describe_device, set_threads
 from napari_semicl.engine.events import Finished, StepDone
+from napari_semicl.engine.inference import predict_volume
+from napari_semicl.engine.precision import MODEL_ATTRIBUTE
+from napari_semicl.engine.postprocess import keep_largest_component
 from napari_semicl.io import atomic_path
 
 log = logging.getLogger("cohort_transfer")
 
 
-def _config(steps: int, axis: int, seed: int, settings: dict):
+def _config(steps: int, axis: int, seed: int, settings: dict, method: str = "supervised"):
     cfg = recommended_config()
+    cfg.method = method
     cfg.seed, cfg.refresh_every, cfg.budget, cfg.iterations = seed, 10**9, "iterations", steps
     cfg.data.axis = axis
     apply_overrides(cfg, cfg.method, settings)
     return cfg
 
 
-def _network_alone(trainer: Trainer, cases) -> list[float]:
-    return [float(score(trainer.predict(c.image.data).labels, c.reference.data)["dice"]) for c in cases]
+class FlipAveraged(torch.nn.Module):
+    """``model`` averaged over its input and the input flipped along the last two axes
+    (h, v, both): returns the log of the mean softmax, so that the softmax the
+    inference takes of it is that mean."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.spatial_dims = getattr(model, "spatial_dims", 2)
+        self.multiple = getattr(model, "multiple", 16)
+        setattr(self, MODEL_ATTRIBUTE, getattr(model, MODEL_ATTRIBUTE, "fp32"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = None
+        for dims in ((), (-1,), (-2,), (-2, -1)):
+            xi = x.flip(dims) if dims else x
+            p = self.model(xi).float().softmax(dim=1)
+            p = p.flip(dims) if dims else p
+            total = p if total is None else total + p
+        return (total / 4).clamp_min(1e-8).log()
+
+
+def predict_flip_averaged(trainer: Trainer, image: np.ndarray) -> np.ndarray:
+    cfg = trainer.config.data
+    return predict_volume(FlipAveraged(trainer.method.inference_model()), image,
+                          class_values=trainer.dataset.class_values, axis=cfg.axis, normalise=cfg.normalise,
+                          device=trainer.device, context_slices=cfg.context_slices).labels
+
+
+def _predict(trainer: Trainer, image: np.ndarray, tta: bool) -> np.ndarray:
+    """The network's label values for ``image``; with ``tta`` the argmax of the softmax
+    averaged over the image and its flips along the two in-plane axes."""
+    if not tta:
+        return trainer.predict(image).labels
+    return predict_flip_averaged(trainer, image)
+
+
+def _network_alone(trainer: Trainer, cases, tta: bool = False) -> tuple[list[float], list[float], list[np.ndarray]]:
+    """Whole-volume Dice of the network alone on each case, raw and after keeping the
+    largest component per class; and the predictions."""
+    preds = [_predict(trainer, c.image.data, tta) for c in cases]
+    raw = [float(score(p, c.reference.data)["dice"]) for p, c in zip(preds, cases)]
+    lcc = [float(score(keep_largest_component(p), c.reference.data)["dice"]) for p, c in zip(preds, cases)]
+    return raw, lcc, preds
 
 
 def main(argv=None) -> int:
@@ -73,11 +128,25 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", help="SECTION.KEY=VALUE for the cohort and fine-tune configs")
+    ap.add_argument("--method", default="supervised", help="training method of the cohort run (default supervised)")
+    ap.add_argument("--unlabelled-test", action="store_true",
+                    help="give the test volumes' images (nothing painted) to the cohort run as unlabelled data")
+    ap.add_argument("--tta", action="store_true", help="network alone: average over in-plane flips (4 passes)")
+    ap.add_argument("--spatial", metavar="ROT,SCALE",
+                    help="weak augmentation's largest rotation (degrees; default 15) and zoom (0.2: factors "
+                         "1/1.2..1.2; default 0) for every method of this run")
+    ap.add_argument("--save", help="folder for the cohort checkpoint and the network-alone predictions (NAME.npy)")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="train, report the process CPU seconds per step (past the first 100) and stop")
+    ap.add_argument("--network-only", action="store_true", help="stop after the cohort run's network-alone scores")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     set_threads(args.threads)
     settings = dict(set_items(args, sections=True))
+    if args.spatial:  # the methods call weak_augment with its defaults: change those for this process
+        rot, zoom = (float(v) for v in args.spatial.split(","))
+        augment.weak_augment.__kwdefaults__.update(max_rotation_deg=rot, max_scale=zoom)
 
     cases = find_cases(args.data)
     train, test = cases[: args.train_volumes], cases[args.train_volumes: args.train_volumes + args.test_volumes]
@@ -86,6 +155,8 @@ def main(argv=None) -> int:
     result = {"protocol": "cohort_transfer", "data": args.data, "train": [c.name for c in train],
               "test": [c.name for c in test], "k_train": args.k_train, "k_new": args.k_new, "steps": args.steps,
               "finetune_steps": args.finetune_steps, "threads": args.threads, "settings": settings,
+              "method": args.method, "spatial": args.spatial, "unlabelled_test": args.unlabelled_test,
+              "tta": args.tta, "seed": args.seed,
               "device": describe_device(device, args.threads), "machine": machine_info(), "curve": [], "new": []}
 
     def write():
@@ -97,25 +168,65 @@ def main(argv=None) -> int:
         slices = choose_reveal_slices(c.reference.data, args.k_train, axis, "inside")
         pairs.append(AnnotatedPair(c.image.data, reveal_slices(c.reference.data, slices, axis), name=c.name,
                                    spacing=c.image.scale))
-    trainer = Trainer(_config(args.steps, axis, args.seed, settings), pairs, device=device, num_threads=args.threads)
+    if args.unlabelled_test:  # images only: the semi-supervised methods' unlabelled data
+        pairs += [AnnotatedPair(c.image.data, None, name=c.name, spacing=c.image.scale) for c in test]
+    trainer = Trainer(_config(args.steps, axis, args.seed, settings, args.method), pairs, device=device,
+                      num_threads=args.threads)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     train_cpu = 0.0
+    last_eval = None
+    result["step_cpu"] = []  # (step, process CPU s since the start, evaluations excluded) every 100 steps
     for event in trainer.run(previews=False):
+        if isinstance(event, StepDone) and event.step % 100 == 0:
+            result["step_cpu"].append((event.step, train_cpu + time.process_time() - cpu0))
         if isinstance(event, StepDone) and args.eval_every and event.step % args.eval_every == 0:
             t_eval = time.process_time()
-            dice = _network_alone(trainer, test)
             train_cpu += t_eval - cpu0
+            dice, lcc, preds = _network_alone(trainer, test, args.tta)
+            last_eval = (event.step, dice, lcc, preds, time.process_time() - t_eval)
             result["curve"].append({"step": event.step, "train_cpu_s": train_cpu,
                                     "wall_s": time.perf_counter() - wall0, "dice": dice,
-                                    "mean": float(np.mean(dice)), "std": float(np.std(dice))})
-            log.info("step %d: network alone on new volumes %.4f +- %.4f (train CPU %.0f s)", event.step,
-                     np.mean(dice), np.std(dice), train_cpu)
+                                    "mean": float(np.mean(dice)), "std": float(np.std(dice)),
+                                    "eval_cpu_s": time.process_time() - t_eval, "dice_lcc": lcc,
+                                    "mean_lcc": float(np.mean(lcc)), "std_lcc": float(np.std(lcc))})
+            log.info("step %d: network alone on new volumes %.4f +- %.4f, largest component %.4f +- %.4f "
+                     "(train CPU %.0f s)", event.step, np.mean(dice), np.std(dice), np.mean(lcc), np.std(lcc),
+                     train_cpu)
             cpu0 = time.process_time()
             write()
         if isinstance(event, Finished) and event.reason == "error":
             raise SystemExit(f"cohort training failed: {event.error}")
-    work = Path(tempfile.mkdtemp(prefix="cohort_"))
+    train_cpu += time.process_time() - cpu0
+    result["train_cpu_s"], result["train_steps"] = train_cpu, trainer.step
+    if args.calibrate:  # the cost of a step: the slope of step_cpu past the first 100 steps
+        (s0, c0), (s1, c1) = result["step_cpu"][0], result["step_cpu"][-1]
+        result["cpu_per_step"] = (c1 - c0) / max(1, s1 - s0)
+        write()
+        print(json.dumps({"cpu_per_step": result["cpu_per_step"], "train_cpu_s": train_cpu}))
+        return 0
+    work = Path(args.save) if args.save else Path(tempfile.mkdtemp(prefix="cohort_"))
+    work.mkdir(parents=True, exist_ok=True)
     ckpt = trainer.save(work / "checkpoint.pt")
+    if args.save or args.network_only:
+        t_eval = time.process_time()
+        if last_eval is not None and last_eval[0] == trainer.step:  # the last evaluation was at the end
+            _, dice, lcc, preds, eval_cpu = last_eval
+            t_eval -= eval_cpu
+        else:
+            dice, lcc, preds = _network_alone(trainer, test, args.tta)
+        result["network_alone"] = {"dice": dice, "mean": float(np.mean(dice)), "std": float(np.std(dice)),
+                                   "dice_lcc": lcc, "mean_lcc": float(np.mean(lcc)), "std_lcc": float(np.std(lcc)),
+                                   "eval_cpu_s": time.process_time() - t_eval}
+        if args.save:
+            for c, p in zip(test, preds):
+                np.save(work / f"{c.name}.npy", p)
+            result["saved"] = str(work)
+        write()
+        log.info("network alone: %.4f +- %.4f, largest component %.4f +- %.4f", np.mean(dice), np.std(dice),
+                 np.mean(lcc), np.std(lcc))
+    if args.network_only:
+        print(json.dumps(result["network_alone"], indent=1))
+        return 0
 
     for c in test:
         ref = c.reference.data
@@ -125,7 +236,7 @@ def main(argv=None) -> int:
         row = {"name": c.name, "painted": slices}
         fill = interpolate_labels(painted, axis=axis, spacing=c.image.scale, image=c.image.data, method="flow").labels
         row["fill"] = score(fill, ref, keep_slices=keep, axis=axis)["dice"]
-        row["network"] = score(trainer.predict(c.image.data).labels, ref, keep_slices=keep, axis=axis)["dice"]
+        row["network"] = score(_predict(trainer, c.image.data, args.tta), ref, keep_slices=keep, axis=axis)["dice"]
         pair = AnnotatedPair(c.image.data, painted, name=c.name, spacing=c.image.scale)
         tuned = Trainer.from_checkpoint(ckpt, [pair], device=device, num_threads=args.threads)
         tuned.config.iterations = args.finetune_steps

@@ -49,3 +49,20 @@ def test_gaussian_blur_preserves_constants_and_mass():
     d = torch.zeros(1, 1, 15, 15)
     d[0, 0, 7, 7] = 1
     assert abs(float(gaussian_blur(d, 1.0).sum()) - 1.0) < 1e-5
+
+
+def test_weak_augment_zoom_scales_the_content_and_its_target():
+    x, y = _blob_batch()
+    plain = weak_augment(x, y, generator=torch.Generator().manual_seed(5))
+    # max_scale=0 (the default) draws nothing more: the same views as before the option
+    same = weak_augment(x, y, generator=torch.Generator().manual_seed(5), max_scale=0.0)
+    assert torch.equal(plain[0], same[0]) and torch.equal(plain[1], same[1])
+    areas = []
+    for seed in range(6):
+        xz, yz = weak_augment(x, y, generator=torch.Generator().manual_seed(seed), max_rotation_deg=0, max_scale=0.5)
+        valid = yz != IGNORE_INDEX
+        assert ((xz[:, 0] > 0.5).long() == yz)[valid].float().mean() > 0.97
+        areas.append((yz[0] == 1).sum().item())
+    base = (y[0] == 1).sum().item()  # 108 pixels
+    assert min(areas) >= base / 1.5**2 * 0.8 and max(areas) <= base * 1.5**2 * 1.2
+    assert max(areas) / min(areas) > 1.3  # the zoom varies between draws

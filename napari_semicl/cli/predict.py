@@ -18,6 +18,9 @@ def arguments(p) -> None:
     p.add_argument("--suggest", type=int, default=0, metavar="N",
                    help="also print (JSON) the N slices with the highest mean entropy: where to annotate next")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--largest-component", action="store_true",
+                   help="keep only the largest 3D connected piece of each class (predict.largest_component; "
+                        "for a structure that is one piece)")
     add_device_option(p)
 
 
@@ -25,6 +28,8 @@ def cmd_predict(args) -> int:
     from ..io.wsi import is_slide
 
     model, cfg = load_predictor(args.checkpoint, device=pick_device(args.device))
+    if args.largest_component:
+        cfg.predict.largest_component = True
     if is_slide(args.image):
         from .slides import predict_slide
 

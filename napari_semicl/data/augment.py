@@ -36,8 +36,13 @@ def weak_augment(
     *,
     generator: torch.Generator,
     max_rotation_deg: float = 15.0,
+    max_scale: float = 0.0,
 ):
     """Random flips, rot90 and a small rotation, the same for ``x`` and ``y``.
+
+    ``max_scale`` > 0 also zooms each crop in the (H, W) plane by a factor drawn
+    log-uniformly in ``[1 / (1 + max_scale), 1 + max_scale]`` (with the rotation, one
+    resampling); 0 (the default) draws nothing more from ``generator``.
 
     ``x`` is (B, C, H, W) or, for volume patches, (B, C, D, H, W) (``y`` without C). In 3D
     the flips run along D as well; rot90 and the rotation stay in the (H, W) plane (slices
@@ -69,9 +74,13 @@ def weak_augment(
             x[i] = torch.rot90(x[i], int(k90[i]), dims=(-2, -1))
             if y is not None:
                 y[i] = torch.rot90(y[i], int(k90[i]), dims=(-2, -1))
-    if max_rotation_deg > 0:
+    if max_rotation_deg > 0 or max_scale > 0:
         angles = _uniform(b, -max_rotation_deg, max_rotation_deg, generator) * math.pi / 180
         cos, sin = torch.cos(angles), torch.sin(angles)
+        if max_scale > 0:  # sampling grid shrunk by the zoom factor: content grows by it
+            log_s = math.log1p(max_scale)
+            zoom = torch.exp(_uniform(b, -log_s, log_s, generator))
+            cos, sin = cos / zoom, sin / zoom
         theta = torch.zeros(b, 3, 4) if volume else torch.zeros(b, 2, 3)
         theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
         if volume:  # grid coordinates are (x, y, z) = (W, H, D): D stays where it is

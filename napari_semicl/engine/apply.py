@@ -34,6 +34,7 @@ from ..errors import DataError, SemiclError
 from ..io import ImageData, read_image, write_image, write_labels
 from .config import TrainConfig
 from .inference import Prediction, predict_volume
+from .postprocess import finish_prediction
 
 log = logging.getLogger(__name__)
 
@@ -156,11 +157,11 @@ class Predictor:
         image = np.asarray(image)
         self.check_image(image.shape, rgb=rgb)
         d = self.config.data
-        return predict_volume(
+        return finish_prediction(predict_volume(
             self.model, image, class_values=self.class_values, axis=d.axis, rgb=rgb, normalise=d.normalise,
             device=self.device, batch_size=batch_size, with_entropy=with_entropy,
             context_slices=d.context_slices if self.needs_volumes else 0,
-        )
+        ), self.config.predict)
 
 
 # --- files -------------------------------------------------------------------------------------

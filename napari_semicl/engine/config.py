@@ -155,6 +155,19 @@ class OptimConfig:
 
 
 @dataclass
+class PredictConfig:
+    """How a predicted mask is finished. ``largest_component``: keep only the largest 3D
+    connected component of each class (:func:`~napari_semicl.engine.postprocess.keep_largest_component`),
+    for a structure that is one piece (stray blobs of other chambers or vessels go)."""
+
+    largest_component: bool = False
+
+    def validate(self, path: str = "predict") -> None:
+        if not isinstance(self.largest_component, bool):
+            raise ConfigError(f"{path}.largest_component must be true or false, got {self.largest_component!r}")
+
+
+@dataclass
 class TrainConfig:
     """Everything a run needs; saved as ``config.json`` beside each checkpoint.
 
@@ -179,6 +192,7 @@ class TrainConfig:
     aua: AUAConfig = field(default_factory=AUAConfig)
     wsi: WSIConfig = field(default_factory=WSIConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     #: settings the user chose explicitly, by key path (e.g. 'data.patch_size'): the memory check
     #: refuses these when they do not fit instead of shrinking them (:func:`is_forced`);
     #: :func:`set_option` adds to it

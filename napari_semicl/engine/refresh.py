@@ -28,6 +28,7 @@ from ..data.tiles import TileDataset
 from .events import Evaluated, Notice, Preview
 from .inference import predict_slices
 from .metrics import dice_per_class
+from .postprocess import finish_labels
 
 RefreshStep = Callable[[object], list]
 
@@ -51,7 +52,8 @@ def volume_previews(trainer, pairs=None) -> list:
     predictions = trainer.predictions
     for p_idx in range(len(trainer.dataset.images)) if pairs is None else pairs:
         idx, ent = predictions.pair_classes(p_idx, with_entropy=True, notes=notes)
-        events.append(Preview(trainer.step, "prediction", p_idx, predictions.labels(idx, p_idx)))
+        labels = finish_labels(predictions.labels(idx, p_idx), trainer.config.predict)
+        events.append(Preview(trainer.step, "prediction", p_idx, labels))
         events.append(Preview(trainer.step, "entropy", p_idx, predictions.in_pair_layout(ent, p_idx)))
     events.extend(Notice("warning", note) for note in dict.fromkeys(notes))
     return events

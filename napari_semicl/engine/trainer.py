@@ -67,6 +67,7 @@ from .persistence import (
     save_trainer,
     trainer_state,
 )
+from .postprocess import finish_prediction
 from .prior import SlicePrior, dense_share
 
 __all__ = ["CHECKPOINT_NAME", "Trainer", "load_predictor", "run_sync"]
@@ -451,15 +452,16 @@ class Trainer:
     def predict_pair(self, pair_index: int = 0, *, with_entropy: bool = False) -> Prediction:
         """The mask of a training pair as the user gets it: the network's prediction, fused
         with the painted-slice prior where there is one (:mod:`~napari_semicl.engine.prior`)."""
-        return self.predictions.predict_pair(pair_index, with_entropy=with_entropy)
+        return finish_prediction(self.predictions.predict_pair(pair_index, with_entropy=with_entropy),
+                                 self.config.predict)
 
     def predict(self, image: np.ndarray, *, rgb: bool = False, with_entropy: bool = False) -> Prediction:
         """Predict any image with the trained network (the teacher when there is one)."""
-        return predict_volume(
+        return finish_prediction(predict_volume(
             self.method.inference_model(), image, class_values=self.dataset.class_values,
             axis=self.config.data.axis, rgb=rgb, normalise=self.config.data.normalise,
             device=self.device, with_entropy=with_entropy, context_slices=self.config.data.context_slices,
-        )
+        ), self.config.predict)
 
     # --- persistence (engine.persistence) ------------------------------------------------------
     def autosave_annotations(self) -> Notice | None:

@@ -107,6 +107,9 @@ ADVANCED: tuple[Field | str, ...] = (
     Field("intensity_spin", "Intensity augmentation", "data.intensity_augment", dspin(0.0, 1.0, 0.0, 2, 0.1),
           "Supervised: the chance that a painted crop also gets gamma, contrast, brightness, blur and noise, so that "
           "a network trained on a few volumes meets other volumes' contrasts (0.8 for a cohort; 0: off)"),
+    Field("largest_check", "Keep largest piece", "predict.largest_component", QCheckBox,
+          "Keep only the largest connected 3D piece of each class in the mask (for one structure, e.g. a heart "
+          "chamber: stray blobs elsewhere go); off for many objects (cells, nuclei)"),
     Field("lr_spin", "Learning rate", "optim.lr", dspin(1e-5, 1.0, 3e-3, 5, 1e-4)),
     Field("ema_spin", "EMA alpha (teacher)", "mean_teacher.ema_alpha", dspin(0.5, 0.9999, 0.99, 4, 0.001)),
     Field("consistency_spin", "Consistency weight", "mean_teacher.consistency", dspin(0.0, 100.0, 0.1, 3)),
