@@ -101,15 +101,10 @@ class AleatoricHead(nn.Module):
 
 
 @in_float32
-@in_float32
 def low_rank_logit_distribution(
     mu: torch.Tensor, log_diagonal: torch.Tensor, factor: torch.Tensor
 ) -> LowRankMultivariateNormal:
     """Eq. 5: ``N(mu, F F^T + D)`` over each image's flattened logits.
-
-    Built in float32 also under bf16/fp16 autocast: the capacitance matrix ``I + F^T D^-1 F``
-    that its Cholesky factorisation needs is positive-definite in exact arithmetic, not
-    necessarily once its products are rounded to 8 bits of mantissa.
 
     Parameters
     ----------
