@@ -135,7 +135,7 @@ class _PaintedOnly:
         return {}
 
 
-def test_the_annotator_stops_at_the_target_or_at_max_slices():
+def test_the_annotator_stops_at_the_target_or_at_max_slices(caplog):
     ref = np.zeros((24, 3, 3), np.uint8)
     ref[2:22] = 1  # 20 equal foreground slices
     case = _case(np.zeros(ref.shape, np.float32), ref)
@@ -152,8 +152,11 @@ def test_the_annotator_stops_at_the_target_or_at_max_slices():
     assert row["slices"] == even_slices(ref, 10, 0)
     # a first mask already at the target: nothing to paint
     product.start = lambda c: Shown(c.reference.data.copy())
-    row = annotate_volume(case, product, strategy="worst", axis=0, target=0.9, max_slices=10)
+    with caplog.at_level("INFO", logger="napari_semicl.bench.session"):
+        row = annotate_volume(case, product, strategy="worst", axis=0, target=0.9, max_slices=10)
     assert row["painted"] == 0 and row["dice_trace"] == [1.0] and row["reached"]
+    # the log says the first mask's Dice (the figure a cohort's network is judged by) as it comes
+    assert "vol: first mask (0 painted slices), Dice 1.0000" in caplog.text
 
 
 def test_summary_counts_volumes_after_the_warmup_and_the_dice_is_over_foreground_classes():

@@ -329,6 +329,7 @@ def annotate_volume(case: Case, product, *, strategy: str, axis: int, target: fl
     shown = product.start(case)
     painted: list[int] = []
     trace = [volume_dice(shown.mask, reference)]
+    log.info("%s: first mask (0 painted slices), Dice %.4f", case.name, trace[0])
     while trace[-1] < target and len(painted) < max_slices:
         chosen = next_painted(strategy, painted, reference=reference, axis=axis, mask=shown.mask,
                               entropy=shown.entropy)
