@@ -11,7 +11,7 @@ does not fit does it raise :class:`~napari_semicl.errors.DataError`.
 
 A 2D network predicts with its batch normalisation folded into the convolutions
 (:func:`~napari_semicl.models.ops.fold_batch_norm`, a copy: the same labels up to rounding,
-1.26x faster on 512 px slices, benchmarks/fold_bn.py). The network runs in the precision it
+1.23-1.26x faster on 512 px slices, benchmarks/fold_bn.py). The network runs in the precision it
 was trained in (its ``model.precision`` setting, recorded on it by
 :func:`~napari_semicl.engine.precision.prepare_model`; fp32 for a network built elsewhere):
 under bf16/fp16 autocast where that applies, each window's output cast to float32
