@@ -262,6 +262,38 @@ def test_with_fewer_painted_slices_than_network_min_painted_the_mask_is_the_fill
     assert (fused.argmax(1)[0] == 0).all() and bool((fill != 0).any())
 
 
+def test_a_cohort_network_takes_part_from_a_new_volume_s_first_painted_slice(brain):
+    """One painted slice gets the fill alone, unless another volume of the run has
+    ``network_min_painted`` painted slices: then painting the first slice of a new volume keeps
+    the network's mask where the fill is far (issue 26's session: the mask fell from the
+    network's 0.79 to the fill's 0.54)."""
+    image, reference = brain
+    one = AnnotatedPair(image, reveal_slices(reference, [11], 0), name="one slice")
+    cfg = _config("supervised", iterations=2)
+    alone = Trainer(cfg, [one], device=CPU)
+    run_sync(alone.run(previews=False))
+    assert alone.prior.painted_count == {0: 1} and alone.prior.fill_only(0)
+    cohort = Trainer(cfg, [AnnotatedPair(image, reveal_slices(reference, [3, 20], 0), name="two"), one],
+                     device=CPU)
+    run_sync(cohort.run(previews=False))
+    assert cohort.prior.painted_count == {0: 2, 1: 1}
+    assert not cohort.prior.fill_only(1) and not cohort.prior.fill_only(0)
+    # a confident network that says "background" on the slice farthest from slice 11 where the
+    # one-slice fill still holds foreground
+    k = len(cohort.dataset.class_values)
+    h, w = image.shape[1:]
+    certain = torch.zeros(1, k, h, w)
+    certain[:, 0] = 1.0
+    mask = alone.prior_mask(0)
+    far = max((z for z in range(mask.shape[0]) if z != 11 and mask[z].any()), key=lambda z: abs(z - 11))
+    fill = torch.from_numpy(mask[far].astype(np.int64))
+    assert torch.equal(alone.prior.fuser(0, agreement=1.0)(far, far + 1, certain).argmax(1)[0], fill)
+    fused = cohort.prior.fuser(1, agreement=1.0)(far, far + 1, certain).argmax(1)[0]
+    assert int((fused != 0).sum()) < int((fill != 0).sum())  # the network takes part
+    cohort.prior.config.network_min_painted = 3  # no volume has 3: the fill alone again
+    assert cohort.prior.fill_only(1)
+
+
 @pytest.mark.parametrize("method", sorted(available_methods()))
 def test_every_method_trains_with_the_prior(brain, method):
     image, reference = brain

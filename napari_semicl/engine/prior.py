@@ -28,7 +28,7 @@ turns it into what the one training loop composes, whatever the method:
   reproduce the fill next to the painted slices has little say anywhere; far from painted
   slices a confident, consistent network decides. On painted slices (``d = 0``) the result
   is the painted labels. A volume with fewer than ``network_min_painted`` painted slices gets
-  the fill alone.
+  the fill alone, unless another volume of the run has that many (a cohort's network).
 
 Functions first; :class:`SlicePrior` holds the per-volume arrays in the dataset's slice
 layout (slicing axis first).
@@ -90,7 +90,9 @@ class PriorConfig:
         the fill's 1.5 px fall-off, two painted slices measured +0.015 to +0.037 Dice over the
         fill with the network (left atrium, slices inside the structure, 4 volumes) and +0.000
         with the tips painted (2 volumes; the agreement gate kept the fill); with the earlier 3 px
-        fall-off the tips case had cost 0.06 (docs/benchmarks.md). One painted slice gets the fill.
+        fall-off the tips case had cost 0.06 (docs/benchmarks.md). One painted slice gets the fill,
+        unless another volume of the run has this many painted slices: a cohort's network takes
+        part from a new volume's first painted slice (:meth:`SlicePrior.fill_only`).
     beyond_length : float or None
         Slices: the prior's confidence length past the outermost painted slices, where the
         fill is an extrapolation (``None``: ``confidence_length`` there too). A network that
@@ -452,13 +454,23 @@ class SlicePrior:
             dices.append(2.0 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1))
         return float(np.mean(dices)) if dices else 1.0
 
+    def fill_only(self, pair_index: int) -> bool:
+        """Whether the pair's fused mask is the fill alone: fewer than ``network_min_painted``
+        painted slices in it, and none of the run's other volumes has that many (a cohort
+        network, trained on other painted volumes, takes part from a volume's first painted
+        slice: with the fill alone, painting that slice would take the network's mask away)."""
+        least = self.config.network_min_painted
+        if self.painted_count[pair_index] >= least:
+            return False
+        return not any(n >= least for p, n in self.painted_count.items() if p != pair_index)
+
     def fuser(self, pair_index: int, agreement: float = 1.0):
         """``fuse(start, stop, probs)`` for :func:`~napari_semicl.engine.inference.predict_slices`:
         the fused probabilities of slices ``[start, stop)`` of the pair; None without a prior.
         ``agreement``: :meth:`agreement` of the network being fused."""
         if pair_index not in self._volumes or not self.config.fuse:
             return None
-        fill_only = self.painted_count[pair_index] < self.config.network_min_painted  # PriorConfig doc
+        fill_only = self.fill_only(pair_index)  # PriorConfig doc
         _, class_index, dist = self._volumes[pair_index]
         weight = fusion_weight(dist, self.calibration[pair_index].length, self.config.beyond_length)
         n_classes = len(self.class_values)
