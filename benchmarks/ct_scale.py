@@ -163,15 +163,6 @@ def run_fill(code: Path, image, painted, spacing, axis: int, method: str, ref, s
     return out
 
 
-def write_nifti(path: Path, array: np.ndarray, spacing) -> None:
-    """``array`` as a NIfTI file the plugin reads back with the same axes (its reader reverses
-    NIfTI's x, y, z to napari's z, y, x order)."""
-    import nibabel as nib
-
-    affine = np.diag([*reversed([float(s) for s in spacing]), 1.0])
-    nib.save(nib.Nifti1Image(np.ascontiguousarray(array.T), affine), str(path))
-
-
 #: the log lines that end each phase of a train run (matched in order of arrival)
 _PHASES = (("trainer_started", " training "), ("prior_ready", "painted-slice prior"),
            ("first_step", " step "), ("trained", "(100%)"), ("prediction_written", "prediction written"))
@@ -181,8 +172,12 @@ def run_train(image, reference, painted, spacing, slices, axis: int, steps: int,
     """``napari-semicl train`` on the volume as a user runs it (see the module doc)."""
     import resource
 
-    write_nifti(tmp / "image.nii.gz", image.astype(np.float32), spacing)
-    write_nifti(tmp / "painted.nii.gz", painted.astype(np.uint8), spacing)
+    from napari_semicl.io import read_image, write_image, write_labels
+
+    # napari's axis order, as the plugin's reader gives it back (it reverses NIfTI's x, y, z)
+    geometry = {"spacing": tuple(float(s) for s in spacing), "axes_reversed": True}
+    write_image(tmp / "image.nii.gz", image, metadata=geometry, overwrite=True)
+    write_labels(tmp / "painted.nii.gz", painted.astype(np.uint8), metadata=geometry, overwrite=True)
     cmd = [sys.executable, "-m", "napari_semicl", "train", "--image", str(tmp / "image.nii.gz"), "--labels",
            str(tmp / "painted.nii.gz"), "--unpainted", "background", "--prior", "targets", "--axis", str(axis),
            "--iterations", str(steps), "--out", str(tmp / "run"), *extra]
@@ -210,8 +205,6 @@ def run_train(image, reference, painted, spacing, slices, axis: int, steps: int,
             out["prediction_seconds"] = marks["prediction_written"] - marks["trained"]
     pred_path = tmp / "run" / "prediction.nii.gz"
     if proc.returncode == 0 and pred_path.exists():
-        from napari_semicl.io import read_image
-
         pred = np.asarray(read_image(pred_path).data)
         out["dice_unpainted"] = dice_unpainted(pred, reference, slices, axis)
     return out

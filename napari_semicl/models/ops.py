@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 from collections.abc import Iterator
@@ -176,8 +177,8 @@ def fold_batch_norm(model: torch.nn.Module) -> torch.nn.Module:
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    copy = __import__("copy").deepcopy(model).eval()
-    for module in copy.modules():
+    folded = copy.deepcopy(model).eval()
+    for module in folded.modules():
         if not isinstance(module, torch.nn.Sequential):
             continue
         names = list(module._modules)
@@ -189,4 +190,4 @@ def fold_batch_norm(model: torch.nn.Module) -> torch.nn.Module:
             if conv.weight.is_contiguous(memory_format=torch.channels_last):
                 fused = fused.to(memory_format=torch.channels_last)
             module._modules[first], module._modules[second] = fused, torch.nn.Identity()
-    return copy
+    return folded
