@@ -32,6 +32,22 @@ def predictions_of(events, pair_index, since=0):
             and e.pair_index == pair_index]
 
 
+def start_until_stop(train, tmp_path, refresh_every: int) -> list:
+    """Press Train on the dock's pairs, set for a run that goes on until Stop (the fastest fill,
+    32 px crops, a refresh every ``refresh_every`` steps); returns the list the dock's events
+    are appended to."""
+    train.background_check.setChecked(True)
+    train.prior_controls.interpolation_combo.setCurrentText("sdf")  # the fastest fill (test speed)
+    train.iterations_spin.setValue(100_000)  # runs until Stop
+    train.patch_spin.setValue(32)
+    train.refresh_spin.setValue(refresh_every)
+    train.run_folder_edit.setText(str(tmp_path / "run"))
+    events: list = []
+    train.event_received.connect(events.append)
+    assert train.start_training()
+    return events
+
+
 def test_the_next_volume_joins_a_running_cohort(make_napari_viewer, qtbot, tmp_path, small_network):
     viewer = make_napari_viewer()
     image, reference = load_sample_volume()
@@ -44,15 +60,7 @@ def test_the_next_volume_joins_a_running_cohort(make_napari_viewer, qtbot, tmp_p
     small_network(train)
     train.set_pair(0, viewer.layers["A"], viewer.layers["A painted"])
     train.set_pair(1, viewer.layers["B"], viewer.layers["B painted"])
-    train.background_check.setChecked(True)
-    train.prior_controls.interpolation_combo.setCurrentText("sdf")  # the fastest fill (test speed)
-    train.iterations_spin.setValue(100_000)  # runs until Stop
-    train.patch_spin.setValue(32)
-    train.refresh_spin.setValue(10)
-    train.run_folder_edit.setText(str(tmp_path / "run"))
-    events: list = []
-    train.event_received.connect(events.append)
-    assert train.start_training()
+    events = start_until_stop(train, tmp_path, refresh_every=10)
     trainer = train.trainer
     qtbot.waitUntil(lambda: len(predictions_of(events, 1)) >= 2 and trainer.step >= 10, timeout=120_000)
 
@@ -170,15 +178,7 @@ def test_an_image_the_run_cannot_take_is_named_and_training_goes_on(make_napari_
     _, train = viewer.window.add_plugin_dock_widget("napari-semicl", "Train (semi-supervised)")
     small_network(train)
     train.set_pair(0, viewer.layers["B"], viewer.layers["B painted"])
-    train.background_check.setChecked(True)
-    train.prior_controls.interpolation_combo.setCurrentText("sdf")
-    train.iterations_spin.setValue(100_000)
-    train.patch_spin.setValue(32)
-    train.refresh_spin.setValue(5)
-    train.run_folder_edit.setText(str(tmp_path / "run"))
-    events: list = []
-    train.event_received.connect(events.append)
-    assert train.start_training()
+    events = start_until_stop(train, tmp_path, refresh_every=5)
     trainer = train.trainer
     qtbot.waitUntil(lambda: trainer.step >= 3, timeout=120_000)
     grey = image.data[crop]

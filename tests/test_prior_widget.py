@@ -32,18 +32,26 @@ def dock(make_napari_viewer):
     return viewer, img, ref, train
 
 
+def _discs(depth: int, size: int, image_radius: float, painted_radii: dict[int, float]):
+    """A volume whose image is the same textured disc (radius ``image_radius``) on every slice,
+    and concentric discs painted on the slices of ``painted_radii`` (slice -> radius); returns
+    the image, the painted labels and the in-plane distance to the centre."""
+    yy, xx = np.mgrid[:size, :size]
+    radius = np.hypot(yy - (size - 1) / 2, xx - (size - 1) / 2)
+    texture = np.random.default_rng(0).random((size, size))
+    image = np.repeat((texture + (radius < image_radius))[None], depth, axis=0).astype(np.float32)
+    painted = np.zeros((depth, size, size), np.uint16)
+    for z, r in painted_radii.items():
+        painted[z] = radius <= r
+    return image, painted, radius
+
+
 def test_fill_between_slices_shows_the_interpolation_before_training(make_napari_viewer, qtbot):
     """Two concentric discs painted (radius 6 on slice 3, 12 on slice 7) of a volume whose image
     is the same on every slice: the fill's radius grows linearly between them (7.5, 9, 10.5)
     and, past them, shrinks by 1.5 px a slice (docs/prior.md), whatever the fill's code."""
-    depth, size = 11, 48
-    yy, xx = np.mgrid[:size, :size]
-    radius = np.hypot(yy - 23.5, xx - 23.5)
-    texture = np.random.default_rng(0).random((size, size))
-    image = np.repeat((texture + (radius < 15))[None], depth, axis=0).astype(np.float32)
-    painted = np.zeros((depth, size, size), np.uint16)
-    painted[3] = radius <= 6
-    painted[7] = radius <= 12
+    depth = 11
+    image, painted, radius = _discs(depth, 48, 15, {3: 6, 7: 12})
     viewer = make_napari_viewer()
     viewer.add_image(image, name="disc")
     viewer.add_labels(painted, name="painted")
@@ -75,14 +83,7 @@ def test_fill_between_slices_shows_the_interpolation_before_training(make_napari
 def test_fill_between_slices_on_the_docks_slicing_axis_1_and_2(make_napari_viewer, qtbot, axis):
     """Issue 27: the same discs painted across axis 1 or 2 (the dock's Slicing axis) give the
     same fill as axis 0 on the transposed volume (the flow fill failed there before)."""
-    depth, size = 9, 40
-    yy, xx = np.mgrid[:size, :size]
-    radius = np.hypot(yy - 19.5, xx - 19.5)
-    texture = np.random.default_rng(0).random((size, size))
-    image0 = np.repeat((texture + (radius < 13))[None], depth, axis=0).astype(np.float32)
-    painted0 = np.zeros((depth, size, size), np.uint16)
-    painted0[2] = radius <= 5
-    painted0[6] = radius <= 10
+    image0, painted0, radius = _discs(9, 40, 13, {2: 5, 6: 10})
     fills = {}
     for a in (0, axis):
         viewer = make_napari_viewer()
