@@ -64,6 +64,27 @@ def test_low_rank_samples_have_covariance_FFt_plus_D(antithetic):
         torch.testing.assert_close(x.mean(dim=0), mu.reshape(-1))
 
 
+def test_low_rank_sampling_survives_a_singular_capacitance():
+    # factor columns all alike and a diagonal at its floor: I + F^T D^-1 F is singular in
+    # float32 and torch's LowRankMultivariateNormal failed to build ("not positive-definite",
+    # the AUA cohort run's crash at step 587); sampling needs no factorisation
+    g = torch.Generator().manual_seed(0)
+    b, k, r, h, w = 2, 2, 8, 16, 16
+    mu = torch.randn(b, k, h, w, generator=g)
+    col = 3 * torch.randn(b, k, 1, h, w, generator=g)
+    factor = col.expand(b, k, r, h, w).contiguous().requires_grad_()
+    dist = low_rank_logit_distribution(mu, torch.full_like(mu, -30.0), factor)
+    torch.manual_seed(2)
+    x = sample_logits(dist, 4000)  # (S, B, N)
+    assert bool(x.isfinite().all())
+    # F F^T with r equal columns is r * c c^T: the variance of each logit is r c^2 (+ 1e-5)
+    var = ((x - mu.reshape(b, -1)) ** 2).mean(dim=0)
+    expected = r * col.reshape(b, -1) ** 2 + 1e-5
+    assert float(((var - expected).abs() / expected).median()) < 0.1
+    x.sum().backward()  # gradients reach the factor
+    assert factor.grad is not None and bool(factor.grad.isfinite().all())
+
+
 # --- Eq. 3-4: the Monte-Carlo likelihood -----------------------------------------------------------
 def test_mc_loss_by_hand_on_two_samples():
     # one image, two pixels, K = 2, S = 2 samples

@@ -40,12 +40,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributions import LowRankMultivariateNormal
 
 from ..data.annotation import IGNORE_INDEX
 from ..errors import CheckpointError, ConfigError, check_choice, check_positive
 from ..models import build_model
-from ..models.heads import AleatoricHead, ProjectionHead, low_rank_logit_distribution, sample_logits
+from ..models.heads import AleatoricHead, LowRankLogitGaussian, ProjectionHead, low_rank_logit_distribution, sample_logits
 from ..models.ops import argmax_classes, in_float32, normalised_entropy, window_slices
 from .base import StageChange, eval_mode, review_arrays, weak_augment
 from .boundary_contrast import boundary_mask, pixel_vectors, sample_pixels, supervised_contrastive_loss
@@ -268,7 +267,7 @@ class AUA(MeanTeacher):
             return self._stage1(x, y, u, step, generator)
         return self._stage2(x, y, u)
 
-    def _distribution(self, logits, features, head) -> LowRankMultivariateNormal:
+    def _distribution(self, logits, features, head) -> LowRankLogitGaussian:
         log_d, factor = head(features)
         return low_rank_logit_distribution(logits, log_d, factor)
 

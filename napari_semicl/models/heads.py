@@ -7,8 +7,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributions import LowRankMultivariateNormal
-
 from .ops import in_float32
 
 #: variance added to exp(log-diagonal) (METHODS.md §2: D = exp(.) + 1e-5)
@@ -100,10 +98,53 @@ class AleatoricHead(nn.Module):
         return self.log_diagonal(flat).float().view(b, self.n_classes, *spatial), factor
 
 
+class LowRankLogitGaussian:
+    """``N(loc, F F^T + D)`` over a batch of flattened logit maps, for reparameterised sampling.
+
+    What AUA needs of Eq. 5 is samples and their gradients, never a density. torch's
+    ``LowRankMultivariateNormal`` factorises its capacitance matrix ``I + F^T D^-1 F``
+    (Cholesky) when it is built, for ``log_prob`` and ``entropy``; with a tiny diagonal and
+    factor columns that grow alike during training that r x r matrix is singular in float32
+    and the factorisation fails ("not positive-definite"; a cohort run stopped so at step
+    587). Sampling needs no factorisation: ``loc + F e_r + sqrt(D) e_N`` with standard normal
+    ``e_r`` (r values) and ``e_N`` (N values) has covariance ``F F^T + D`` exactly.
+
+    Parameters
+    ----------
+    loc : Tensor
+        (B, N) means.
+    cov_factor : Tensor
+        (B, N, r) low-rank factor F.
+    cov_diag : Tensor
+        (B, N) positive diagonal D.
+    """
+
+    def __init__(self, loc: torch.Tensor, cov_factor: torch.Tensor, cov_diag: torch.Tensor) -> None:
+        if cov_factor.shape[:-1] != loc.shape or cov_diag.shape != loc.shape:
+            raise ValueError(
+                f"shapes do not agree: loc {tuple(loc.shape)}, cov_factor {tuple(cov_factor.shape)} "
+                f"(expected loc's + (r,)), cov_diag {tuple(cov_diag.shape)} (expected loc's)"
+            )
+        self.loc, self.cov_factor, self.cov_diag = loc, cov_factor, cov_diag
+
+    @property
+    def covariance_matrix(self) -> torch.Tensor:
+        """(B, N, N) ``F F^T + D``: for checks on small N only."""
+        return self.cov_factor @ self.cov_factor.transpose(-1, -2) + torch.diag_embed(self.cov_diag)
+
+    def rsample(self, sample_shape: tuple[int, ...] | torch.Size = ()) -> torch.Tensor:
+        """(*sample_shape, B, N) samples that carry gradients to loc, F and D (global RNG)."""
+        sample_shape = tuple(sample_shape)
+        opts = {"dtype": self.loc.dtype, "device": self.loc.device}
+        e_r = torch.randn(sample_shape + self.cov_factor.shape[:-2] + self.cov_factor.shape[-1:] + (1,), **opts)
+        e_n = torch.randn(sample_shape + self.loc.shape, **opts)
+        return self.loc + (self.cov_factor @ e_r).squeeze(-1) + self.cov_diag.sqrt() * e_n
+
+
 @in_float32
 def low_rank_logit_distribution(
     mu: torch.Tensor, log_diagonal: torch.Tensor, factor: torch.Tensor
-) -> LowRankMultivariateNormal:
+) -> LowRankLogitGaussian:
     """Eq. 5: ``N(mu, F F^T + D)`` over each image's flattened logits.
 
     Parameters
@@ -116,8 +157,8 @@ def low_rank_logit_distribution(
 
     Returns
     -------
-    LowRankMultivariateNormal
-        Batch shape (B,), event shape (K*prod(spatial),), flattened in (K, *spatial) order,
+    LowRankLogitGaussian
+        Over (B, K*prod(spatial)) logits, flattened in (K, *spatial) order,
         so that ``sample.view(mu.shape)`` is a logit map.
     """
     b = mu.shape[0]
@@ -125,11 +166,11 @@ def low_rank_logit_distribution(
     loc = mu.reshape(b, -1)
     cov_factor = factor.movedim(2, -1).reshape(b, -1, r)
     cov_diag = log_diagonal.reshape(b, -1).exp() + DIAGONAL_EPS
-    return LowRankMultivariateNormal(loc, cov_factor, cov_diag, validate_args=False)
+    return LowRankLogitGaussian(loc, cov_factor, cov_diag)
 
 
 @in_float32
-def sample_logits(dist: LowRankMultivariateNormal, n_samples: int, *, antithetic: bool = True) -> torch.Tensor:
+def sample_logits(dist: LowRankLogitGaussian, n_samples: int, *, antithetic: bool = True) -> torch.Tensor:
     """(S, B, N) reparameterised samples; antithetic pairs ``mu + e`` and ``mu - e``.
 
     With ``antithetic`` the first S/2 samples are ``mu + e_j`` and the last S/2 are
