@@ -12,7 +12,6 @@ import torch
 from napari_semicl.data import AnnotatedPair
 from napari_semicl.engine import TrainConfig, Trainer
 from napari_semicl.engine import apply as apply_mod
-from napari_semicl.engine import trainer as trainer_mod
 from napari_semicl.engine.apply import Predictor
 from napari_semicl.engine.inference import Prediction
 from napari_semicl.engine.refresh import volume_previews
@@ -58,7 +57,7 @@ def test_off_by_default():
 def test_trainer_predict_and_predict_pair(monkeypatch, largest, expected):
     trainer = _trainer(largest)
     entropy = np.full(SHAPE, 0.5, np.float32)
-    monkeypatch.setattr(trainer_mod, "predict_volume", lambda *a, **k: Prediction(_blobs(), entropy))
+    monkeypatch.setattr(apply_mod, "predict_volume", lambda *a, **k: Prediction(_blobs(), entropy))
     pred = trainer.predict(np.zeros(SHAPE, np.float32))
     assert _counts(pred.labels) == expected and pred.entropy is entropy
     monkeypatch.setattr(trainer.predictions, "predict_pair", lambda *a, **k: Prediction(_blobs()))

@@ -47,6 +47,7 @@ from ..methods import get_method
 from ..models import build_model
 from . import inbox as _inbox
 from . import refresh as _refresh
+from .apply import Predictor
 from .budget import Budget, warm_up_notice
 from .config import MEMORY_SETTINGS, TrainConfig
 from .device import describe_device, pick_device, set_threads
@@ -54,7 +55,7 @@ from .precision import MixedPrecision
 from .distributed import setup as setup_distributed
 from .events import Analysed, DataUpdated, Finished, Notice, Preview, Reviewed, Started, StepDone
 from .fusion import PairPredictions, same_annotation
-from .inference import Prediction, is_out_of_memory, predict_volume
+from .inference import Prediction, is_out_of_memory
 from .memory import fit_training_memory
 from .persistence import (
     CHECKPOINT_NAME,
@@ -455,13 +456,17 @@ class Trainer:
         return finish_prediction(self.predictions.predict_pair(pair_index, with_entropy=with_entropy),
                                  self.config.predict)
 
+    def predictor(self) -> Predictor:
+        """The trained network (the teacher when there is one) as a :class:`Predictor` that
+        shares this trainer's weights: predicting between steps costs no copy.
+        :meth:`Predictor.from_trainer` gives an independent copy, to predict while training
+        goes on in another thread."""
+        return Predictor(self.method.inference_model(), self.config, self.device, "the current run")
+
     def predict(self, image: np.ndarray, *, rgb: bool = False, with_entropy: bool = False) -> Prediction:
-        """Predict any image with the trained network (the teacher when there is one)."""
-        return finish_prediction(predict_volume(
-            self.method.inference_model(), image, class_values=self.dataset.class_values,
-            axis=self.config.data.axis, rgb=rgb, normalise=self.config.data.normalise,
-            device=self.device, with_entropy=with_entropy, context_slices=self.config.data.context_slices,
-        ), self.config.predict)
+        """Predict any image with the trained network, finished as the user gets it (the same
+        path as the Apply dock and ``napari-semicl predict``: :meth:`Predictor.predict`)."""
+        return self.predictor().predict(image, rgb=rgb, with_entropy=with_entropy)
 
     # --- persistence (engine.persistence) ------------------------------------------------------
     def autosave_annotations(self) -> Notice | None:
