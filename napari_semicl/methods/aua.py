@@ -261,7 +261,7 @@ class AUA(MeanTeacher):
 
     # --- the step -------------------------------------------------------------------------------
     def compute_losses(self, batch, *, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        x, y = weak_augment(batch.x_l, batch.y_l, generator=generator)
+        x, y = self.labelled_view(batch, generator)
         u = None if batch.x_u is None else weak_augment(batch.x_u, generator=generator)[0]
         if self.stage == 1:
             return self._stage1(x, y, u, step, generator)

@@ -127,6 +127,17 @@ class Method:
         return [p for p in self.modules.parameters() if p.requires_grad]
 
     # --- the step -----------------------------------------------------------------------
+    def labelled_view(self, batch, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The labelled crops and targets as every method learns them: flips and rotation
+        (the weak view), then, with ``data.intensity_augment`` = p > 0, each of the strong
+        view's intensity changes (gamma, contrast, brightness, blur, noise; no cutout) with
+        probability p, so that all methods meet the same augmented painted data."""
+        x, y = weak_augment(batch.x_l, batch.y_l, generator=generator)
+        p = self.config.data.intensity_augment
+        if p > 0:
+            x = strong_augment(x, generator=generator, p=p, cutout=0.0)
+        return x, y
+
     def compute_losses(self, batch, *, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Weighted losses by name for one step (their sum is optimised)."""
         raise NotImplementedError

@@ -73,7 +73,7 @@ class MeanTeacher(Method):
 
     def student_views(self, batch, generator: torch.Generator):
         """Weak labelled view + targets, weak and strong unlabelled views (aligned)."""
-        x, y = weak_augment(batch.x_l, batch.y_l, generator=generator)
+        x, y = self.labelled_view(batch, generator)
         if batch.x_u is None:
             return x, y, None, None
         u_weak, _ = weak_augment(batch.x_u, generator=generator)

@@ -159,7 +159,7 @@ class PatchContrastMethod(MeanTeacher):
     # --- the step -------------------------------------------------------------------------
     def compute_losses(self, batch, *, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        x, y = weak_augment(batch.x_l, batch.y_l, generator=generator)
+        x, y = self.labelled_view(batch, generator)
         s_logits_l, s_feat_l = self.student(x, return_features=True)
         losses = supervised_loss(s_logits_l, y) if cfg.supervised_dice else {"ce": masked_cross_entropy(s_logits_l, y)}
         unl = None

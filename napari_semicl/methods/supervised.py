@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, strong_augment, weak_augment
+from .base import Method
 from .losses import supervised_loss
 
 
@@ -15,8 +15,5 @@ class Supervised(Method):
     name = "supervised"
 
     def compute_losses(self, batch, *, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        x, y = weak_augment(batch.x_l, batch.y_l, generator=generator)
-        p = self.config.data.intensity_augment
-        if p > 0:  # gamma, contrast, brightness, blur and noise of the labelled crops (no cutout)
-            x = strong_augment(x, generator=generator, p=p, cutout=0.0)
+        x, y = self.labelled_view(batch, generator)
         return supervised_loss(self.student(x), y)

@@ -105,7 +105,7 @@ ADVANCED: tuple[Field | str, ...] = (
     PRIOR_ROWS,
     RUN_FOLDER,
     Field("intensity_spin", "Intensity augmentation", "data.intensity_augment", dspin(0.0, 1.0, 0.0, 2, 0.1),
-          "Supervised: the chance that a painted crop also gets gamma, contrast, brightness, blur and noise, so that "
+          "Every method: the chance that a painted crop also gets gamma, contrast, brightness, blur and noise, so that "
           "a network trained on a few volumes meets other volumes' contrasts (0.8 for a cohort; 0: off)"),
     Field("largest_check", "Keep largest piece", "predict.largest_component", QCheckBox,
           "Keep only the largest connected 3D piece of each class in the mask (for one structure, e.g. a heart "
