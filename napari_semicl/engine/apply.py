@@ -34,6 +34,7 @@ from ..errors import DataError, SemiclError
 from ..io import ImageData, read_image, write_image, write_labels
 from .config import TrainConfig
 from .inference import Prediction, predict_volume
+from .persistence import load_predictor
 from .postprocess import finish_prediction
 
 log = logging.getLogger(__name__)
@@ -75,12 +76,13 @@ class Predictor:
     config: TrainConfig
     device: torch.device
     source: str = ""
+    #: whether ``model`` is a live trainer's own network (:meth:`Trainer.predictor`), which
+    #: training goes on changing: :meth:`from_trainer` then copies it
+    shared: bool = False
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: torch.device | None = None) -> Predictor:
         """Load a checkpoint (plain data only: an untrusted file raises CheckpointError)."""
-        from .trainer import load_predictor
-
         model, config = load_predictor(path, device=device)
         return cls(model, config, next(model.parameters()).device, str(path))
 
@@ -89,15 +91,16 @@ class Predictor:
         """A copy of ``trainer``'s predicting network and config, independent of it (the
         trainer may train on while this one predicts). Take it between steps (not while a
         step runs in another thread). A run on several devices (``DistributedRun``) gives its
-        last checkpoint's."""
-        from .launch import DistributedRun
+        last checkpoint's (its :meth:`predictor` loads it)."""
+        predictor = trainer.predictor()
+        return predictor.copy() if predictor.shared else predictor
 
-        if isinstance(trainer, DistributedRun):  # trained in other processes
-            return cls.from_checkpoint(trainer.checkpoint)
-        model = copy.deepcopy(trainer.method.inference_model()).eval()
+    def copy(self) -> Predictor:
+        """A frozen copy of the network and the config, sharing nothing with the original."""
+        model = copy.deepcopy(self.model).eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        return cls(model, copy.deepcopy(trainer.config), trainer.device, "the current run")
+        return Predictor(model, copy.deepcopy(self.config), self.device, self.source)
 
     # --- what the network expects ----------------------------------------------------------
     @property

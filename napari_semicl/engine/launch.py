@@ -50,6 +50,7 @@ from ..errors import ConfigError, DataError
 from ..io import atomic_path
 from ..methods import get_method
 from . import events as events_module
+from .apply import Predictor
 from .config import TrainConfig
 from .inbox import dispatch
 from .events import Finished, StepDone
@@ -167,6 +168,10 @@ class DistributedRun:
     @property
     def checkpoint(self) -> Path:
         return self.out_dir / "checkpoint.pt"
+
+    def predictor(self) -> Predictor:
+        """The network of the last checkpoint the ranks wrote (they train in other processes)."""
+        return Predictor.from_checkpoint(self.checkpoint)
 
     # --- what the dock calls ------------------------------------------------------------------
     def request_stop(self) -> None:

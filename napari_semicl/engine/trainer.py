@@ -461,7 +461,7 @@ class Trainer:
         shares this trainer's weights: predicting between steps costs no copy.
         :meth:`Predictor.from_trainer` gives an independent copy, to predict while training
         goes on in another thread."""
-        return Predictor(self.method.inference_model(), self.config, self.device, "the current run")
+        return Predictor(self.method.inference_model(), self.config, self.device, "the current run", shared=True)
 
     def predict(self, image: np.ndarray, *, rgb: bool = False, with_entropy: bool = False) -> Prediction:
         """Predict any image with the trained network, finished as the user gets it (the same
