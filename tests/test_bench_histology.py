@@ -8,6 +8,8 @@ that colour features separate, so the forest must score well on the unlabelled t
 
 from __future__ import annotations
 
+import json
+
 import imageio.v3 as iio
 import numpy as np
 import pytest
@@ -54,3 +56,34 @@ def test_monuseg_scores_the_unlabelled_tiles_with_cpu_seconds(tile_folder, tmp_p
     assert out.exists()
     with pytest.raises(DataError, match="labelled must be"):
         monuseg(tile_folder, labelled=3, methods=["rf"], budget_steps=1, out=tmp_path / "x.json")
+
+
+def test_monuseg_cpu_budget_calibrates_steps_and_stops_at_the_budget(tile_folder, tmp_path, monkeypatch):
+    import napari_semicl.bench.histology as histology
+
+    # the probe measures the CPU-seconds per step; the run gets the steps that fill the budget
+    data = monuseg(tile_folder, labelled=1, methods=["supervised"], budget_cpu_s=0.5, out=tmp_path / "c.json",
+                   device=torch.device("cpu"), patch_size=32)
+    assert data["budget_cpu_s"] == 0.5 and data["budget_steps"] is None
+    row = data["methods"]["supervised"]["per_volume"][0]
+    assert row["planned_steps"] == max(1, int(0.5 / row["probe_cpu_s_per_step"]))
+    assert 1 <= row["steps"] <= row["planned_steps"]
+    # a probe that under-estimates the cost: the run stops once the budget is spent, not at its steps
+    monkeypatch.setattr(histology, "calibrate_steps", lambda *a, **k: (10_000, 1e-4))
+    data = monuseg(tile_folder, labelled=1, methods=["supervised"], budget_cpu_s=0.3, out=tmp_path / "d.json",
+                   device=torch.device("cpu"), patch_size=32)
+    row = data["methods"]["supervised"]["per_volume"][0]
+    assert row["planned_steps"] == 10_000 and row["steps"] < 10_000
+    with pytest.raises(DataError, match="one budget"):
+        monuseg(tile_folder, labelled=1, methods=["rf"], out=tmp_path / "x.json")
+    with pytest.raises(DataError, match="one budget"):
+        monuseg(tile_folder, labelled=1, methods=["rf"], budget_steps=2, budget_cpu_s=1.0, out=tmp_path / "x.json")
+
+
+def test_cli_histology_takes_a_cpu_second_budget(tile_folder, tmp_path):
+    from napari_semicl.cli import main
+
+    out = tmp_path / "cli.json"
+    assert main(["bench", "histology", "--data", str(tile_folder), "--labelled", "1", "--methods", "supervised",
+                 "--budget-cpu-s", "0.5", "--patch-size", "32", "--device", "cpu", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["budget_cpu_s"] == 0.5
