@@ -51,7 +51,7 @@ def test_monuseg_scores_the_unlabelled_tiles_with_cpu_seconds(tile_folder, tmp_p
     rf, sup = data["methods"]["rf"], data["methods"]["supervised"]
     assert [r["name"] for r in rf["per_volume"]] == ["tile1", "tile2"]
     assert rf["dice"] > 0.6  # the mask is a colour threshold: the forest learns it
-    assert all(r["steps"] == 2 and r["train_cpu_s"] > 0 and r["cpu_s"] >= r["train_cpu_s"]
+    assert all(r["steps"] == 2 and r["train_cpu_s"] > 0 and 0 <= r["recall"] <= 1 and r["cpu_s"] >= r["train_cpu_s"]
                for r in sup["per_volume"])
     assert out.exists()
     with pytest.raises(DataError, match="labelled must be"):
@@ -87,3 +87,16 @@ def test_cli_histology_takes_a_cpu_second_budget(tile_folder, tmp_path):
     assert main(["bench", "histology", "--data", str(tile_folder), "--labelled", "1", "--methods", "supervised",
                  "--budget-cpu-s", "0.5", "--patch-size", "32", "--device", "cpu", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["budget_cpu_s"] == 0.5
+
+
+def test_nuclei_counts_separates_misses_from_false_alarms():
+    from napari_semicl.bench.histology import nuclei_counts
+
+    ref = np.zeros((4, 4), np.uint8)
+    ref[:2] = 1                              # 8 nuclei pixels
+    pred = np.zeros_like(ref)
+    pred[:1] = 1                             # 4 of them found, no false alarm
+    pred[3, :2] = 1                          # 2 false alarms
+    c = nuclei_counts(pred, ref)
+    assert c["recall"] == 0.5 and c["precision"] == 4 / 6
+    assert c["fg_ref"] == 0.5 and c["fg_pred"] == 6 / 16

@@ -56,6 +56,15 @@ def find_tiles(folder) -> list[Case]:
     return cases
 
 
+def nuclei_counts(pred: np.ndarray, reference: np.ndarray) -> dict:
+    """Pixel precision and recall of the foreground (label > 0), and the foreground fractions
+    predicted and referenced: whether a tile's Dice is lost to misses or to false alarms."""
+    p, r = np.asarray(pred) > 0, np.asarray(reference) > 0
+    hit = float(np.count_nonzero(p & r))
+    return {"precision": hit / max(np.count_nonzero(p), 1), "recall": hit / max(np.count_nonzero(r), 1),
+            "fg_pred": float(p.mean()), "fg_ref": float(r.mean())}
+
+
 def _rgb_features(image: np.ndarray) -> np.ndarray:
     """(H, W, F) multiscale intensity/edge/texture features of a normalised RGB tile."""
     norm = normalise_image(image, "percentile", rgb=True)
@@ -170,8 +179,8 @@ def monuseg(folder, *, labelled: int = 2, methods, budget_steps: int | None = No
         t0, c0 = time.perf_counter(), time.process_time()
         if method == "rf":
             preds, seconds = rf_tiles(train, test, seed=seed)
-            rows = [{"name": c.name, "train_s": seconds, "steps": None, **score(preds[c.name], c.reference.data)}
-                    for c in test]
+            rows = [{"name": c.name, "train_s": seconds, "steps": None, **score(preds[c.name], c.reference.data),
+                     **nuclei_counts(preds[c.name], c.reference.data)} for c in test]
         else:
             pairs = [AnnotatedPair(c.image.data, c.reference.data, rgb=True, name=c.name) for c in train]
             pairs += [AnnotatedPair(c.image.data, None, rgb=True, name=c.name) for c in test]
@@ -191,7 +200,8 @@ def monuseg(folder, *, labelled: int = 2, methods, budget_steps: int | None = No
             for c in test:
                 pred = trainer.predict(c.image.data, rgb=True).labels
                 rows.append({"name": c.name, "train_s": finished.seconds, "train_cpu_s": train_cpu_s,
-                             "steps": finished.step, **extra, **score(pred, c.reference.data)})
+                             "steps": finished.step, **extra, **score(pred, c.reference.data),
+                             **nuclei_counts(pred, c.reference.data)})
         for row in rows:
             row["wall_s"] = time.perf_counter() - t0
             row["cpu_s"] = time.process_time() - c0  # this process's CPU time (training + inference)
