@@ -8,6 +8,8 @@ that colour features separate, so the forest must score well on the unlabelled t
 
 from __future__ import annotations
 
+import json
+
 import imageio.v3 as iio
 import numpy as np
 import pytest
@@ -49,8 +51,52 @@ def test_monuseg_scores_the_unlabelled_tiles_with_cpu_seconds(tile_folder, tmp_p
     rf, sup = data["methods"]["rf"], data["methods"]["supervised"]
     assert [r["name"] for r in rf["per_volume"]] == ["tile1", "tile2"]
     assert rf["dice"] > 0.6  # the mask is a colour threshold: the forest learns it
-    assert all(r["steps"] == 2 and r["train_cpu_s"] > 0 and r["cpu_s"] >= r["train_cpu_s"]
+    assert all(r["steps"] == 2 and r["train_cpu_s"] > 0 and 0 <= r["recall"] <= 1 and r["cpu_s"] >= r["train_cpu_s"]
                for r in sup["per_volume"])
     assert out.exists()
     with pytest.raises(DataError, match="labelled must be"):
         monuseg(tile_folder, labelled=3, methods=["rf"], budget_steps=1, out=tmp_path / "x.json")
+
+
+def test_monuseg_cpu_budget_calibrates_steps_and_stops_at_the_budget(tile_folder, tmp_path, monkeypatch):
+    import napari_semicl.bench.histology as histology
+
+    # the probe measures the CPU-seconds per step; the run gets the steps that fill the budget
+    data = monuseg(tile_folder, labelled=1, methods=["supervised"], budget_cpu_s=0.5, out=tmp_path / "c.json",
+                   device=torch.device("cpu"), patch_size=32)
+    assert data["budget_cpu_s"] == 0.5 and data["budget_steps"] is None
+    row = data["methods"]["supervised"]["per_volume"][0]
+    assert row["planned_steps"] == max(1, int(0.5 / row["probe_cpu_s_per_step"]))
+    assert 1 <= row["steps"] <= row["planned_steps"]
+    # a probe that under-estimates the cost: the run stops once the budget is spent, not at its steps
+    monkeypatch.setattr(histology, "calibrate_steps", lambda *a, **k: (10_000, 1e-4))
+    data = monuseg(tile_folder, labelled=1, methods=["supervised"], budget_cpu_s=0.3, out=tmp_path / "d.json",
+                   device=torch.device("cpu"), patch_size=32)
+    row = data["methods"]["supervised"]["per_volume"][0]
+    assert row["planned_steps"] == 10_000 and row["steps"] < 10_000
+    with pytest.raises(DataError, match="one budget"):
+        monuseg(tile_folder, labelled=1, methods=["rf"], out=tmp_path / "x.json")
+    with pytest.raises(DataError, match="one budget"):
+        monuseg(tile_folder, labelled=1, methods=["rf"], budget_steps=2, budget_cpu_s=1.0, out=tmp_path / "x.json")
+
+
+def test_cli_histology_takes_a_cpu_second_budget(tile_folder, tmp_path):
+    from napari_semicl.cli import main
+
+    out = tmp_path / "cli.json"
+    assert main(["bench", "histology", "--data", str(tile_folder), "--labelled", "1", "--methods", "supervised",
+                 "--budget-cpu-s", "0.5", "--patch-size", "32", "--device", "cpu", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["budget_cpu_s"] == 0.5
+
+
+def test_nuclei_counts_separates_misses_from_false_alarms():
+    from napari_semicl.bench.histology import nuclei_counts
+
+    ref = np.zeros((4, 4), np.uint8)
+    ref[:2] = 1                              # 8 nuclei pixels
+    pred = np.zeros_like(ref)
+    pred[:1] = 1                             # 4 of them found, no false alarm
+    pred[3, :2] = 1                          # 2 false alarms
+    c = nuclei_counts(pred, ref)
+    assert c["recall"] == 0.5 and c["precision"] == 4 / 6
+    assert c["fg_ref"] == 0.5 and c["fg_pred"] == 6 / 16

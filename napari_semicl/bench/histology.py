@@ -5,7 +5,10 @@ Protocol: the tiles of a folder of ``NAME.png`` + ``NAME_gt.png`` (MoNuSeg: 1000
 masks (``unpainted='background'``), every other tile is an unlabelled pair for the
 semi-supervised methods and is scored (Dice of the foreground class). The ``rf`` baseline
 (ilastik-style random forest on multiscale colour features) trains on the same labelled
-tiles and predicts the others. Budgets are fixed step counts (immune to a busy machine).
+tiles and predicts the others. Budgets are fixed step counts (immune to a busy machine), or
+CPU-seconds of this process (``time.process_time``): a short probe run of the same method measures
+its CPU-seconds per step, the run is given the steps that fill the budget (so the learning-rate
+schedule ends where the budget does), and it stops early if it reaches the budget first.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from skimage.feature import multiscale_basic_features
 from sklearn.ensemble import RandomForestClassifier
 
 from ..data import AnnotatedPair
 from ..data.dataset import normalise_image
-from ..engine import describe_device, pick_device
+from ..engine import Finished, StepDone, Trainer, describe_device, pick_device
 from ..errors import DataError
 from ..io import read_image, read_labels
 from .common import Case, ResultsFile, score
@@ -29,7 +33,6 @@ from .label_efficiency import (
     bench_config,
     check_methods,
     split_spec,
-    train_network,
 )
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,15 @@ def find_tiles(folder) -> list[Case]:
     if not cases:
         raise DataError(f"no NAME.png + NAME_gt.png tiles in {folder}")
     return cases
+
+
+def nuclei_counts(pred: np.ndarray, reference: np.ndarray) -> dict:
+    """Pixel precision and recall of the foreground (label > 0), and the foreground fractions
+    predicted and referenced: whether a tile's Dice is lost to misses or to false alarms."""
+    p, r = np.asarray(pred) > 0, np.asarray(reference) > 0
+    hit = float(np.count_nonzero(p & r))
+    return {"precision": hit / max(np.count_nonzero(p), 1), "recall": hit / max(np.count_nonzero(r), 1),
+            "fg_pred": float(p.mean()), "fg_ref": float(r.mean())}
 
 
 def _rgb_features(image: np.ndarray) -> np.ndarray:
@@ -83,8 +95,51 @@ def rf_tiles(train: list[Case], test: list[Case], *, max_samples: int = 200_000,
     return preds, time.perf_counter() - t0
 
 
-def monuseg(folder, *, labelled: int = 2, methods, budget_steps: int, seed: int = 0, out, device=None,
-            patch_size: int = 128) -> dict:
+#: steps of the probe run that measures a method's CPU-seconds per step (the first
+#: PROBE_SKIP are not counted: the first steps pay for allocation and warm-up)
+PROBE_STEPS, PROBE_SKIP = 24, 4
+
+
+def _network_config(method: str, seed: int, patch_size: int, steps: int):
+    name, overrides = split_spec(method)
+    cfg = bench_config(name, None, seed, 0, patch_size=patch_size, budget_steps=steps)
+    apply_overrides(cfg, cfg.method, overrides)
+    return cfg
+
+
+def _train(cfg, pairs, device, *, cpu_s: float | None = None):
+    """Train ``cfg`` to its step budget, or until this process has spent ``cpu_s`` CPU-seconds
+    on it. Returns (trainer, finished, CPU-seconds of each step in order)."""
+    trainer = Trainer(cfg, pairs, device=device)
+    c0 = last = time.process_time()
+    finished, step_cpu = None, []
+    for event in trainer.run(previews=False):
+        if isinstance(event, StepDone):
+            now = time.process_time()
+            step_cpu.append(now - last)
+            last = now
+            if cpu_s is not None and now - c0 >= cpu_s:
+                trainer.request_stop()
+        elif isinstance(event, Finished):
+            finished = event
+    if finished is None or finished.reason == "error":
+        raise RuntimeError(f"{cfg.method} failed: {None if finished is None else finished.error}")
+    return trainer, finished, step_cpu
+
+
+def calibrate_steps(method: str, pairs, device, *, budget_cpu_s: float, seed: int = 0,
+                    patch_size: int = 128) -> tuple[int, float]:
+    """Steps of ``method`` that fill ``budget_cpu_s`` CPU-seconds of this process, from a
+    probe run of :data:`PROBE_STEPS` steps: ``(steps, CPU-seconds per step)``."""
+    cfg = _network_config(method, seed, patch_size, PROBE_STEPS)
+    _, _, step_cpu = _train(cfg, pairs, device)
+    counted = step_cpu[PROBE_SKIP:] or step_cpu
+    per_step = max(sum(counted) / len(counted), 1e-6)
+    return max(1, int(budget_cpu_s / per_step)), per_step
+
+
+def monuseg(folder, *, labelled: int = 2, methods, budget_steps: int | None = None, seed: int = 0, out,
+            device=None, patch_size: int = 128, budget_cpu_s: float | None = None) -> dict:
     """Train each method on ``labelled`` tiles (the rest unlabelled) and score the rest.
 
     Parameters
@@ -97,9 +152,18 @@ def monuseg(folder, *, labelled: int = 2, methods, budget_steps: int, seed: int 
         Registered methods (``name:key=value`` overrides allowed) and ``rf``.
     budget_steps : int
         Training steps per network method.
+    budget_cpu_s : float
+        Instead of ``budget_steps``: CPU-seconds of training per network method (this
+        process's ``time.process_time``; run with one thread for a per-core figure). The
+        steps come from a probe run (:func:`calibrate_steps`); the run stops early if it
+        spends the budget before its steps.
     out : path
         Results JSON, rewritten after every method.
     """
+    if (budget_steps is None) == (budget_cpu_s is None):
+        raise DataError("give one budget: budget_steps (steps) or budget_cpu_s (CPU-seconds)")
+    if budget_cpu_s is not None and budget_cpu_s <= 0:
+        raise DataError(f"the CPU-second budget must be > 0, got {budget_cpu_s}")
     methods = check_methods(methods)
     device = device or pick_device()
     cases = find_tiles(folder)
@@ -107,6 +171,7 @@ def monuseg(folder, *, labelled: int = 2, methods, budget_steps: int, seed: int 
         raise DataError(f"labelled must be in 1..{len(cases) - 1}, got {labelled}")
     train, test = cases[:labelled], cases[labelled:]
     results = ResultsFile(out, {"protocol": "histology-tiles", "labelled": labelled, "budget_steps": budget_steps,
+                                "budget_cpu_s": budget_cpu_s, "torch_threads": torch.get_num_threads(),
                                 "seed": seed, "patch_size": patch_size, "device": describe_device(device),
                                 "data": str(folder), "labelled_tiles": [c.name for c in train],
                                 "scored_tiles": [c.name for c in test]})
@@ -114,21 +179,29 @@ def monuseg(folder, *, labelled: int = 2, methods, budget_steps: int, seed: int 
         t0, c0 = time.perf_counter(), time.process_time()
         if method == "rf":
             preds, seconds = rf_tiles(train, test, seed=seed)
-            rows = [{"name": c.name, "train_s": seconds, "steps": None, **score(preds[c.name], c.reference.data)}
-                    for c in test]
+            rows = [{"name": c.name, "train_s": seconds, "steps": None, **score(preds[c.name], c.reference.data),
+                     **nuclei_counts(preds[c.name], c.reference.data)} for c in test]
         else:
-            name, overrides = split_spec(method)
-            cfg = bench_config(name, None, seed, 0, patch_size=patch_size, budget_steps=budget_steps)
-            apply_overrides(cfg, cfg.method, overrides)
             pairs = [AnnotatedPair(c.image.data, c.reference.data, rgb=True, name=c.name) for c in train]
             pairs += [AnnotatedPair(c.image.data, None, rgb=True, name=c.name) for c in test]
-            trainer, finished = train_network(cfg, pairs, device)
+            extra = {}
+            steps = budget_steps
+            if budget_cpu_s is not None:
+                steps, per_step = calibrate_steps(method, pairs, device, budget_cpu_s=budget_cpu_s, seed=seed,
+                                                  patch_size=patch_size)
+                extra = {"probe_cpu_s_per_step": per_step, "planned_steps": steps}
+                log.info("%s: %.4f CPU-s per step in the probe: %d steps for %.0f CPU-s", method, per_step, steps,
+                         budget_cpu_s)
+                c0 = time.process_time()  # the probe is not part of the method's time
+            cfg = _network_config(method, seed, patch_size, steps)
+            trainer, finished, _ = _train(cfg, pairs, device, cpu_s=budget_cpu_s)
             train_cpu_s = time.process_time() - c0
             rows = []
             for c in test:
                 pred = trainer.predict(c.image.data, rgb=True).labels
                 rows.append({"name": c.name, "train_s": finished.seconds, "train_cpu_s": train_cpu_s,
-                             "steps": finished.step, **score(pred, c.reference.data)})
+                             "steps": finished.step, **extra, **score(pred, c.reference.data),
+                             **nuclei_counts(pred, c.reference.data)})
         for row in rows:
             row["wall_s"] = time.perf_counter() - t0
             row["cpu_s"] = time.process_time() - c0  # this process's CPU time (training + inference)

@@ -226,7 +226,10 @@ def _histology_arguments(hs) -> None:
     hs.add_argument("--data", required=True, help="folder of NAME.png + NAME_gt.png tiles")
     hs.add_argument("--labelled", type=int, default=2)
     hs.add_argument("--methods", required=True, help="comma-separated: registered methods and rf")
-    hs.add_argument("--budget-steps", type=int, required=True, help="training steps per method")
+    budget = hs.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-steps", type=int, help="training steps per method")
+    budget.add_argument("--budget-cpu-s", type=float,
+                        help="CPU-seconds of training per method (steps calibrated by a short probe run)")
     hs.add_argument("--patch-size", type=int, default=128)
 
 
@@ -234,7 +237,8 @@ def _histology(args) -> int:
     from ..bench.histology import monuseg
 
     data = monuseg(args.data, labelled=args.labelled, methods=_methods(args), budget_steps=args.budget_steps,
-                   seed=args.seed, out=args.out, device=_device(args), patch_size=args.patch_size)
+                   budget_cpu_s=args.budget_cpu_s, seed=args.seed, out=args.out, device=_device(args),
+                   patch_size=args.patch_size)
     return _summary(args, data)
 
 
