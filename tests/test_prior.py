@@ -478,38 +478,3 @@ def test_a_prior_on_a_region_of_the_plane_is_the_fill_everywhere():
     fused = prior.fuser(0, agreement=1.0)(3, 5, probs)
     assert fused.shape == probs.shape and torch.allclose(fused.sum(1), torch.ones(2, 90, 120))
     assert (fused[:, 0, :y0] > 0.5).all()  # outside the region the prior says background
-
-
-def test_past_the_outermost_painted_slices_the_fill_s_background_is_left_out_within_a_gap():
-    # a disc from slice 4 to the last (29), painted on 8, 14 and 20 (gap 6): past 20 the
-    # structure goes on where the fill's fall-off (1.5 px a slice from a radius of 6) has shrunk
-    # it away; issue 26: a cohort network learnt from such targets that one end of the left
-    # atrium is background
-    yy, xx = np.mgrid[:40, :40]
-    truth = np.stack([((yy - 20) ** 2 + (xx - 20) ** 2 <= 36) & (s >= 4) for s in range(30)]).astype(np.uint8)
-    image = (truth * 100.0 + 10).astype(np.float32)
-    pair = AnnotatedPair(image, reveal_slices(truth, [8, 14, 20], 0))
-
-    def targets(**prior):
-        trainer = Trainer(_config("supervised", iterations=1, interpolation="sdf", calibrate=False, boundary_px=0.25,
-                                  **prior), [pair], device=CPU)
-        assert trainer.prior is not None  # built at its first use: the dense targets with it
-        return trainer.dataset.dense_targets
-
-    old, new = targets(), targets(beyond_ignore=1.0)
-    centre = (20, 20)
-    # the fill says background at the disc's centre 5 and 6 slices past 20, the structure is there
-    assert old[(0, 25)][centre] == 0 and old[(0, 26)][centre] == 0 and truth[26][centre] == 1
-    # within one gap of the outermost painted slices, left out where the disc was (widened)
-    for s in (25, 26, 2, 3):
-        assert new[(0, s)][centre] == IGNORE_INDEX
-        assert new[(0, s)][20, 20 + 6 + 2] == IGNORE_INDEX  # 2 px outside the painted disc
-    # far from the disc (farther than 4 px a slice), background stays a target; what the fill
-    # calls foreground stays so
-    assert (new[(0, 22)][:, :3] == 0).all() and (new[(0, 7)][:, :3] == 0).all()
-    assert new[(0, 22)][centre] == old[(0, 22)][centre] == 1
-    # farther than a gap past the painted range, and between the painted slices, nothing changes
-    for s in (0, 1, 27, 28, 29, *range(9, 14), *range(15, 20)):
-        np.testing.assert_array_equal(new[(0, s)], old[(0, s)])
-    with pytest.raises(ConfigError, match="beyond_ignore"):
-        PriorConfig(mode="targets", beyond_ignore=-1).validate()

@@ -55,13 +55,6 @@ PRIOR_MODES = ("off", "targets")
 #: the PriorConfig fields that only change how a mask fuses network and fill (a resumed run may change them)
 FUSION_SETTINGS = ("fuse", "confidence_length", "temperature_px", "agreement_power", "network_min_painted",
                    "beyond_length")
-#: ``prior.beyond_ignore``: in-plane pixels per slice of distance by which the outermost painted
-#: slice's shape widens (beyond the band) where the fill's background is left out past it. On the
-#: four cohort training volumes of issue 26 (left atrium, 5 slices painted inside), the atrium
-#: past the outermost painted slice moves away from that slice's shape: with 0 the wrong
-#: background targets there fell by a third on one end only, with 4 they were gone on 2 of the 4
-#: volumes and a third to a half of the others' were left (benchmarks/cohort_sampling.py)
-BEYOND_WIDEN_PX = 4.0
 #: the fills of data.interpolation, the default first (docs/benchmarks.md: flow measured better)
 INTERPOLATION_CHOICES = ("flow", *(m for m in INTERPOLATION_METHODS if m != "flow"))
 
@@ -105,15 +98,6 @@ class PriorConfig:
         fill is an extrapolation (``None``: ``confidence_length`` there too). A network that
         learnt the anatomy from other volumes (a cohort) is worth more there than the fill's
         shrinking copy of the last painted slice.
-    beyond_ignore : float
-        Dense targets past the outermost painted slices, in gaps (the mean distance between
-        the volume's painted slices): within ``beyond_ignore`` gaps of the outermost painted
-        slice, the fill's background is left out (``IGNORE_INDEX``) where that slice's
-        painted shape, widened by the band, lies: the structure may end anywhere there, and
-        the fill's fall-off (a shrinking copy of the last painted slice, gone after a few
-        slices) would teach "background" where it goes on. Farther out, and outside that
-        shape, the fill's background stays a target. 0: the fill's targets everywhere. Needs
-        two painted slices or more (a volume with one has no gap).
     calibrate : bool
         With three painted slices or more, measure the interpolation on the volume itself
         (:func:`leave_one_out`) and set the band (pixels per slice) from it instead of
@@ -131,7 +115,6 @@ class PriorConfig:
     agreement_power: float = 8.0
     network_min_painted: int = 2
     beyond_length: float | None = None
-    beyond_ignore: float = 0.0
     calibrate: bool = True
 
     def validate(self, path: str = "prior") -> None:
@@ -145,8 +128,6 @@ class PriorConfig:
             raise ConfigError(f"{path}.network_min_painted must be >= 0, got {self.network_min_painted}")
         if not self.agreement_power >= 0:
             raise ConfigError(f"{path}.agreement_power must be >= 0, got {self.agreement_power}")
-        if not self.beyond_ignore >= 0:
-            raise ConfigError(f"{path}.beyond_ignore must be >= 0 (gaps between painted slices), got {self.beyond_ignore}")
         if self.beyond_length is not None and not self.beyond_length > 0:
             raise ConfigError(f"{path}.beyond_length must be > 0 (or null), got {self.beyond_length}")
         for name in ("boundary_px", "confidence_length", "temperature_px"):
@@ -448,31 +429,9 @@ class SlicePrior:
             _, class_index, dist = self._volumes[p]
             if dist[s] == 0:
                 continue  # a painted slice (never an unlabelled one, but be safe)
-            band = self.calibration[p].band_px
-            target = dense_target(self.scores(p, s, s + 1)[0], class_index, float(dist[s]), band)
-            outermost = self._uncertain_end(p, s)
-            if outermost is not None:  # past the painted range, where the structure may go on
-                fg = self.scores(p, outermost, outermost + 1)[0][1:]
-                if fg.shape[0]:
-                    shape = fg.max(axis=0) > -(band + BEYOND_WIDEN_PX) * float(dist[s])
-                    target[shape & (target == class_index[0])] = IGNORE_INDEX
+            target = dense_target(self.scores(p, s, s + 1)[0], class_index, float(dist[s]), self.calibration[p].band_px)
             out[(p, s)] = target.astype(np.int16)  # a quarter of int64's memory: one per unpainted slice
         return out
-
-    def _uncertain_end(self, pair_index: int, s: int) -> int | None:
-        """The outermost painted slice that slice ``s`` lies past, when within
-        ``beyond_ignore`` gaps of it (:class:`PriorConfig`); else None."""
-        if self.config.beyond_ignore <= 0:
-            return None
-        painted = np.flatnonzero(self._volumes[pair_index][2] == 0)
-        if len(painted) < 2:
-            return None
-        reach = self.config.beyond_ignore * float(np.diff(painted).mean())
-        if s < painted[0] and painted[0] - s <= reach:
-            return int(painted[0])
-        if s > painted[-1] and s - painted[-1] <= reach:
-            return int(painted[-1])
-        return None
 
     def near_slices(self, pair_index: int, within: float = 2.0) -> np.ndarray:
         """Unpainted slices within ``within`` slices of a painted one, where the fill is best."""
