@@ -18,7 +18,8 @@ Budgets are steps (robust on a shared machine); wall and process CPU seconds are
 ``--method`` picks the training method (default: the recommended supervised configuration);
 ``--unlabelled-test`` gives the test volumes' images, nothing painted, to the cohort run as
 unlabelled data (for the semi-supervised methods; their labels are never read in training).
-``--save DIR`` keeps the cohort checkpoint and each test volume's network-alone prediction
+``--oracle`` trains the cohort on its volumes' whole references instead (an upper bound: what
+the painted slices and their fill cost the network). ``--save DIR`` keeps the cohort checkpoint and each test volume's network-alone prediction
 (``NAME.npy``, label values) for later analyses without retraining; ``--network-only`` stops
 after that (no fill, fine-tuning or scratch runs). ``--tta`` averages the network's
 probabilities over the image and its flips along the two in-plane axes (4 passes); the
@@ -138,6 +139,9 @@ def main(argv=None) -> int:
     ap.add_argument("--save", help="folder for the cohort checkpoint and the network-alone predictions (NAME.npy)")
     ap.add_argument("--calibrate", action="store_true",
                     help="train, report the process CPU seconds per step (past the first 100) and stop")
+    ap.add_argument("--oracle", action="store_true",
+                    help="an upper bound: the cohort volumes train on their whole references (every slice "
+                         "painted, complete) instead of --k-train painted slices and the fill")
     ap.add_argument("--network-only", action="store_true", help="stop after the cohort run's network-alone scores")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -156,7 +160,7 @@ def main(argv=None) -> int:
               "test": [c.name for c in test], "k_train": args.k_train, "k_new": args.k_new, "steps": args.steps,
               "finetune_steps": args.finetune_steps, "threads": args.threads, "settings": settings,
               "method": args.method, "spatial": args.spatial, "unlabelled_test": args.unlabelled_test,
-              "tta": args.tta, "seed": args.seed,
+              "tta": args.tta, "seed": args.seed, "oracle": args.oracle,
               "device": describe_device(device, args.threads), "machine": machine_info(), "curve": [], "new": []}
 
     def write():
@@ -165,6 +169,10 @@ def main(argv=None) -> int:
 
     pairs = []
     for c in train:
+        if args.oracle:  # every slice painted exactly: what the painted slices and their fill are short of
+            pairs.append(AnnotatedPair(c.image.data, c.reference.data, name=c.name, spacing=c.image.scale,
+                                       complete=True))
+            continue
         slices = choose_reveal_slices(c.reference.data, args.k_train, axis, "inside")
         pairs.append(AnnotatedPair(c.image.data, reveal_slices(c.reference.data, slices, axis), name=c.name,
                                    spacing=c.image.scale))

@@ -1,5 +1,6 @@
-"""benchmarks/cohort_transfer.py's flip averaging and benchmarks/cohort_diagnose.py's error
-split, on hand-made volumes (issue 26)."""
+"""benchmarks/cohort_transfer.py's flip averaging, benchmarks/cohort_diagnose.py's error
+split and benchmarks/cohort_sampling.py's account of the training targets, on hand-made
+volumes (issue 26)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from cohort_diagnose import diagnose  # noqa: E402
+from cohort_sampling import describe, summarise  # noqa: E402
 from cohort_transfer import FlipAveraged  # noqa: E402
 
 
@@ -59,3 +61,35 @@ def test_diagnose_splits_the_errors():
     assert d["dice_without_fp_beyond"] == pytest.approx(2 * tp / (pred.sum() - 8 + 400))
     # moved to the other axis: the same figures
     assert diagnose(np.moveaxis(pred, 0, 2), np.moveaxis(ref, 0, 2), axis=2)["fp_edge"] == 60
+
+
+def test_sampling_accounts_for_every_slice_and_finds_the_fill_s_early_end():
+    from napari_semicl.data import AnnotatedPair
+    from napari_semicl.data.dataset import SliceDataset
+    from napari_semicl.data.reveal import reveal_slices
+    from napari_semicl.engine import recommended_config
+    from napari_semicl.engine.fusion import build_prior
+
+    # a disc on slices 4-29 of 30 (radius 6), painted on 8, 14, 20: the fill's fall-off
+    # (1.5 px a slice) has it gone by slice 24, the structure goes on to the last slice
+    yy, xx = np.mgrid[:40, :40]
+    truth = np.stack([((yy - 20) ** 2 + (xx - 20) ** 2 <= 36) & (s >= 4) for s in range(30)]).astype(np.uint8)
+    pair = AnnotatedPair((truth * 100.0 + 10).astype(np.float32), reveal_slices(truth, [8, 14, 20], 0))
+    cfg = recommended_config()
+    cfg.prior.interpolation, cfg.prior.calibrate, cfg.prior.boundary_px, cfg.data.patch_size = "sdf", False, 0.25, 32
+    dataset = SliceDataset([pair], cfg.data)
+    build_prior([pair], dataset, cfg.prior, [])
+    (vol,) = describe(dataset, [truth], [[8, 14, 20]], share=0.5)
+    roles = [r["role"] for r in vol["slices"]]
+    assert [s for s, r in enumerate(roles) if r == "painted"] == [8, 14, 20] and roles.count("dense") == 27
+    assert sum(r["crop_share"] for r in vol["slices"]) == pytest.approx(1.0)
+    assert vol["slices"][8]["crop_share"] == pytest.approx(0.5 / 3) and vol["slices"][0]["crop_share"] == pytest.approx(0.5 / 27)
+    assert (vol["first"], vol["last"]) == (4, 29) and vol["slices"][2]["where"] == "before"
+    # slices 0-3: background targets where the reference has none; 27-29: background where it has the disc
+    assert all(vol["slices"][s]["bg_wrong"] == 0 and vol["slices"][s]["bg"] > 0.9 for s in range(4))
+    assert all(vol["slices"][s]["bg_wrong"] == pytest.approx(truth[s].mean()) for s in (27, 28, 29))
+    summary = summarise([vol])
+    assert summary["before"]["slices"] == 4 and summary["after"]["slices"] == 0
+    assert summary["before"]["crop_share"] == pytest.approx(4 * 0.5 / 27)
+    profile = summary["dense_target_dice_profile"]
+    assert profile[-1] < 0.2 < 0.9 < profile[4]  # the targets miss the structure's last tenth
