@@ -32,9 +32,13 @@ The products (``--product``), i.e. the mask the user sees:
   painted slices of every volume seen so far and continuing from its current weights. A new
   volume's first mask is the network's prediction; once slices are painted, it is the network
   fused with the fill of those slices (:meth:`Trainer.predict_pair`, the fusion of
-  :mod:`napari_semicl.engine.prior`). Training runs for a budget per volume, in CPU-seconds
-  (``time.process_time`` of this process, all threads, the fill of the prior included) or in
-  steps: a tenth (``1 / max_slices``) after each painted slice, the rest once the volume is done.
+  :mod:`napari_semicl.engine.prior`), finished as the Train dock finishes it
+  (``--set predict.largest_component=true``, the dock's "Keep largest piece": each class keeps
+  its largest 3D piece, in both masks, by :func:`~napari_semicl.engine.postprocess.finish_prediction`
+  inside ``Trainer.predict`` and ``predict_pair``; the entropy stays the network's). Training
+  runs for a budget per volume, in CPU-seconds (``time.process_time`` of this process, all
+  threads, the fill of the prior included) or in steps: a tenth (``1 / max_slices``) after
+  each painted slice, the rest once the volume is done.
 
 Reported per volume: the painted slices (in order), the Dice after each, the final Dice, and
 the time; overall, the mean painted slices over all volumes and over volumes ``warmup + 1``
@@ -411,7 +415,8 @@ def run_session(data_dir, *, product: str = "fill", strategy: str = "even", out,
         runner = NetworkProduct(cfg, budget_s=budget_s, budget_steps=budget_steps, max_slices=max_slices,
                                 device=device, threads=threads)
         header.update({"method": method, "budget_cpu_s": budget_s, "budget_steps": budget_steps,
-                       "settings": dict(settings or {}), "device": describe_device(device, threads),
+                       "settings": dict(settings or {}), "largest_component": cfg.predict.largest_component,
+                       "device": describe_device(device, threads),
                        "threads": threads or os.cpu_count()})
     else:
         if budget_s or budget_steps:
@@ -439,6 +444,8 @@ def format_table(data: dict) -> str:
         budget = (f"{data['budget_steps']} steps" if data.get("budget_steps")
                   else f"{data.get('budget_cpu_s')} CPU-s")
         lines[0] += f", {data['method']}, {budget} per volume"
+        if data.get("largest_component"):
+            lines[0] += ", largest piece kept"
     head = f"{'#':>3}  {'volume':<24} {'painted':>7}  {'Dice':>6}  {'CPU s':>7}  {'wall s':>7}  slices"
     lines += [head, "-" * len(head)]
     for r in data["volumes"]:
