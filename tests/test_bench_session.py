@@ -260,16 +260,23 @@ def test_network_mask_keeps_the_largest_piece_with_predict_largest_component(vol
                                  "data.batch_unlabelled": "2"})
     first, second = data["volumes"]
     assert first["painted"] == second["painted"] == 2 and data["largest_component"] is largest
-    masks = seen[1:]  # all but the first volume's empty first mask come from the network: 2 + 3
-    assert len(masks) == 5
+    # the Dice is taken of every mask the annotator sees and, with the setting on, of the same
+    # mask before it was finished: after the first volume's empty first mask, 2 + 3 of each
+    masks, before = (seen[1::2], seen[2::2]) if largest else (seen[1:], [])
+    assert len(masks) == 5 and len(seen) == (11 if largest else 6)
     assert [ndimage.label(m == 1)[1] for m in masks] == [1 if largest else 2] * 5
     assert all(m[18:20, 0:3, 0:3].all() != largest for m in masks)
+    assert all(np.array_equal(m, _network_with_island()) for m in before)
     _, ref = _ellipsoid()
-    expected = _network_with_island()
+    expected, island = _network_with_island(), _network_with_island()
     if largest:
         expected[18:20, 0:3, 0:3] = 0
     assert second["dice_trace"] == [round(volume_dice(expected, ref), 4)] * 3
-
+    if largest:  # the paired diagnostic: the same masks' Dice with the island
+        assert second["dice_trace_unfinished"] == [round(volume_dice(island, ref), 4)] * 3
+        assert first["dice_trace_unfinished"][0] is None  # no network yet: nothing to finish
+    else:
+        assert "dice_trace_unfinished" not in second
 
 @needs_itk
 def test_mci_fills_between_slices_along_the_given_axis():
