@@ -10,7 +10,9 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
+from napari_semicl.bench import session as session_mod
 from napari_semicl.bench.common import Case, find_cases
 from napari_semicl.bench.mci import mci_available, mci_interpolate
 from napari_semicl.bench.session import (
@@ -28,6 +30,9 @@ from napari_semicl.bench.session import (
     wrong_per_slice,
 )
 from napari_semicl.cli import main
+from napari_semicl.engine import trainer as trainer_mod
+from napari_semicl.engine.fusion import PairPredictions
+from napari_semicl.engine.inference import Prediction
 from napari_semicl.errors import DataError
 from napari_semicl.io import ImageData
 
@@ -225,6 +230,53 @@ def test_network_product_trains_across_volumes_and_fuses(volume_dir, tmp_path):
     with pytest.raises(DataError, match="budget"):
         run_session(volume_dir, product="network", out=out, limit=1)
 
+
+def _network_with_island() -> np.ndarray:
+    """A network's mask of ``_ellipsoid``: the structure short of its last slice (16), and a
+    2x3x3 island past its end (slices 18-19, in a corner)."""
+    _, ref = _ellipsoid()
+    mask = ref.copy()
+    mask[16] = 0
+    mask[18:20, 0:3, 0:3] = 1
+    return mask
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_network_mask_keeps_the_largest_piece_with_predict_largest_component(volume_dir, tmp_path, monkeypatch,
+                                                                           largest):
+    """--set predict.largest_component=true: the mask the annotator corrects, a new volume's
+    first mask (Trainer.predict) and the fused mask after each slice (Trainer.predict_pair),
+    keeps each class's largest 3D piece, as with the Train dock's 'Keep largest piece'."""
+    entropy = np.full(_network_with_island().shape, 0.1, np.float32)
+    monkeypatch.setattr(trainer_mod, "predict_volume", lambda *a, **k: Prediction(_network_with_island(), entropy))
+    monkeypatch.setattr(PairPredictions, "predict_pair", lambda self, *a, **k: Prediction(_network_with_island(),
+                                                                                          entropy))
+    seen: list[np.ndarray] = []
+    dice = session_mod.volume_dice
+    monkeypatch.setattr(session_mod, "volume_dice", lambda mask, ref: (seen.append(mask.copy()), dice(mask, ref))[1])
+    data = run_session(volume_dir, product="network", strategy="even", out=tmp_path / "s.json", limit=2,
+                       budget_steps=2, max_slices=2, target=0.999, patch_size=32, warmup=1, threads=1,
+                       settings={"predict.largest_component": str(largest).lower(), "data.batch_labelled": "2",
+                                 "data.batch_unlabelled": "2"})
+    first, second = data["volumes"]
+    assert first["painted"] == second["painted"] == 2 and data["largest_component"] is largest
+    # the Dice is taken of every mask the annotator sees and, with the setting on, of the same
+    # mask before it was finished: after the first volume's empty first mask, 2 + 3 of each
+    masks, before = (seen[1::2], seen[2::2]) if largest else (seen[1:], [])
+    assert len(masks) == 5 and len(seen) == (11 if largest else 6)
+    assert [ndimage.label(m == 1)[1] for m in masks] == [1 if largest else 2] * 5
+    assert all(m[18:20, 0:3, 0:3].all() != largest for m in masks)
+    assert all(np.array_equal(m, _network_with_island()) for m in before)
+    _, ref = _ellipsoid()
+    expected, island = _network_with_island(), _network_with_island()
+    if largest:
+        expected[18:20, 0:3, 0:3] = 0
+    assert second["dice_trace"] == [round(volume_dice(expected, ref), 4)] * 3
+    if largest:  # the paired diagnostic: the same masks' Dice with the island
+        assert second["dice_trace_unfinished"] == [round(volume_dice(island, ref), 4)] * 3
+        assert first["dice_trace_unfinished"][0] is None  # no network yet: nothing to finish
+    else:
+        assert "dice_trace_unfinished" not in second
 
 @needs_itk
 def test_mci_fills_between_slices_along_the_given_axis():

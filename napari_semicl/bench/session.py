@@ -32,17 +32,23 @@ The products (``--product``), i.e. the mask the user sees:
   painted slices of every volume seen so far and continuing from its current weights. A new
   volume's first mask is the network's prediction; once slices are painted, it is the network
   fused with the fill of those slices (:meth:`Trainer.predict_pair`, the fusion of
-  :mod:`napari_semicl.engine.prior`). Training runs for a budget per volume, in CPU-seconds
-  (``time.process_time`` of this process, all threads, the fill of the prior included) or in
-  steps: a tenth (``1 / max_slices``) after each painted slice, the rest once the volume is done.
+  :mod:`napari_semicl.engine.prior`), finished as the Train dock finishes it
+  (``--set predict.largest_component=true``, the dock's "Keep largest piece": each class keeps
+  its largest 3D piece, in both masks, by :func:`~napari_semicl.engine.postprocess.finish_prediction`
+  inside ``Trainer.predict`` and ``predict_pair``; the entropy stays the network's). Training
+  runs for a budget per volume, in CPU-seconds (``time.process_time`` of this process, all
+  threads, the fill of the prior included) or in steps: a tenth (``1 / max_slices``) after
+  each painted slice, the rest once the volume is done.
 
 Reported per volume: the painted slices (in order), the Dice after each, the final Dice, and
-the time; overall, the mean painted slices over all volumes and over volumes ``warmup + 1``
+the time (with ``predict.largest_component``, also ``dice_trace_unfinished``: the Dice of the
+same masks before the largest piece was kept, a paired diagnostic the annotator does not see); overall, the mean painted slices over all volumes and over volumes ``warmup + 1``
 to ``N`` (the cohort's claim: once a few volumes are painted, the next ones need fewer).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -58,6 +64,7 @@ from ..data.interpolation import interpolate_labels
 from ..data.reveal import choose_reveal_slices, foreground_slice_range, reveal_slices
 from ..engine import Finished, StepDone, TrainConfig, Trainer, describe_device, pick_device, recommended_config
 from ..engine.metrics import dice_per_class
+from ..engine.postprocess import finish_prediction
 from ..errors import DataError
 from ..io import atomic_path
 from .common import Case, find_cases, machine_info, thinnest_axis
@@ -153,6 +160,8 @@ class Shown:
 
     mask: np.ndarray
     entropy: np.ndarray | None = None
+    #: the mask before ``predict.largest_component`` finished it (a diagnostic; None when off)
+    unfinished: np.ndarray | None = None
 
 
 def _spacing(case: Case):
@@ -249,14 +258,32 @@ class NetworkProduct:
         self.spent_s += time.process_time() - t0
         self.spent_steps += self.trainer.step - s0
 
+    def _shown(self, predict, dtype) -> Shown:
+        """``predict()`` (a :class:`Trainer` prediction, which the trainer finishes as the
+        config's ``predict`` section says, as the Train dock does) as the user sees it; with
+        ``largest_component`` on, also the mask before it was finished: the same prediction,
+        made with the setting off and then finished by the same function, so both Dice can be
+        recorded for one network state."""
+        settings = self.trainer.config.predict
+        if not settings.largest_component:
+            pred = predict()
+            return Shown(pred.labels.astype(dtype, copy=False), pred.entropy)
+        self.trainer.config.predict = dataclasses.replace(settings, largest_component=False)
+        try:
+            raw = predict()
+        finally:
+            self.trainer.config.predict = settings
+        pred = finish_prediction(raw, settings)
+        return Shown(pred.labels.astype(dtype, copy=False), pred.entropy,
+                     unfinished=raw.labels.astype(dtype, copy=False))
+
     def start(self, case: Case) -> Shown:
         self._reset_volume()
         self.case = case
         self.current = None
         if self.trainer is None:  # nothing trained yet: an empty mask
             return Shown(np.zeros_like(case.reference.data))
-        pred = self.trainer.predict(case.image.data, with_entropy=True)
-        return Shown(pred.labels.astype(case.reference.data.dtype, copy=False), pred.entropy)
+        return self._shown(lambda: self.trainer.predict(case.image.data, with_entropy=True), case.reference.data.dtype)
 
     def paint(self, labels: np.ndarray, painted: list[int]) -> Shown:
         case = self.case
@@ -267,8 +294,7 @@ class NetworkProduct:
         else:
             self.trainer.submit_data(pairs)  # applied before the next step
         self._train(*self._share())
-        pred = self.trainer.predict_pair(len(pairs) - 1, with_entropy=True)
-        return Shown(pred.labels.astype(labels.dtype, copy=False), pred.entropy)
+        return self._shown(lambda: self.trainer.predict_pair(len(pairs) - 1, with_entropy=True), labels.dtype)
 
     def finish(self) -> dict:
         if self.current is not None:
@@ -320,6 +346,10 @@ def order_cases(cases: list[Case], order: str, seed: int = 0) -> list[Case]:
     return [by_name[n] for n in names]
 
 
+def _before(before: list) -> str:
+    return "" if not before or before[-1] is None else f" ({before[-1]:.4f} before keeping the largest piece)"
+
+
 def annotate_volume(case: Case, product, *, strategy: str, axis: int, target: float = DEFAULT_TARGET,
                     max_slices: int = DEFAULT_MAX_SLICES) -> dict:
     """One volume of the session: paint until the Dice reaches ``target`` or ``max_slices``."""
@@ -329,7 +359,13 @@ def annotate_volume(case: Case, product, *, strategy: str, axis: int, target: fl
     shown = product.start(case)
     painted: list[int] = []
     trace = [volume_dice(shown.mask, reference)]
-    log.info("%s: first mask (0 painted slices), Dice %.4f", case.name, trace[0])
+    before: list[float | None] = []  # the Dice of each mask before it was finished, where it was
+
+    def unfinished(shown: Shown) -> None:
+        before.append(None if shown.unfinished is None else volume_dice(shown.unfinished, reference))
+
+    unfinished(shown)
+    log.info("%s: first mask (0 painted slices), Dice %.4f%s", case.name, trace[0], _before(before))
     while trace[-1] < target and len(painted) < max_slices:
         chosen = next_painted(strategy, painted, reference=reference, axis=axis, mask=shown.mask,
                               entropy=shown.entropy)
@@ -338,12 +374,17 @@ def annotate_volume(case: Case, product, *, strategy: str, axis: int, target: fl
         painted = chosen
         shown = product.paint(reveal_slices(reference, painted, axis), painted)
         trace.append(volume_dice(shown.mask, reference))
-        log.info("%s: %d painted slice(s) %s, Dice %.4f", case.name, len(painted), painted, trace[-1])
+        unfinished(shown)
+        log.info("%s: %d painted slice(s) %s, Dice %.4f%s", case.name, len(painted), painted, trace[-1],
+                 _before(before))
     extra = product.finish()
-    return {"name": case.name, "painted": len(painted), "slices": [int(s) for s in painted],
-            "dice": round(trace[-1], 4), "dice_trace": [round(d, 4) for d in trace],
-            "reached": bool(trace[-1] >= target), "wall_s": round(time.perf_counter() - t0, 2),
-            "cpu_s": round(time.process_time() - c0, 2), **extra}
+    row = {"name": case.name, "painted": len(painted), "slices": [int(s) for s in painted],
+           "dice": round(trace[-1], 4), "dice_trace": [round(d, 4) for d in trace],
+           "reached": bool(trace[-1] >= target), "wall_s": round(time.perf_counter() - t0, 2),
+           "cpu_s": round(time.process_time() - c0, 2), **extra}
+    if any(d is not None for d in before):  # predict.largest_component on: the Dice had it been off
+        row["dice_trace_unfinished"] = [None if d is None else round(d, 4) for d in before]
+    return row
 
 
 def summarise(rows: list[dict], warmup: int) -> dict:
@@ -411,7 +452,8 @@ def run_session(data_dir, *, product: str = "fill", strategy: str = "even", out,
         runner = NetworkProduct(cfg, budget_s=budget_s, budget_steps=budget_steps, max_slices=max_slices,
                                 device=device, threads=threads)
         header.update({"method": method, "budget_cpu_s": budget_s, "budget_steps": budget_steps,
-                       "settings": dict(settings or {}), "device": describe_device(device, threads),
+                       "settings": dict(settings or {}), "largest_component": cfg.predict.largest_component,
+                       "device": describe_device(device, threads),
                        "threads": threads or os.cpu_count()})
     else:
         if budget_s or budget_steps:
@@ -439,6 +481,8 @@ def format_table(data: dict) -> str:
         budget = (f"{data['budget_steps']} steps" if data.get("budget_steps")
                   else f"{data.get('budget_cpu_s')} CPU-s")
         lines[0] += f", {data['method']}, {budget} per volume"
+        if data.get("largest_component"):
+            lines[0] += ", largest piece kept"
     head = f"{'#':>3}  {'volume':<24} {'painted':>7}  {'Dice':>6}  {'CPU s':>7}  {'wall s':>7}  slices"
     lines += [head, "-" * len(head)]
     for r in data["volumes"]:
