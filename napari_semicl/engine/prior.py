@@ -434,7 +434,14 @@ class SlicePrior:
         return out
 
     def near_slices(self, pair_index: int, within: float = 2.0) -> np.ndarray:
-        """Unpainted slices within ``within`` slices of a painted one, where the fill is best."""
+        """Unpainted slices within ``within`` slices of a painted one, where the fill is best.
+
+        None with a single painted slice: the fill beside it is the shrinking copy of that
+        one slice, an extrapolation, and judging a cohort's network by it took the network's
+        say away everywhere (the agreement gate): in the session benchmark the first painted
+        slice then lowered the mask from the network's 0.81 to 0.36 (docs/benchmarks.md)."""
+        if self.painted_count.get(pair_index, 0) < 2:
+            return np.empty(0, dtype=np.int64)
         dist = self._volumes[pair_index][2]
         return np.flatnonzero((dist > 0) & (dist <= within))
 
