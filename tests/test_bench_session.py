@@ -30,7 +30,7 @@ from napari_semicl.bench.session import (
     wrong_per_slice,
 )
 from napari_semicl.cli import main
-from napari_semicl.engine import trainer as trainer_mod
+from napari_semicl.engine import apply as apply_mod
 from napari_semicl.engine.fusion import PairPredictions
 from napari_semicl.engine.inference import Prediction
 from napari_semicl.errors import DataError
@@ -248,7 +248,7 @@ def test_network_mask_keeps_the_largest_piece_with_predict_largest_component(vol
     first mask (Trainer.predict) and the fused mask after each slice (Trainer.predict_pair),
     keeps each class's largest 3D piece, as with the Train dock's 'Keep largest piece'."""
     entropy = np.full(_network_with_island().shape, 0.1, np.float32)
-    monkeypatch.setattr(trainer_mod, "predict_volume", lambda *a, **k: Prediction(_network_with_island(), entropy))
+    monkeypatch.setattr(apply_mod, "predict_volume", lambda *a, **k: Prediction(_network_with_island(), entropy))
     monkeypatch.setattr(PairPredictions, "predict_pair", lambda self, *a, **k: Prediction(_network_with_island(),
                                                                                           entropy))
     seen: list[np.ndarray] = []
