@@ -42,8 +42,9 @@ The products (``--product``), i.e. the mask the user sees:
 
 Reported per volume: the painted slices (in order), the Dice after each, the final Dice, and
 the time (with ``predict.largest_component``, also ``dice_trace_unfinished``: the Dice of the
-same masks before the largest piece was kept, a paired diagnostic the annotator does not see); overall, the mean painted slices over all volumes and over volumes ``warmup + 1``
-to ``N`` (the cohort's claim: once a few volumes are painted, the next ones need fewer).
+same masks before the largest piece was kept, a paired diagnostic the annotator does not
+see); overall, the mean painted slices over all volumes and over volumes ``warmup + 1`` to
+``N`` (the cohort's claim: once a few volumes are painted, the next ones need fewer).
 """
 
 from __future__ import annotations

@@ -96,9 +96,10 @@ class DataConfig:
     along the slicing axis (0: ``patch_size``); patches are (patch_depth, patch_size,
     patch_size), e.g. 80 x 112 x 112 as the seeds' left-atrium V-Nets.
     ``intensity_augment``: the probability that each labelled crop, in every method
-    (:meth:`~napari_semicl.methods.base.Method.labelled_view`), after flips and rotation also gets each of the strong view's intensity changes (gamma,
-    contrast, brightness, blur, noise; no cutout), so that a network trained on a few volumes
-    meets other volumes' contrasts (0: off).
+    (:meth:`~napari_semicl.methods.base.Method.labelled_view`), after flips and rotation also
+    gets each of the strong view's intensity changes (gamma, contrast, brightness, blur, noise;
+    no cutout), so that a network trained on a few volumes meets other volumes' contrasts
+    (0: off).
     """
 
     axis: int = 0

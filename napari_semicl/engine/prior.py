@@ -436,7 +436,7 @@ class SlicePrior:
     def near_slices(self, pair_index: int, within: float = 2.0) -> np.ndarray:
         """Unpainted slices within ``within`` slices of a painted one, where the fill is best.
 
-        None with a single painted slice: the fill beside it is the shrinking copy of that
+        No slices with a single painted one: the fill beside it is the shrinking copy of that
         one slice, an extrapolation, and judging a cohort's network by it took the network's
         say away everywhere (the agreement gate): in the session benchmark the first painted
         slice then lowered the mask from the network's 0.81 to 0.36 (docs/benchmarks.md)."""

@@ -44,7 +44,8 @@ from torch import nn
 from ..data.annotation import IGNORE_INDEX
 from ..errors import CheckpointError, ConfigError, check_choice, check_positive
 from ..models import build_model
-from ..models.heads import AleatoricHead, LowRankLogitGaussian, ProjectionHead, low_rank_logit_distribution, sample_logits
+from ..models.heads import (AleatoricHead, LowRankLogitGaussian, ProjectionHead, low_rank_logit_distribution,
+                            sample_logits)
 from ..models.ops import argmax_classes, in_float32, normalised_entropy, window_slices
 from .base import StageChange, eval_mode, review_arrays, weak_augment
 from .boundary_contrast import boundary_mask, pixel_vectors, sample_pixels, supervised_contrastive_loss

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from .ops import in_float32
 
 #: variance added to exp(log-diagonal) (METHODS.md §2: D = exp(.) + 1e-5)
