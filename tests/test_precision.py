@@ -20,6 +20,7 @@ from napari_semicl.engine.inference import predict_slices
 from napari_semicl.engine.precision import (
     MixedPrecision,
     Precision,
+    make_optimizer,
     precision_of,
     prepare_model,
     resolve_precision,
@@ -228,6 +229,45 @@ def test_scaled_step_equals_the_plain_step():
         mp.step(((model(x) - y) ** 2).mean(), opt)
     for a, b in zip(net.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b)
+
+
+# --- the optimiser ------------------------------------------------------------------------------
+def _adamw_run(fused, steps: int = 5, state=None):
+    torch.manual_seed(0)
+    net = UNet2D(1, 2, base_channels=4)
+    opt = make_optimizer(net.parameters(), TrainConfig().optim, CPU, fused=fused)
+    if state is not None:
+        opt.load_state_dict(state)
+    x = torch.randn(2, 1, 32, 32)
+    y = torch.randint(0, 2, (2, 32, 32))
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    return net, opt
+
+
+def test_the_trainer_steps_the_fused_adamw_on_the_cpu_and_it_updates_as_the_loop_does():
+    trainer = _trainer("supervised", "fp32")
+    assert trainer.optimizer.defaults["fused"] is True
+    assert make_optimizer([torch.nn.Parameter(torch.zeros(1))], TrainConfig().optim, MPS).defaults["fused"] is None
+    (loop, loop_opt), (fused, fused_opt) = _adamw_run(False), _adamw_run(True)
+    assert loop_opt.defaults["fused"] is None and fused_opt.defaults["fused"] is True
+    torch.manual_seed(0)
+    start = UNet2D(1, 2, base_channels=4)  # the weights both runs started from
+    with torch.no_grad():
+        assert max(float((a - b).abs().max()) for a, b in zip(loop.parameters(), start.parameters())) > 1e-3
+    for a, b in zip(loop.parameters(), fused.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_loops_moments_load_into_the_fused_adamw():
+    """A checkpoint written before the fused optimiser resumes into it (and back)."""
+    _, loop_opt = _adamw_run(False, steps=2)
+    _, fused_opt = _adamw_run(True, steps=1, state=loop_opt.state_dict())
+    assert all(int(s["step"]) == 3 for s in fused_opt.state.values())
+    _, back = _adamw_run(False, steps=1, state=fused_opt.state_dict())
+    assert all(int(s["step"]) == 4 for s in back.state.values())
 
 
 # --- threads ----------------------------------------------------------------------------------

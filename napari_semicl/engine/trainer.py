@@ -51,7 +51,7 @@ from .apply import Predictor
 from .budget import Budget, warm_up_notice
 from .config import MEMORY_SETTINGS, TrainConfig
 from .device import describe_device, pick_device, set_threads
-from .precision import MixedPrecision
+from .precision import MixedPrecision, make_optimizer
 from .distributed import setup as setup_distributed
 from .events import Analysed, DataUpdated, Finished, Notice, Preview, Reviewed, Started, StepDone
 from .fusion import PairPredictions, same_annotation
@@ -129,9 +129,8 @@ class Trainer:
         self.amp = MixedPrecision(self.config.model.precision, self.device, self.config.model.spatial_dims)
         self.model = self.amp.prepare(build_model(self.config.model).to(self.device))  # channels_last in 2D
         self.method = get_method(self.config.method)(self.config, self.model)
-        self.optimizer = torch.optim.AdamW(
-            [*self.model.parameters(), *self.method.extra_parameters()], lr=self.config.optim.lr, weight_decay=self.config.optim.weight_decay
-        )
+        self.optimizer = make_optimizer([*self.model.parameters(), *self.method.extra_parameters()],
+                                        self.config.optim, self.device)
         if self.dist.active:  # the same weights on every rank (above), each rank its own crops
             self._rng, self._torch_gen = self.dist.rank_streams(self.config.seed)
         #: the DDP wrapper of student and heads, built at the first step (after any resume)
