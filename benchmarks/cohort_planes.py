@@ -154,24 +154,40 @@ def _dice(pred: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return float(score(pred, ref)["dice"]), float(score(keep_largest_component(pred), ref)["dice"])
 
 
-def evaluate(trainer: Trainer, cases, axis: int) -> dict:
-    """The network alone on ``cases`` along each axis, and the three averaged."""
-    model = trainer.method.inference_model()
-    cfg = trainer.config.data
-    values = trainer.dataset.class_values
+def _errors(pred: np.ndarray, ref: np.ndarray, axis: int) -> dict:
+    """False positives and missed voxels as shares of the reference's foreground, and those
+    on slices (along ``axis``) outside the reference's slice range."""
+    fg, rf = pred != 0, ref != 0
+    n = max(int(rf.sum()), 1)
+    along = np.flatnonzero(np.any(rf, axis=tuple(a for a in range(ref.ndim) if a != axis)))
+    outside = np.ones(ref.shape[axis], bool)
+    outside[along.min():along.max() + 1] = False
+    shape = [1] * ref.ndim
+    shape[axis] = -1
+    out_mask = outside.reshape(shape)
+    return {"false_pos": float(np.sum(fg & ~rf)) / n, "missed": float(np.sum(~fg & rf)) / n,
+            "false_pos_past_ends": float(np.sum(fg & ~rf & out_mask)) / n}
+
+
+def evaluate(model, class_values, normalise: str, device, cases, axis: int) -> dict:
+    """The network alone on ``cases`` along each axis, and the three averaged (``axis``: the
+    slicing axis it was trained on; ``class_values``, ``normalise``: its training's)."""
+    values = list(class_values)
     rows = []
     for c in cases:
         image, ref = c.image.data, c.reference.data
         probs, cpu = {}, {}
         for a in range(3):
             t0 = time.process_time()
-            probs[a] = axis_probabilities(model, image, a, normalise=cfg.normalise, device=trainer.device)
+            probs[a] = axis_probabilities(model, image, a, normalise=normalise, device=device)
             cpu[a] = time.process_time() - t0
         row = {"name": c.name, "predict_cpu_s": {str(a): cpu[a] for a in range(3)}}
         for key, p in (("axial", probs[axis]), ("tri", sum(probs.values()) / 3.0),
                        *((f"axis{a}", probs[a]) for a in range(3) if a != axis)):
             labels = decode_classes(np.argmax(p, axis=0), values)
             row[key], row[f"{key}_lcc"] = _dice(labels, ref)
+            if key in ("axial", "tri"):
+                row[f"{key}_lcc_errors"] = _errors(keep_largest_component(labels), ref, axis)
         rows.append(row)
         log.info("%s: %s", c.name, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
     out = {"volumes": rows}
@@ -188,7 +204,9 @@ def main(argv=None) -> int:
     ap.add_argument("--train-volumes", type=int, default=4)
     ap.add_argument("--test-volumes", type=int, default=4)
     ap.add_argument("--k-train", type=int, default=5)
-    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--steps", type=int, help="training steps (required unless --checkpoint)")
+    ap.add_argument("--checkpoint", help="no training: evaluate this cohort checkpoint (e.g. cohort_transfer.py "
+                                         "--save's) along the three axes")
     ap.add_argument("--planes", type=int, choices=(1, 3), default=3,
                     help="1: the slicing axis only (the engine as it is); 3: the other two axes too")
     ap.add_argument("--axial-share", type=float, default=1 / 3,
@@ -198,9 +216,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", help="SECTION.KEY=VALUE for the cohort config")
+    ap.add_argument("--oracle", action="store_true",
+                    help="an upper bound: the cohort volumes train on their whole references (every slice "
+                         "painted, complete; no prior) instead of --k-train painted slices and the fill")
     ap.add_argument("--save", help="folder for the checkpoint")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    if args.steps is None and not args.checkpoint:
+        raise SystemExit("give --steps (training steps) or --checkpoint (a trained cohort network)")
     if not 0.0 <= args.axial_share <= 1.0:
         raise SystemExit(f"--axial-share must be in [0, 1], got {args.axial_share}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -213,15 +236,33 @@ def main(argv=None) -> int:
     result = {"protocol": "cohort_planes", "data": args.data, "train": [c.name for c in train],
               "test": [c.name for c in test], "k_train": args.k_train, "steps": args.steps, "planes": args.planes,
               "axial_share": args.axial_share if args.planes == 3 else 1.0, "axis": axis, "threads": args.threads,
-              "settings": settings, "seed": args.seed, "device": describe_device(device, args.threads),
+              "settings": settings, "seed": args.seed, "oracle": args.oracle,
+              "device": describe_device(device, args.threads),
               "machine": machine_info(), "curve": []}
 
     def write():
         with atomic_path(args.out) as tmp:
             Path(tmp).write_text(json.dumps(result, indent=1))
 
+    if args.checkpoint:  # the network of an earlier run, evaluated only
+        from napari_semicl.engine.apply import Predictor
+
+        predictor = Predictor.from_checkpoint(args.checkpoint, device=device)
+        d = predictor.config.data
+        result.update(checkpoint=args.checkpoint, axis=int(d.axis), steps=predictor.config.iterations,
+                      seed=predictor.config.seed, planes="checkpoint")
+        t_eval = time.process_time()
+        result["final"] = evaluate(predictor.model, d.class_values, d.normalise, device, test, int(d.axis))
+        result["final"]["eval_cpu_s"] = time.process_time() - t_eval
+        write()
+        print(json.dumps({k: v for k, v in result["final"].items() if k != "volumes"}, indent=1))
+        return 0
     pairs = []
     for c in train:
+        if args.oracle:  # as cohort_transfer.py --oracle
+            pairs.append(AnnotatedPair(c.image.data, c.reference.data, name=c.name, spacing=c.image.scale,
+                                       complete=True))
+            continue
         slices = choose_reveal_slices(c.reference.data, args.k_train, axis, "inside")
         pairs.append(AnnotatedPair(c.image.data, reveal_slices(c.reference.data, slices, axis), name=c.name,
                                    spacing=c.image.scale))
@@ -229,7 +270,7 @@ def main(argv=None) -> int:
     cpu0 = time.process_time()
     train_cpu = 0.0
     sampler = None
-    if trainer.prior is None:  # built now (the run would build it at its start): its dense targets
+    if trainer.prior is None and not args.oracle:  # built now (the run would build it at its start): its dense targets
         raise SystemExit("the cohort run has no painted-slice prior: use the recommended configuration")
     if args.planes == 3:
         sampler = PlaneSampler(trainer.dataset, axis, args.axial_share)
@@ -243,7 +284,8 @@ def main(argv=None) -> int:
                 and event.step < args.steps:
             train_cpu += time.process_time() - cpu0
             t_eval = time.process_time()
-            ev = evaluate(trainer, test, axis)
+            ev = evaluate(trainer.method.inference_model(), trainer.dataset.class_values,
+                          trainer.config.data.normalise, device, test, axis)
             result["curve"].append({"step": event.step, "train_cpu_s": train_cpu,
                                     "eval_cpu_s": time.process_time() - t_eval,
                                     **{k: v for k, v in ev.items() if k != "volumes"}, "volumes": ev["volumes"]})
@@ -261,7 +303,8 @@ def main(argv=None) -> int:
     if args.save:
         trainer.save(Path(args.save) / "checkpoint.pt")
     t_eval = time.process_time()
-    result["final"] = evaluate(trainer, test, axis)
+    result["final"] = evaluate(trainer.method.inference_model(), trainer.dataset.class_values,
+                               trainer.config.data.normalise, device, test, axis)
     result["final"]["eval_cpu_s"] = time.process_time() - t_eval
     # the engine's own prediction path on the first volume: the axial probabilities above must match it
     same = trainer.predict(test[0].image.data).labels
