@@ -197,3 +197,66 @@ def test_predictor_follows_the_setting():
     expected, _ = predict_slices(adapt_batch_norm(net, [torch.from_numpy(image[None, None])]), image[None, None],
                                  device=CPU)
     assert np.array_equal(adapted, expected[0]) and not np.array_equal(adapted, plain)
+
+
+# --- the command line ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory):
+    """A grey 64 x 64 training image with bright discs painted, and a darker version (gamma 3:
+    percentile normalisation cannot undo it) to predict."""
+    from napari_semicl.io import write_image, write_labels
+
+    folder = tmp_path_factory.mktemp("tiles")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    mask = (((yy - 20) ** 2 + (xx - 20) ** 2) < 100) | (((yy - 44) ** 2 + (xx - 40) ** 2) < 64)
+    image = (0.3 + 0.5 * mask + 0.1 * rng.random((64, 64))).astype(np.float32)
+    paths = {"image": write_image(folder / "train.tif", image), "labels": write_labels(folder / "labels.tif",
+                                                                                       mask.astype(np.uint8)),
+             "dark": write_image(folder / "dark.tif", (image ** 3).astype(np.float32))}
+    return paths
+
+
+def _train(tiles, out, *extra):
+    from napari_semicl.cli import main
+
+    code = main(["-q", "train", "--image", str(tiles["image"]), "--labels", str(tiles["labels"]), "--iterations", "3",
+                 "--patch-size", "32", "--unpainted", "background", "--seed", "0", "--out", str(out), *extra])
+    assert code == 0
+    return out / "checkpoint.pt"
+
+
+def _expected(checkpoint, image_path, adapt: bool) -> np.ndarray:
+    from napari_semicl.engine import load_predictor
+    from napari_semicl.engine.inference import predict_volume
+    from napari_semicl.io import read_image
+
+    model, cfg = load_predictor(checkpoint, device=CPU)
+    image = read_image(image_path, kind="image").data
+    return predict_volume(model, image, class_values=cfg.data.class_values, normalise=cfg.data.normalise,
+                          device=CPU, adapt_batch_norm=adapt).labels
+
+
+def test_cli_predict_flag_and_train_setting(tiles, tmp_path):
+    """``predict --adapt-batch-norm`` adapts; a run trained with ``--set predict.adapt_batch_norm=true``
+    keeps the setting in its checkpoint, so its ``predict`` adapts without the flag."""
+    from napari_semicl.cli import main
+    from napari_semicl.io import read_labels
+
+    plain_ckpt = _train(tiles, tmp_path / "plain")
+    masks = {}
+    for name, flag in (("off", []), ("on", ["--adapt-batch-norm"])):
+        masks[name] = tmp_path / f"{name}.tif"
+        assert main(["-q", "predict", "--checkpoint", str(plain_ckpt), "--image", str(tiles["dark"]), "--out",
+                     str(masks[name]), *flag]) == 0
+    got = {k: read_labels(v).data for k, v in masks.items()}
+    assert np.array_equal(got["off"], _expected(plain_ckpt, tiles["dark"], False))
+    assert np.array_equal(got["on"], _expected(plain_ckpt, tiles["dark"], True))
+    assert not np.array_equal(got["on"], got["off"])
+
+    set_ckpt = _train(tiles, tmp_path / "set", "--set", "predict.adapt_batch_norm=true")
+    out = tmp_path / "set.tif"
+    assert main(["-q", "predict", "--checkpoint", str(set_ckpt), "--image", str(tiles["dark"]), "--out",
+                 str(out)]) == 0
+    assert np.array_equal(read_labels(out).data, _expected(set_ckpt, tiles["dark"], True))
+    assert not np.array_equal(read_labels(out).data, _expected(set_ckpt, tiles["dark"], False))
