@@ -260,3 +260,12 @@ def test_cli_predict_flag_and_train_setting(tiles, tmp_path):
                  str(out)]) == 0
     assert np.array_equal(read_labels(out).data, _expected(set_ckpt, tiles["dark"], True))
     assert not np.array_equal(read_labels(out).data, _expected(set_ckpt, tiles["dark"], False))
+
+
+def test_the_dock_box_sets_the_config(make_napari_viewer):
+    viewer = make_napari_viewer()
+    _, train = viewer.window.add_plugin_dock_widget("napari-semicl", "Train (semi-supervised)")
+    assert train.build_config().predict.adapt_batch_norm is False
+    assert "batch-norm" in train.adapt_bn_check.toolTip()
+    train.adapt_bn_check.setChecked(True)
+    assert train.build_config().predict.adapt_batch_norm is True
