@@ -4,7 +4,7 @@ predicted three ways: as the product predicts by default (``standard``); with th
 layer's statistics re-estimated on the tile's own inference windows,
 :func:`napari_semicl.engine.inference.adapt_batch_norm`); and with the first experiment's
 variant (``adabn_crops256``: 16 crops of 256 covering the tile, the layers' running averages
-over the crops, the network unfolded), kept to reproduce the archived ``mt600_seed1_adabn.json``.
+over the crops), kept to reproduce the archived ``mt600_seed1_adabn.json``.
 ``napari-semicl bench histology --adapt-batch-norm both`` is the product benchmark of the same
 comparison (standard and adapted, paired, from one training).
 
