@@ -10,7 +10,7 @@ import torch
 
 from napari_semicl.engine.config import PredictConfig, TrainConfig, set_option
 from napari_semicl.engine.inference import adapt_batch_norm, predict_slices, predict_volume_probabilities
-from napari_semicl.engine.precision import MODEL_ATTRIBUTE
+from napari_semicl.engine.precision import MODEL_ATTRIBUTE, precision_of
 from napari_semicl.errors import ConfigError
 
 CPU = torch.device("cpu")
@@ -269,3 +269,28 @@ def test_the_dock_box_sets_the_config(make_napari_viewer):
     assert "batch-norm" in train.adapt_bn_check.toolTip()
     train.adapt_bn_check.setChecked(True)
     assert train.build_config().predict.adapt_batch_norm is True
+
+
+def test_the_masks_of_a_runs_images_follow_the_setting(tiles):
+    """Trainer.predict_pair (the dock's masks of the opened images, ``train``'s final masks)
+    adapts on the pair's own slices when the setting is on."""
+    from napari_semicl.data import AnnotatedPair
+    from napari_semicl.engine import Trainer
+    from napari_semicl.engine.trainer import run_sync
+    from napari_semicl.io import read_image, read_labels
+
+    image = read_image(tiles["image"], kind="image").data
+    dark = read_image(tiles["dark"], kind="image").data
+    cfg = TrainConfig()
+    cfg.iterations, cfg.data.patch_size, cfg.data.unpainted = 3, 32, "background"
+    pairs = [AnnotatedPair(image, read_labels(tiles["labels"]).data), AnnotatedPair(dark, None)]
+    trainer = Trainer(cfg, pairs, device=CPU)
+    run_sync(trainer.run(previews=False))
+    plain = trainer.predict_pair(1).labels
+    trainer.config.predict.adapt_batch_norm = True
+    adapted = trainer.predict_pair(1).labels
+    model = trainer.method.inference_model()
+    with precision_of(model, CPU).autocast():  # the adaptation pass runs in the network's precision (bf16 here)
+        by_hand_net = adapt_batch_norm(model, [torch.from_numpy(trainer.dataset.images[1])])
+    expected, _ = predict_slices(by_hand_net, trainer.dataset.images[1], device=CPU)
+    assert np.array_equal(adapted, expected[0].astype(adapted.dtype)) and not np.array_equal(adapted, plain)
