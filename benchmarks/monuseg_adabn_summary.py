@@ -41,7 +41,8 @@ def main(paths):
     if rf is None:
         rf = per_tile(json.loads(ARCHIVE.read_text())["files"]["monuseg_2tiles_rf.json"]["methods"]["rf"])
     print(f"rf: {np.mean(list(rf.values())):.3f} over {len(rf)} tiles")
-    print("| method | seed | steps | train CPU-s | Dice | Dice adapted | adapted minus not | minus rf | adapted minus rf |")
+    print("| method | seed | steps | train CPU-s | Dice | Dice adapted | adapted minus not | minus rf "
+          "| adapted minus rf |")
     print("|---|---|---|---|---|---|---|---|---|")
     by_method = defaultdict(list)
     for name, seed, off, on, row in runs:

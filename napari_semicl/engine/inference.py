@@ -108,11 +108,14 @@ class _BatchNormAdapter:
 
     :attr:`model` is an eval-mode copy of the network (dropout and everything else as in
     prediction) whose batch-norm layers normalise with the statistics of the batch they see
-    (train mode: each window is normalised as AdaBN prescribes, by the image's own statistics
-    rather than the training's) while a hook adds up, per channel and in float64, the sum, the
-    sum of squares and the count of the values each layer receives. :meth:`finish` writes the
-    mean and the (population) variance of everything seen into the layers' running statistics
-    and returns the copy in eval mode. The network given is never changed.
+    (as in train mode: each window is normalised as AdaBN prescribes, by the image's own
+    statistics rather than the training's; a pre-hook sets the layer's running statistics to
+    its batch's before the eval-mode forward) while it keeps, per channel, the count, mean and
+    sum of squared deviations of all the values each layer has received (float64).
+    :meth:`finish` writes the mean and the (population) variance of everything seen into the
+    layers' running statistics (every value weighted alike: ``momentum=None``'s cumulative
+    average when the batches are equal, exact when they are not) and returns the copy in eval
+    mode. The network given is never changed.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -121,22 +124,35 @@ class _BatchNormAdapter:
         self.sums: dict[int, list] = {}
         self._hooks = []
         for i, layer in enumerate(self.layers):
-            layer.train()
             self._hooks.append(layer.register_forward_pre_hook(self._hook(i)))
 
     def _hook(self, i: int):
+        # a per-channel shift (the trained mean) before summing squares: no E[x^2] - E[x]^2
+        # cancellation when a channel's mean is large against its spread
+        shift = self.layers[i].running_mean.detach().float().clone()
+
         def gather(module, inputs):
-            x = inputs[0].detach().to(torch.float64)
-            dims = [d for d in range(x.dim()) if d != 1]
-            n = x.numel() // x.shape[1]
-            s, ss = x.sum(dim=dims).cpu(), (x * x).sum(dim=dims).cpu()
-            if i in self.sums:
-                acc = self.sums[i]
-                acc[0] += s
-                acc[1] += ss
-                acc[2] += n
-            else:
-                self.sums[i] = [s, ss, n]
+            x = inputs[0].detach()
+            # (values, channels) rows, a view for channels_last: summed along the rows, 2x
+            # cheaper than var_mean over (N, H, W) of a channels_last activation on a CPU
+            y = x.movedim(1, -1).reshape(-1, x.shape[1]).float() - shift.to(x.device)
+            n = y.shape[0]
+            d = y.sum(dim=0) / n
+            var = ((y * y).sum(dim=0) / n - d * d).clamp_min(0.0)
+            mean = d + shift.to(x.device)
+            # the layer (in eval mode: its fast path) normalises this batch by the batch's own
+            # statistics, as in train mode: the running ones are set to them for this call
+            module.running_mean.copy_(mean)
+            module.running_var.copy_(var)
+            # combined with the earlier batches in float64 (Chan et al.'s pairwise update)
+            mean, m2 = mean.double().cpu(), var.double().cpu() * n
+            if i not in self.sums:
+                self.sums[i] = [mean, m2, n]
+                return
+            old_mean, old_m2, old_n = self.sums[i]
+            total = old_n + n
+            delta = mean - old_mean
+            self.sums[i] = [old_mean + delta * (n / total), old_m2 + m2 + delta * delta * (old_n * n / total), total]
         return gather
 
     def snapshot(self) -> dict:
@@ -152,9 +168,8 @@ class _BatchNormAdapter:
         for i, layer in enumerate(self.layers):
             if i not in self.sums:  # a layer no window reached (a branch not taken): its trained statistics stay
                 continue
-            s, ss, n = self.sums[i]
-            mean = s / n
-            var = (ss / n - mean * mean).clamp_min(0.0)
+            mean, m2, n = self.sums[i]
+            var = m2 / n
             layer.running_mean.copy_(mean.to(layer.running_mean))
             layer.running_var.copy_(var.to(layer.running_var))
         return self.model.eval()
