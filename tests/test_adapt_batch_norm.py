@@ -294,3 +294,25 @@ def test_the_masks_of_a_runs_images_follow_the_setting(tiles):
         by_hand_net = adapt_batch_norm(model, [torch.from_numpy(trainer.dataset.images[1])])
     expected, _ = predict_slices(by_hand_net, trainer.dataset.images[1], device=CPU)
     assert np.array_equal(adapted, expected[0].astype(adapted.dtype)) and not np.array_equal(adapted, plain)
+
+
+def test_a_later_layer_sees_the_earlier_layers_normalised_by_the_image():
+    """Two BatchNorms in a row, one batch: the second's new statistics are those of its input
+    when the first normalises by the batch's own statistics (AdaBN's layer-by-layer rule, as
+    in train mode), computed here by hand with ``F.batch_norm(training=True)``."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+                              torch.nn.Conv2d(3, 2, 3, padding=1), torch.nn.BatchNorm2d(2)).eval()
+    x = torch.rand(4, 1, 16, 16) * 5 + 2
+    adapted = adapt_batch_norm(net, [x])
+    with torch.no_grad():
+        a = net[0](x)
+        b = net[3](torch.relu(F.batch_norm(a, None, None, net[1].weight, net[1].bias, training=True, eps=net[1].eps)))
+    np.testing.assert_allclose(adapted[4].running_mean.numpy(), b.mean(dim=(0, 2, 3)).numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(adapted[4].running_var.numpy(), b.var(dim=(0, 2, 3), unbiased=False).numpy(),
+                               rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # normalised by the trained statistics instead, the second layer's input differs
+        stale = net[3](torch.relu(net[1](a)))
+    assert not np.allclose(stale.mean(dim=(0, 2, 3)).numpy(), b.mean(dim=(0, 2, 3)).numpy(), rtol=1e-2)
