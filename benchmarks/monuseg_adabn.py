@@ -1,8 +1,12 @@
 """MoNuSeg, 2 labelled tiles (``bench histology``'s protocol): one network, its scored tiles
-predicted twice: as the product predicts (``standard``) and with AdaBN (Li et al. 2016,
-arXiv:1603.04779): every batch-norm layer's statistics re-estimated on the scored tile itself
-(16 crops of 256 covering it) before predicting it (issue 26: the networks over-segment the
-dark frozen-section tiles).
+predicted three ways: as the product predicts by default (``standard``); with the product's
+``predict.adapt_batch_norm`` (``adabn``: AdaBN, Li et al. 2016, arXiv:1603.04779, every batch-norm
+layer's statistics re-estimated on the tile's own inference windows,
+:func:`napari_semicl.engine.inference.adapt_batch_norm`); and with the first experiment's
+variant (``adabn_crops256``: 16 crops of 256 covering the tile, the layers' running averages
+over the crops), kept to reproduce the archived ``mt600_seed1_adabn.json``.
+``napari-semicl bench histology --adapt-batch-norm both`` is the product benchmark of the same
+comparison (standard and adapted, paired, from one training).
 
     cd <repo> && PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/monuseg_adabn.py \\
         mean_teacher 600 out.json 1 [--data ../shared/data/monuseg/train]
@@ -67,11 +71,12 @@ def adapted(image):
 
 
 res = {"method": args.method, "budget_cpu_s": args.cpu_s, "seed": args.seed, "methods": {}}
-for label, make in (("standard", lambda im: model), ("adabn", adapted)):
+for label, make, adapt in (("standard", lambda im: model, False), ("adabn", lambda im: model, True),
+                           ("adabn_crops256", adapted, False)):
     rows = []
     for c in test:
         p = predict_volume(make(c.image.data), c.image.data, class_values=trainer.dataset.class_values, axis=0,
-                           rgb=True, normalise="percentile", device=cpu).labels
+                           rgb=True, normalise="percentile", device=cpu, adapt_batch_norm=adapt).labels
         rows.append({"name": c.name, "steps": fin.step, "planned_steps": steps, "train_cpu_s": train_cpu,
                      "probe_cpu_s_per_step": per, **score(p, c.reference.data), **nuclei_counts(p, c.reference.data)})
     res["methods"][f"{args.method} {label}"] = {"per_volume": rows, "dice": float(np.mean([r["dice"] for r in rows]))}

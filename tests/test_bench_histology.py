@@ -89,6 +89,29 @@ def test_cli_histology_takes_a_cpu_second_budget(tile_folder, tmp_path):
     assert json.loads(out.read_text())["budget_cpu_s"] == 0.5
 
 
+def test_monuseg_scores_each_network_with_and_without_adapt_batch_norm(tile_folder, tmp_path):
+    """``adapt_batch_norm='both'``: one training, its tiles predicted both ways (paired rows);
+    'on' alone gives the same adapted rows (the same seeded training)."""
+    from napari_semicl.cli import main
+
+    out = tmp_path / "both.json"
+    assert main(["bench", "histology", "--data", str(tile_folder), "--labelled", "1", "--methods", "supervised",
+                 "--budget-steps", "2", "--patch-size", "32", "--device", "cpu", "--adapt-batch-norm", "both",
+                 "--out", str(out)]) == 0
+    both = json.loads(out.read_text())
+    plain, adapted = both["methods"]["supervised"]["per_volume"], both["methods"]["supervised +adabn"]["per_volume"]
+    assert both["adapt_batch_norm"] == "both"
+    assert [r["adapt_batch_norm"] for r in plain + adapted] == [False] * 2 + [True] * 2
+    assert [r["name"] for r in adapted] == [r["name"] for r in plain] == ["tile1", "tile2"]
+    assert all(a["train_cpu_s"] == p["train_cpu_s"] and a["steps"] == p["steps"] == 2 for a, p in zip(adapted, plain))
+    on = monuseg(tile_folder, labelled=1, methods=["supervised"], budget_steps=2, out=tmp_path / "on.json",
+                 device=torch.device("cpu"), patch_size=32, adapt_batch_norm="on")
+    assert [r["dice"] for r in on["methods"]["supervised"]["per_volume"]] == [r["dice"] for r in adapted]
+    with pytest.raises(DataError, match="adapt_batch_norm"):
+        monuseg(tile_folder, labelled=1, methods=["rf"], budget_steps=2, out=tmp_path / "x.json",
+                adapt_batch_norm="yes")
+
+
 def test_nuclei_counts_separates_misses_from_false_alarms():
     from napari_semicl.bench.histology import nuclei_counts
 

@@ -9,10 +9,16 @@ tiles and predicts the others. Budgets are fixed step counts (immune to a busy m
 CPU-seconds of this process (``time.process_time``): a short probe run of the same method measures
 its CPU-seconds per step, the run is given the steps that fill the budget (so the learning-rate
 schedule ends where the budget does), and it stops early if it reaches the budget first.
+
+``adapt_batch_norm`` ('off', 'on', 'both'): the networks predict with the
+``predict.adapt_batch_norm`` setting off, on, or (``both``) each trained network predicts the
+scored tiles both ways, a paired comparison from one training run: the adapted rows are
+recorded under ``'<method> +adabn'``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -139,7 +145,8 @@ def calibrate_steps(method: str, pairs, device, *, budget_cpu_s: float, seed: in
 
 
 def monuseg(folder, *, labelled: int = 2, methods, budget_steps: int | None = None, seed: int = 0, out,
-            device=None, patch_size: int = 128, budget_cpu_s: float | None = None) -> dict:
+            device=None, patch_size: int = 128, budget_cpu_s: float | None = None,
+            adapt_batch_norm: str = "off") -> dict:
     """Train each method on ``labelled`` tiles (the rest unlabelled) and score the rest.
 
     Parameters
@@ -159,7 +166,13 @@ def monuseg(folder, *, labelled: int = 2, methods, budget_steps: int | None = No
         spends the budget before its steps.
     out : path
         Results JSON, rewritten after every method.
+    adapt_batch_norm : {'off', 'on', 'both'}
+        The networks' ``predict.adapt_batch_norm``; ``both``: each network predicts the scored
+        tiles without, then with it (rows ``'<method> +adabn'``), from the same training.
     """
+    variants = {"off": (False,), "on": (True,), "both": (False, True)}.get(adapt_batch_norm)
+    if variants is None:
+        raise DataError(f"adapt_batch_norm must be 'off', 'on' or 'both', got {adapt_batch_norm!r}")
     if (budget_steps is None) == (budget_cpu_s is None):
         raise DataError("give one budget: budget_steps (steps) or budget_cpu_s (CPU-seconds)")
     if budget_cpu_s is not None and budget_cpu_s <= 0:
@@ -173,7 +186,8 @@ def monuseg(folder, *, labelled: int = 2, methods, budget_steps: int | None = No
     results = ResultsFile(out, {"protocol": "histology-tiles", "labelled": labelled, "budget_steps": budget_steps,
                                 "budget_cpu_s": budget_cpu_s, "torch_threads": torch.get_num_threads(),
                                 "seed": seed, "patch_size": patch_size, "device": describe_device(device),
-                                "data": str(folder), "labelled_tiles": [c.name for c in train],
+                                "data": str(folder), "adapt_batch_norm": adapt_batch_norm,
+                                "labelled_tiles": [c.name for c in train],
                                 "scored_tiles": [c.name for c in test]})
     for method in methods:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -196,16 +210,29 @@ def monuseg(folder, *, labelled: int = 2, methods, budget_steps: int | None = No
             cfg = _network_config(method, seed, patch_size, steps)
             trainer, finished, _ = _train(cfg, pairs, device, cpu_s=budget_cpu_s)
             train_cpu_s = time.process_time() - c0
-            rows = []
-            for c in test:
-                pred = trainer.predict(c.image.data, rgb=True).labels
-                rows.append({"name": c.name, "train_s": finished.seconds, "train_cpu_s": train_cpu_s,
-                             "steps": finished.step, **extra, **score(pred, c.reference.data),
-                             **nuclei_counts(pred, c.reference.data)})
-        for row in rows:
-            row["wall_s"] = time.perf_counter() - t0
-            row["cpu_s"] = time.process_time() - c0  # this process's CPU time (training + inference)
-            results.add(method, row)
-        log.info("%s: mean dice %.4f over %d tiles (%.0f s)", method, results.data["methods"][method]["dice"],
-                 len(test), time.perf_counter() - t0)
+            settings = trainer.config.predict
+            for adapt in variants:
+                name = f"{method} +adabn" if adapt and len(variants) > 1 else method
+                trainer.config.predict = dataclasses.replace(settings, adapt_batch_norm=adapt)
+                rows = []
+                for c in test:
+                    p0 = time.process_time()
+                    pred = trainer.predict(c.image.data, rgb=True).labels
+                    rows.append({"name": c.name, "train_s": finished.seconds, "train_cpu_s": train_cpu_s,
+                                 "steps": finished.step, "adapt_batch_norm": adapt,
+                                 "predict_cpu_s": time.process_time() - p0, **extra,
+                                 **score(pred, c.reference.data), **nuclei_counts(pred, c.reference.data)})
+                trainer.config.predict = settings
+                _add_rows(results, name, rows, t0, c0, len(test))
+            continue
+        _add_rows(results, method, rows, t0, c0, len(test))
     return results.data
+
+
+def _add_rows(results, method: str, rows: list[dict], t0: float, c0: float, n: int) -> None:
+    for row in rows:
+        row["wall_s"] = time.perf_counter() - t0
+        row["cpu_s"] = time.process_time() - c0  # this process's CPU time (training + inference)
+        results.add(method, row)
+    log.info("%s: mean dice %.4f over %d tiles (%.0f s)", method, results.data["methods"][method]["dice"], n,
+             time.perf_counter() - t0)

@@ -231,6 +231,9 @@ def _histology_arguments(hs) -> None:
     budget.add_argument("--budget-cpu-s", type=float,
                         help="CPU-seconds of training per method (steps calibrated by a short probe run)")
     hs.add_argument("--patch-size", type=int, default=128)
+    hs.add_argument("--adapt-batch-norm", choices=("off", "on", "both"), default="off",
+                    help="the networks predict with predict.adapt_batch_norm off, on, or both from one training "
+                         "(paired; rows '<method> +adabn')")
 
 
 def _histology(args) -> int:
@@ -238,7 +241,7 @@ def _histology(args) -> int:
 
     data = monuseg(args.data, labelled=args.labelled, methods=_methods(args), budget_steps=args.budget_steps,
                    budget_cpu_s=args.budget_cpu_s, seed=args.seed, out=args.out, device=_device(args),
-                   patch_size=args.patch_size)
+                   patch_size=args.patch_size, adapt_batch_norm=args.adapt_batch_norm)
     return _summary(args, data)
 
 

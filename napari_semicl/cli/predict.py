@@ -4,6 +4,7 @@ tiles or a whole-slide image; ``--suggest N`` ranks the slices to annotate next.
 from __future__ import annotations
 
 import json
+import logging
 
 from ..engine import load_predictor, pick_device
 from ..engine.apply import Predictor, predict_file
@@ -21,6 +22,9 @@ def arguments(p) -> None:
     p.add_argument("--largest-component", action="store_true",
                    help="keep only the largest 3D connected piece of each class (predict.largest_component; "
                         "for a structure that is one piece)")
+    p.add_argument("--adapt-batch-norm", action="store_true",
+                   help="re-estimate the batch-norm statistics on each image before predicting it "
+                        "(predict.adapt_batch_norm; for a stain or intensity unlike the training images')")
     add_device_option(p)
 
 
@@ -30,9 +34,14 @@ def cmd_predict(args) -> int:
     model, cfg = load_predictor(args.checkpoint, device=pick_device(args.device))
     if args.largest_component:
         cfg.predict.largest_component = True
+    if args.adapt_batch_norm:
+        cfg.predict.adapt_batch_norm = True
     if is_slide(args.image):
         from .slides import predict_slide
 
+        if cfg.predict.adapt_batch_norm:
+            logging.getLogger(__name__).warning(
+                "predict.adapt_batch_norm is not applied to whole-slide images: the slide is predicted without it")
         return predict_slide(args, model, cfg)
     result = predict_file(
         Predictor(model, cfg, next(model.parameters()).device, str(args.checkpoint)), args.image, args.out,

@@ -164,6 +164,7 @@ class Predictor:
             self.model, image, class_values=self.class_values, axis=d.axis, rgb=rgb, normalise=d.normalise,
             device=self.device, batch_size=batch_size, with_entropy=with_entropy,
             context_slices=d.context_slices if self.needs_volumes else 0,
+            adapt_batch_norm=bool(getattr(self.config.predict, "adapt_batch_norm", False)),
         ), self.config.predict)
 
 

@@ -159,13 +159,21 @@ class OptimConfig:
 class PredictConfig:
     """How a predicted mask is finished. ``largest_component``: keep only the largest 3D
     connected component of each class (:func:`~napari_semicl.engine.postprocess.keep_largest_component`),
-    for a structure that is one piece (stray blobs of other chambers or vessels go)."""
+    for a structure that is one piece (stray blobs of other chambers or vessels go).
+    ``adapt_batch_norm``: before predicting an image, re-estimate every batch-normalisation
+    layer's statistics on that image (AdaBN, :func:`~napari_semicl.engine.inference.adapt_batch_norm`;
+    a copy of the network, the trained weights unchanged), for images whose stain or intensity
+    differs from the painted ones (e.g. H&E tiles from other labs); a network without batch
+    normalisation predicts as it is. Costs one more pass over the image."""
 
     largest_component: bool = False
+    adapt_batch_norm: bool = False
 
     def validate(self, path: str = "predict") -> None:
-        if not isinstance(self.largest_component, bool):
-            raise ConfigError(f"{path}.largest_component must be true or false, got {self.largest_component!r}")
+        for name in ("largest_component", "adapt_batch_norm"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path}.{name} must be true or false, got {value!r}")
 
 
 @dataclass

@@ -168,7 +168,8 @@ class PairPredictions:
             self.volume_probs = _this_step(self.volume_probs, t.step)
             said: list[str] = []
             probs = predict_volume_probabilities(t.method.inference_model(), t.dataset.images[pair_index],
-                                                 device=t.device, notes=said)
+                                                 device=t.device, notes=said,
+                                                 adapt_batch_norm=t.config.predict.adapt_batch_norm)
             self.volume_probs[key] = (probs, tuple(said))
         probs, said = self.volume_probs[key]
         if notes is not None:
@@ -186,7 +187,8 @@ class PairPredictions:
             return classes_from_probabilities(self.volume_probabilities(pair_index, notes), fuse=fuse,
                                               with_entropy=with_entropy)
         return predict_slices(t.method.inference_model(), t.dataset.images[pair_index], device=t.device,
-                              with_entropy=with_entropy, notes=notes, fuse=fuse)
+                              with_entropy=with_entropy, notes=notes, fuse=fuse,
+                              adapt_batch_norm=t.config.predict.adapt_batch_norm)
 
     # --- what the user gets ----------------------------------------------------------------
     def labels(self, idx: np.ndarray, pair_index: int) -> np.ndarray:

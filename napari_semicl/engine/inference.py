@@ -16,10 +16,17 @@ was trained in (its ``model.precision`` setting, recorded on it by
 :func:`~napari_semicl.engine.precision.prepare_model`; fp32 for a network built elsewhere):
 under bf16/fp16 autocast where that applies, each window's output cast to float32
 before the windows are blended, so probabilities, labels and entropy come out float32.
+
+With ``adapt_batch_norm`` (the ``predict.adapt_batch_norm`` setting; AdaBN, Li et al. 2016,
+arXiv:1603.04779) every batch-normalisation layer's running mean and variance are first
+re-estimated on the image being predicted (:func:`adapt_batch_norm`, on a copy of the network:
+the trained weights are never changed), for images whose stain or intensity differs from the
+painted ones (docs/wsi.md).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass, field
@@ -91,6 +98,106 @@ def _retry_out_of_memory(attempt, shrink, size, *, device: torch.device, notes: 
             notes.append(note)
 
 
+def _batch_norms(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+class _BatchNormAdapter:
+    """A copy of a network whose batch-normalisation layers gather their input's statistics.
+
+    :attr:`model` is an eval-mode copy of the network (dropout and everything else as in
+    prediction) whose batch-norm layers normalise with the statistics of the batch they see
+    (as in train mode: each window is normalised as AdaBN prescribes, by the image's own
+    statistics rather than the training's; a pre-hook sets the layer's running statistics to
+    its batch's before the eval-mode forward) while it keeps, per channel, the count, mean and
+    sum of squared deviations of all the values each layer has received (float64).
+    :meth:`finish` writes the mean and the (population) variance of everything seen into the
+    layers' running statistics (every value weighted alike: ``momentum=None``'s cumulative
+    average when the batches are equal, exact when they are not) and returns the copy in eval
+    mode. The network given is never changed.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = copy.deepcopy(model).eval()
+        self.layers = _batch_norms(self.model)
+        self.sums: dict[int, list] = {}
+        self._hooks = []
+        for i, layer in enumerate(self.layers):
+            self._hooks.append(layer.register_forward_pre_hook(self._hook(i)))
+
+    def _hook(self, i: int):
+        # a per-channel shift (the trained mean) before summing squares: no E[x^2] - E[x]^2
+        # cancellation when a channel's mean is large against its spread
+        shift = self.layers[i].running_mean.detach().float().clone()
+
+        def gather(module, inputs):
+            x = inputs[0].detach()
+            # (values, channels) rows, a view for channels_last: summed along the rows, 2x
+            # cheaper than var_mean over (N, H, W) of a channels_last activation on a CPU
+            y = x.movedim(1, -1).reshape(-1, x.shape[1]).float() - shift.to(x.device)
+            n = y.shape[0]
+            d = y.sum(dim=0) / n
+            var = ((y * y).sum(dim=0) / n - d * d).clamp_min(0.0)
+            mean = d + shift.to(x.device)
+            # the layer (in eval mode: its fast path) normalises this batch by the batch's own
+            # statistics, as in train mode: the running ones are set to them for this call
+            module.running_mean.copy_(mean)
+            module.running_var.copy_(var)
+            # combined with the earlier batches in float64 (Chan et al.'s pairwise update)
+            mean, m2 = mean.double().cpu(), var.double().cpu() * n
+            if i not in self.sums:
+                self.sums[i] = [mean, m2, n]
+                return
+            old_mean, old_m2, old_n = self.sums[i]
+            total = old_n + n
+            delta = mean - old_mean
+            self.sums[i] = [old_mean + delta * (n / total), old_m2 + m2 + delta * delta * (old_n * n / total), total]
+        return gather
+
+    def snapshot(self) -> dict:
+        """The sums so far (to :meth:`restore` when a batch fails half-way, e.g. out of memory)."""
+        return {i: [a.clone(), b.clone(), n] for i, (a, b, n) in self.sums.items()}
+
+    def restore(self, saved: dict) -> None:
+        self.sums = saved
+
+    def finish(self) -> torch.nn.Module:
+        for hook in self._hooks:
+            hook.remove()
+        for i, layer in enumerate(self.layers):
+            if i not in self.sums:  # a layer no window reached (a branch not taken): its trained statistics stay
+                continue
+            mean, m2, n = self.sums[i]
+            var = m2 / n
+            layer.running_mean.copy_(mean.to(layer.running_mean))
+            layer.running_var.copy_(var.to(layer.running_var))
+        return self.model.eval()
+
+
+def adapt_batch_norm(model: torch.nn.Module, windows) -> torch.nn.Module:
+    """A copy of ``model`` with every batch-normalisation layer's running mean and variance
+    re-estimated on ``windows`` (AdaBN): ``windows`` is an iterable of input batches (N, C, ...)
+    (e.g. the windows of one image), each passed once through the copy in eval mode except
+    for the batch-norm layers, which normalise by their batch's statistics; each layer's new
+    running mean and variance are the mean and population variance, per channel, of all it
+    received over all batches (every value weighted alike). ``model`` is not changed; a
+    network without batch normalisation is returned as it is (logged). The copy is returned in
+    eval mode.
+
+    :func:`predict_slices` and :func:`predict_volume_probabilities` do this with the windows
+    of the image they predict (their ``adapt_batch_norm`` argument), under the network's precision.
+    """
+    if not _batch_norms(model):
+        log.info("adapt_batch_norm: the network has no batch normalisation; predicting it as it is")
+        return model
+    adapter = _BatchNormAdapter(model)
+    with torch.no_grad():
+        for x in windows:
+            adapter.model(x)
+    return adapter.finish()
+
+
 @torch.no_grad()
 def predict_slices(
     model: torch.nn.Module,
@@ -104,6 +211,7 @@ def predict_slices(
     notes: list | None = None,
     fuse=None,
     fold: bool = True,
+    adapt_batch_norm: bool = False,
 ):
     """Class indices (S, H, W) int64 and optional normalised entropy of (S, C, H, W) slices.
 
@@ -120,7 +228,9 @@ def predict_slices(
     Out of memory, the batch is halved down to one slice, then the window down to the
     network's size multiple; each fallback is logged and appended to ``notes`` (a list).
     ``fold=False`` predicts with the network as it is (its batch normalisation unfolded:
-    the benchmarks' baseline).
+    the benchmarks' baseline). ``adapt_batch_norm``: first a pass over all the windows of all
+    the slices re-estimates the batch-norm statistics on them (:func:`adapt_batch_norm`, on a
+    copy), then the prediction pass (folded) uses them.
 
     Raises
     ------
@@ -138,12 +248,19 @@ def predict_slices(
         )
     if getattr(model, "spatial_dims", 2) == 3:
         return predict_volume_patches(model, slices, device=device, max_window=min(max_window, MAX_WINDOW_3D),
-                                      overlap=overlap, with_entropy=with_entropy, notes=notes, fuse=fuse)
+                                      overlap=overlap, with_entropy=with_entropy, notes=notes, fuse=fuse,
+                                      adapt_batch_norm=adapt_batch_norm)
     batch_size, max_window = fit_slice_batch(model, slices.shape, device, batch_size, max_window, notes=notes)
     was_training = model.training
     model.eval()
-    # the training's autocast, float32 out; batch normalisation folded into the convolutions
-    predictor = precision_of(model, device).predictor(fold_batch_norm(model) if fold else model)
+    precision = precision_of(model, device)
+    adapter = None
+    if adapt_batch_norm:
+        if _batch_norms(model):
+            adapter = _BatchNormAdapter(model)
+        else:
+            log.info("adapt_batch_norm: the network has no batch normalisation; predicting it as it is")
+    predictor = None  # set below, after the adaptation pass when there is one
     multiple = getattr(model, "multiple", 16)
     labels = np.empty((s, h, w), dtype=np.int64)
     entropy = np.empty((s, h, w), dtype=np.float32) if with_entropy else None
@@ -154,6 +271,15 @@ def predict_slices(
     def predict_batch(start: int, size: tuple[int, int]) -> None:
         batch, window = size
         x = torch.from_numpy(slices[start:start + batch]).to(device)
+        if adapting:  # the adaptation pass: only the batch-norm statistics gathered matter
+            saved = adapter.snapshot()
+            try:
+                sliding_window_inference(x, roi(window), sw_batch_size=batch, predictor=predictor, overlap=overlap,
+                                         mode="gaussian")
+            except BaseException:
+                adapter.restore(saved)  # a batch that failed half-way (out of memory) counts for nothing
+                raise
+            return
         logits = sliding_window_inference(
             x, roi(window), sw_batch_size=batch, predictor=predictor, overlap=overlap, mode="gaussian"
         )
@@ -178,12 +304,20 @@ def predict_slices(
         )
 
     size = (batch_size, max(multiple, max_window // multiple * multiple))
-    start = 0
     try:
-        while start < s:
-            _, size = _retry_out_of_memory(lambda sz: predict_batch(start, sz), shrink, size, device=device,
-                                           notes=notes)
-            start += size[0]
+        passes = ([True] if adapter is not None else []) + [False]
+        for adapting in passes:
+            if adapting:
+                predictor = precision.predictor(adapter.model)
+            else:
+                net = adapter.finish() if adapter is not None else model
+                # the training's autocast, float32 out; batch normalisation folded into the convolutions
+                predictor = precision.predictor(fold_batch_norm(net) if fold else net)
+            start = 0
+            while start < s:
+                _, size = _retry_out_of_memory(lambda sz: predict_batch(start, sz), shrink, size, device=device,
+                                               notes=notes)
+                start += size[0]
     finally:
         model.train(was_training)
     return labels, entropy
@@ -203,6 +337,7 @@ def predict_volume_probabilities(
     max_window: int = MAX_WINDOW_3D,
     overlap: float = 0.25,
     notes: list | None = None,
+    adapt_batch_norm: bool = False,
 ) -> torch.Tensor:
     """A 3D network's class probabilities (S, K, H, W) float32, on the CPU, of a volume
     given as (S, C, H, W) slices.
@@ -212,11 +347,15 @@ def predict_volume_probabilities(
     (MONAI's ``sliding_window_inference``, ``mode='gaussian'``). Out of memory, the window
     is halved down to the network's multiple (each fallback logged and appended to
     ``notes``); below that it raises :class:`~napari_semicl.errors.DataError`.
+    ``adapt_batch_norm``: a first pass over the same windows re-estimates the batch-norm
+    statistics on the volume (:func:`adapt_batch_norm`, on a copy; the 3D U-Net's instance
+    normalisation has none: a no-op, logged).
     """
     s, _, h, w = slices.shape
     was_training = model.training
     model.eval()
-    predictor = precision_of(model, device).predictor(model)  # the training's autocast, float32 out
+    precision = precision_of(model, device)
+    net = model
     multiple = getattr(model, "multiple", 16)
     volume = torch.from_numpy(np.ascontiguousarray(slices.transpose(1, 0, 2, 3)))[None]  # (1, C, S, H, W)
 
@@ -224,11 +363,19 @@ def predict_volume_probabilities(
         return tuple(_window(n, multiple, window) for n in (s, h, w))
 
     def predict(window: int) -> torch.Tensor:
+        predictor = precision.predictor(net)  # the training's autocast, float32 out
         logits = sliding_window_inference(
             volume.to(device), roi(window), sw_batch_size=1, predictor=predictor, overlap=overlap, mode="gaussian",
             sw_device=device, device=torch.device("cpu"),
         )
         return logits.float().softmax(dim=1)[0].transpose(0, 1)  # (S, K, H, W)
+
+    def adapt(window: int) -> torch.nn.Module:
+        adapter = _BatchNormAdapter(model)  # afresh at each try: a failed try counts for nothing
+        sliding_window_inference(volume.to(device), roi(window), sw_batch_size=1,
+                                 predictor=precision.predictor(adapter.model), overlap=overlap, mode="gaussian",
+                                 sw_device=device, device=torch.device("cpu"))
+        return adapter.finish()
 
     def shrink(window: int) -> tuple[int, str]:
         side = max(roi(window))
@@ -242,6 +389,12 @@ def predict_volume_probabilities(
 
     max_window = fit_inference_window(model, slices.shape, device, max_window, notes=notes)
     try:
+        if adapt_batch_norm:
+            if _batch_norms(model):
+                net, _ = _retry_out_of_memory(adapt, shrink, max(multiple, max_window // multiple * multiple),
+                                              device=device, notes=notes)
+            else:
+                log.info("adapt_batch_norm: the network has no batch normalisation; predicting it as it is")
         probs, _ = _retry_out_of_memory(predict, shrink, max(multiple, max_window // multiple * multiple),
                                         device=device, notes=notes)
     finally:
@@ -272,6 +425,7 @@ def predict_volume_patches(
     with_entropy: bool = False,
     notes: list | None = None,
     fuse=None,
+    adapt_batch_norm: bool = False,
 ):
     """3D sliding-window prediction of a volume given as (S, C, H, W) slices.
 
@@ -281,7 +435,7 @@ def predict_volume_patches(
     float32.
     """
     probs = predict_volume_probabilities(model, slices, device=device, max_window=max_window, overlap=overlap,
-                                         notes=notes)
+                                         notes=notes, adapt_batch_norm=adapt_batch_norm)
     return classes_from_probabilities(probs, fuse=fuse, with_entropy=with_entropy)
 
 
@@ -298,6 +452,7 @@ def predict_volume(
     with_entropy: bool = False,
     context_slices: int = 0,
     fold: bool = True,
+    adapt_batch_norm: bool = False,
 ) -> Prediction:
     """Predict a 2D image or 3D volume as the network saw it in training.
 
@@ -314,6 +469,10 @@ def predict_volume(
         (``data.context_slices``; ignored for 2D images).
     fold : bool
         Batch normalisation folded into the convolutions (:func:`predict_slices`).
+    adapt_batch_norm : bool
+        Re-estimate the batch-norm statistics on this image first (all its slices and
+        windows; :func:`adapt_batch_norm`, on a copy of the network): the
+        ``predict.adapt_batch_norm`` setting.
 
     A 3D network predicts the volume in 3D windows (:func:`predict_volume_patches`); a 2D
     image raises :class:`~napari_semicl.errors.DataError` for it.
@@ -326,7 +485,7 @@ def predict_volume(
         slices = with_context(slices, context_slices)
     notes: list[str] = []
     idx, ent = predict_slices(model, slices, device=device, batch_size=batch_size, with_entropy=with_entropy,
-                              notes=notes, fold=fold)
+                              notes=notes, fold=fold, adapt_batch_norm=adapt_batch_norm)
     spatial = image.ndim - (1 if rgb else 0)
     labels = decode_classes(idx, class_values)
     if spatial == 2:

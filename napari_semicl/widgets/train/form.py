@@ -110,6 +110,9 @@ ADVANCED: tuple[Field | str, ...] = (
     Field("largest_check", "Keep largest piece", "predict.largest_component", QCheckBox,
           "Keep only the largest connected 3D piece of each class in the mask (for one structure, e.g. a heart "
           "chamber: stray blobs elsewhere go); off for many objects (cells, nuclei)"),
+    Field("adapt_bn_check", "Adapt to each image", "predict.adapt_batch_norm", QCheckBox,
+          "Before predicting an image, re-estimate the network's batch-norm statistics on that image (AdaBN): for "
+          "images whose stain or brightness differs from the painted ones, e.g. H&E tiles from other labs"),
     Field("lr_spin", "Learning rate", "optim.lr", dspin(1e-5, 1.0, 3e-3, 5, 1e-4)),
     Field("ema_spin", "EMA alpha (teacher)", "mean_teacher.ema_alpha", dspin(0.5, 0.9999, 0.99, 4, 0.001)),
     Field("consistency_spin", "Consistency weight", "mean_teacher.consistency", dspin(0.0, 100.0, 0.1, 3)),
