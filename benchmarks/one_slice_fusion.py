@@ -3,13 +3,16 @@
 A saved cohort checkpoint (``cohort_transfer.py --save DIR``) predicts each test volume once
 per painted set; the network's probabilities and the prior's (the fill of the painted slices,
 ``SlicePrior.probabilities``) are kept, and the fusion rule is then applied to them under
-several variants (``VARIANTS``), with no retraining and no second prediction: the same network,
+several variants (:func:`variant_masks`), with no retraining and no second prediction: the same network,
 paired. Painted sets: one slice at each ``--positions`` fraction of the structure's slice range
 (0.5: the middle, the ``even`` strategy's first slice), and ``--k`` slices evenly inside it
 (the ``even`` strategy's sets). For each volume, set and variant: whole-volume Dice, Dice on
 the unpainted slices, and the per-slice Dice of the network, the fill and the fused mask with
 each slice's distance to the nearest painted slice and whether it lies past the outermost
-painted slices (``--per-slice``).
+painted slices (``--per-slice``). ``--keep DIR`` saves each capture (``NAME_SET.npz``) for
+other variants later; ``--scratch-steps N`` trains the recommended configuration from scratch on
+each test volume alone instead (a lone volume: no cohort, engine.prior's default fusion for it).
+Run it from the repository root with the checkout first on the path (``PYTHONPATH=.``).
 
     python benchmarks/one_slice_fusion.py --load /tmp/ckpt --data ../shared/data/la/train \\
         --positions 0.25,0.5,0.75 --k 2,3 --out one_slice.json
@@ -29,6 +32,7 @@ import torch
 
 from napari_semicl.bench.common import find_cases, thinnest_axis
 from napari_semicl.data import AnnotatedPair
+from napari_semicl.data.interpolation import default_shrink
 from napari_semicl.data.reveal import reveal_slices
 from napari_semicl.engine import Trainer, recommended_config, run_sync
 from napari_semicl.engine.device import set_threads
@@ -42,45 +46,47 @@ log = logging.getLogger("one_slice_fusion")
 
 def _entropy(p: np.ndarray) -> np.ndarray:
     """Normalised binary entropy of foreground probabilities ``p``."""
-    q = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
-    return (-(q * np.log(q) + (1 - q) * np.log(1 - q)) / np.log(2)).astype(np.float32)
+    q = np.clip(p.astype(np.float32), 1e-6, 1 - 1e-6)
+    return -(q * np.log(q) + (1 - q) * np.log(1 - q)) / np.log(2)
 
 
-def _fused(net, prior, weight, agreement, power, entropy_factor):
-    """Foreground probability of the fusion rule: n = (1 - w) * e * a ** power,
-    e = 1 - H_net (``entropy_factor`` (S,) bool: where False, e = 1)."""
-    ent = _entropy(net)
-    e = np.where(entropy_factor[:, None, None], 1.0 - ent, 1.0)
-    share = (1.0 - weight[:, None, None]) * e * float(max(agreement, 0.0)) ** power
+def _fused(net, prior, weight, agreement, power, trust):
+    """Foreground probability of the fusion rule: n = (1 - w)(1 - r H_net) a ** power, with
+    ``trust`` r broadcastable to (S, H, W)."""
+    share = (1.0 - weight[:, None, None]) * (1.0 - trust * _entropy(net)) * float(max(agreement, 0.0)) ** power
     return (1.0 - share) * prior + share * net
 
 
-def variant_masks(cap: dict, cfg) -> dict[str, np.ndarray]:
-    """(S, H, W) bool fused masks of the variants from one capture (see ``VARIANTS``)."""
+def variant_masks(cap: dict, cfg, shrink: float = 1.5) -> dict[str, np.ndarray]:
+    """(S, H, W) bool masks from one capture: the network, the fill, and the fusion with
+    ``r`` (the entropy's trust in the fill, engine.prior.fuse_probabilities) as
+
+    - ``before``: 1 everywhere (the rule before issue 26);
+    - ``no_entropy_beyond``: 0 past the outermost painted slices;
+    - ``decayL``: exp(-d / L) past them, every pixel;
+    - ``footL_M``: exp(-d / L) past them within M px of the outermost painted shape as the
+      fill carries it (the fill's signed distance, from its two-class probability, plus
+      ``shrink`` px a slice), 1 farther out: ``foot8_15`` is engine.prior's default.
+    """
     dist, net, prior, a = cap["dist"], cap["net"], cap["prior"], cap["agreement"]
     painted = np.flatnonzero(dist == 0)
     idx = np.arange(len(dist))
-    beyond = (idx < painted[0]) | (idx > painted[-1])
-    k = len(painted)
-    L, power = cfg.confidence_length, cfg.agreement_power
-    bl = cfg.beyond_length
-    everywhere = np.ones(len(dist), bool)
-    out = {"network": net > 0.5, "fill": prior > 0.5}
+    beyond = ((idx < painted[0]) | (idx > painted[-1]))[:, None, None]
+    weight = fusion_weight(dist, cfg.confidence_length, cfg.beyond_length)
+    d = dist.astype(np.float64)[:, None, None]
+    q = np.clip(prior.astype(np.float64), 1e-12, 1 - 1e-12)
+    # the fill's signed distance is T / 2 * logit(p) (T = temperature_px (1 + d), two classes)
+    carried = cfg.temperature_px / 2 * (1 + d) * np.log(q / (1 - q)) + shrink * d
 
-    def rule(weight, ent_mask):
-        return _fused(net, prior, weight, a, power, ent_mask) > 0.5
+    def rule(trust):
+        return _fused(net, prior, weight, a, cfg.agreement_power, trust) > 0.5
 
-    today = fusion_weight(dist, L, bl)
-    out["today"] = rule(today, everywhere)
-    out["no_entropy_beyond"] = rule(today, ~beyond)
-    out["no_entropy_anywhere"] = rule(today, ~everywhere)
-    for lb in (0.5, 1.0):
-        out[f"beyond_{lb:g}"] = rule(fusion_weight(dist, L, lb), everywhere)
-        out[f"beyond_{lb:g}_no_entropy_beyond"] = rule(fusion_weight(dist, L, lb), ~beyond)
-    # fall-off scaled to the number of painted slices: beyond_length * min(1, (k - 1) / 1) ... k=1 -> short
-    scaled = bl * min(1.0, max(k - 1, 0.5) / 1.0) if bl else None
-    out["beyond_scaled_k"] = rule(fusion_weight(dist, L, scaled), everywhere)
-    out["beyond_scaled_k_no_entropy_beyond"] = rule(fusion_weight(dist, L, scaled), ~beyond)
+    out = {"network": net > 0.5, "fill": prior > 0.5, "before": rule(np.float32(1.0)),
+           "no_entropy_beyond": rule(np.where(beyond, 0.0, 1.0))}
+    for length in (2, 4, 8, 16):
+        out[f"decay{length}"] = rule(np.where(beyond, np.exp(-d / length), 1.0))
+    for length, margin in ((8, 5), (8, 15), (8, 30), (4, 15)):
+        out[f"foot{length}_{margin}"] = rule(np.where(beyond & (carried > -margin), np.exp(-d / length), 1.0))
     return out
 
 
@@ -169,7 +175,8 @@ def main(argv=None) -> int:
                          prior=cap["prior"].astype(np.float16), dist=cap["dist"], ref=ref_s,
                          agreement=cap["agreement"], confidence_length=trainer.config.prior.confidence_length,
                          beyond_length=trainer.config.prior.beyond_length or 0.0)
-            masks = variant_masks(cap, trainer.config.prior)
+            masks = variant_masks(cap, trainer.config.prior,
+                                  default_shrink(c.image.scale, ref.ndim, axis))
             painted = np.flatnonzero(cap["dist"] == 0)
             unpainted = np.setdiff1d(np.arange(len(cap["dist"])), painted)
             row = {"name": c.name, "set": name, "painted": painted.tolist(), "range": [lo, hi],

@@ -106,17 +106,24 @@ class PriorConfig:
         Slices: past the outermost painted slices of a volume fused with a cohort's network
         (another volume of the run has ``network_min_painted`` painted slices,
         :meth:`SlicePrior.cohort`), the network's entropy hands a voxel to the fill with the
-        factor ``r(d) = exp(-d / entropy_length)`` (the share ``(1 - c)(1 - r H)`` in the module
-        doc; ``r = 1`` between the painted slices, for a volume alone in its run, and everywhere
-        with ``None``, the rule before issue 26). Past the outermost painted slice the fill is a shrinking copy of it
-        that vanishes a few slices on, so handing it every voxel the network is unsure of biases
-        the mask towards the background there, however far: with one painted slice of a new
-        left-atrium volume and a cohort network (4 volumes, 5 painted slices each), that made
-        the fused mask worse than the network alone on one volume of four (down to -0.074 Dice,
-        largest component kept) while it removed the network's stray foreground on the others;
-        with 8 slices every volume and painted position (1/4, 1/2, 3/4 of the structure) was at
-        or above the network alone, for two networks (3000 and 9000 steps), and two or three
-        painted slices changed by -0.001 to +0.005 on average (docs/prior.md, "Fusion").
+        factor ``r = exp(-d / entropy_length)`` near the painted shape (``entropy_margin_px``;
+        the share ``(1 - c)(1 - r H)`` in the module doc). ``r = 1`` between the painted
+        slices, in a volume alone in its run, and everywhere with ``None`` (the rule before
+        issue 26). Past the outermost painted slice the fill is that slice's shape shrinking
+        until it vanishes, and with ``r = 1`` every voxel the network was unsure of went to it,
+        however far: with one painted slice of a new left-atrium volume and a cohort network
+        (4 volumes, 5 painted slices each; the slice at 1/4, 1/2 or 3/4 of the structure), the
+        fused mask fell below the network alone on 3 of 12 volume-positions (down to -0.074
+        Dice, largest piece kept); with 8 slices and a 15 px margin on none, for a 3000-step and
+        a 9000-step network, and two or three painted slices moved by -0.003 to +0.006
+        (docs/prior.md, "Fusion").
+    entropy_margin_px : float
+        Pixels: ``r`` is ``exp(-d / entropy_length)`` only within this distance of the
+        outermost painted shape as the fill carries it past that slice (the fill's signed
+        distance plus its fall-off, 1.5 px a slice, times ``d``), and 1 farther out, where the
+        fill's background is the painted shape's surroundings and removed the network's stray
+        foreground (without the margin the same networks lost 0.02-0.05 Dice with one painted
+        slice; 5 px let one volume fall below the network alone, 30 px kept less of the gain).
     calibrate : bool
         With three painted slices or more, measure the interpolation on the volume itself
         (:func:`leave_one_out`) and set the band (pixels per slice) from it instead of
