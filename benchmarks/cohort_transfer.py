@@ -5,7 +5,8 @@ strictly inside the structure, trains one network (the dock's recommended config
 fill of the painted slices as dense targets). At every ``--eval-every`` steps the network
 alone predicts the ``--test-volumes`` other volumes (whole-volume Dice: a volume nobody
 painted). Then each test volume gets ``--k-new`` painted slices and four masks are scored on
-its unpainted slices:
+its unpainted slices (and, ``_whole``, the whole volume, also after keeping the largest
+component, ``_whole_lcc``, as the session benchmark's ``predict.largest_component``):
 
 - ``fill``: the fill between the painted slices alone (flow);
 - ``network``: the cohort network alone;
@@ -20,7 +21,13 @@ Budgets are steps (robust on a shared machine); wall and process CPU seconds are
 unlabelled data (for the semi-supervised methods; their labels are never read in training).
 ``--oracle`` trains the cohort on its volumes' whole references instead (an upper bound: what
 the painted slices and their fill cost the network). ``--save DIR`` keeps the cohort checkpoint and each test volume's network-alone prediction
-(``NAME.npy``, label values) for later analyses without retraining; ``--network-only`` stops
+(``NAME.npy``, label values) for later analyses without retraining; ``--load DIR`` takes the cohort
+network from such a folder instead of training one (the same network for paired comparisons of
+the fusion: the ``--set prior.*`` fusion settings, ``engine.prior.FUSION_SETTINGS``, apply to
+the fused masks either way); ``--with-cohort`` fuses the new volumes in one run that also holds
+the cohort's painted volumes (no fine-tuning), so that the fusion sees a cohort's network as
+the dock and the session do (``SlicePrior.cohort``); ``--positions`` paints the new volumes' slices at those fractions
+of the structure's slice range instead of ``--k-new`` evenly inside it; ``--network-only`` stops
 after that (no fill, fine-tuning or scratch runs). ``--tta`` averages the network's
 probabilities over the image and its flips along the two in-plane axes (4 passes); the
 network-alone Dice is also reported after :func:`~napari_semicl.engine.postprocess.keep_largest_component`
@@ -49,12 +56,13 @@ from napari_semicl.bench.label_efficiency import apply_overrides
 from napari_semicl.cli.common import set_items
 from napari_semicl.data import AnnotatedPair, augment
 from napari_semicl.data.interpolation import interpolate_labels
-from napari_semicl.data.reveal import choose_reveal_slices, reveal_slices
+from napari_semicl.data.reveal import choose_reveal_slices, foreground_slice_range, reveal_slices
 from napari_semicl.engine import Trainer, recommended_config
 from napari_semicl.engine.device import describe_device, set_threads
 from napari_semicl.engine.events import Finished, StepDone
 from napari_semicl.engine.inference import predict_volume
 from napari_semicl.engine.precision import MODEL_ATTRIBUTE
+from napari_semicl.engine.prior import FUSION_SETTINGS
 from napari_semicl.engine.postprocess import keep_largest_component
 from napari_semicl.io import atomic_path
 
@@ -123,7 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--test-volumes", type=int, default=4)
     ap.add_argument("--k-train", type=int, default=5)
     ap.add_argument("--k-new", type=int, default=2)
-    ap.add_argument("--steps", type=int, required=True, help="cohort training steps")
+    ap.add_argument("--steps", type=int, default=0, help="cohort training steps (required unless --load)")
     ap.add_argument("--eval-every", type=int, default=0, help="network-alone Dice on the test volumes every N steps")
     ap.add_argument("--finetune-steps", type=int, default=0)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -136,6 +144,12 @@ def main(argv=None) -> int:
     ap.add_argument("--spatial", metavar="ROT,SCALE",
                     help="weak augmentation's largest rotation (degrees; default 15) and zoom (0.2: factors "
                          "1/1.2..1.2; default 0) for every method of this run")
+    ap.add_argument("--load", help="folder of an earlier --save: its checkpoint instead of training (no --steps run)")
+    ap.add_argument("--positions", help="paint the new volumes at these fractions of the structure's slice range "
+                    "(e.g. 0.25 or 0.3,0.7) instead of --k-new slices evenly inside it")
+    ap.add_argument("--with-cohort", action="store_true",
+                    help="with --finetune-steps 0: fuse each new volume in one run that also holds the cohort's "
+                         "painted volumes (as the dock and the session do: a cohort's network, SlicePrior.cohort)")
     ap.add_argument("--save", help="folder for the cohort checkpoint and the network-alone predictions (NAME.npy)")
     ap.add_argument("--calibrate", action="store_true",
                     help="train, report the process CPU seconds per step (past the first 100) and stop")
@@ -145,6 +159,15 @@ def main(argv=None) -> int:
     ap.add_argument("--network-only", action="store_true", help="stop after the cohort run's network-alone scores")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    if not args.load and args.steps <= 0:
+        ap.error("--steps is required (or --load DIR of a saved cohort network)")
+    if args.load and not (Path(args.load) / "checkpoint.pt").is_file():
+        ap.error(f"--load {args.load}: no checkpoint.pt there (write one with --save)")
+    if args.with_cohort and (args.finetune_steps or args.oracle):
+        ap.error("--with-cohort fuses without fine-tuning (--finetune-steps 0), with painted cohort volumes "
+                 "(no --oracle)")
+    if args.load and (args.calibrate or args.eval_every):
+        ap.error("--load evaluates a saved network: --calibrate and --eval-every need a training run")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     set_threads(args.threads)
     settings = dict(set_items(args, sections=True))
@@ -160,7 +183,8 @@ def main(argv=None) -> int:
               "test": [c.name for c in test], "k_train": args.k_train, "k_new": args.k_new, "steps": args.steps,
               "finetune_steps": args.finetune_steps, "threads": args.threads, "settings": settings,
               "method": args.method, "spatial": args.spatial, "unlabelled_test": args.unlabelled_test,
-              "tta": args.tta, "seed": args.seed, "oracle": args.oracle,
+              "tta": args.tta, "seed": args.seed, "oracle": args.oracle, "loaded": args.load,
+              "positions": args.positions, "with_cohort": args.with_cohort,
               "device": describe_device(device, args.threads), "machine": machine_info(), "curve": [], "new": []}
 
     def write():
@@ -178,13 +202,18 @@ def main(argv=None) -> int:
                                    spacing=c.image.scale))
     if args.unlabelled_test:  # images only: the semi-supervised methods' unlabelled data
         pairs += [AnnotatedPair(c.image.data, None, name=c.name, spacing=c.image.scale) for c in test]
-    trainer = Trainer(_config(args.steps, axis, args.seed, settings, args.method), pairs, device=device,
-                      num_threads=args.threads)
+    fusion_cfg = _config(max(args.steps, 1), axis, args.seed, settings, args.method).prior
+    if args.load:
+        trainer = Trainer.from_checkpoint(Path(args.load) / "checkpoint.pt", pairs, device=device,
+                                          num_threads=args.threads)
+    else:
+        trainer = Trainer(_config(args.steps, axis, args.seed, settings, args.method), pairs, device=device,
+                          num_threads=args.threads)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     train_cpu = 0.0
     last_eval = None
     result["step_cpu"] = []  # (step, process CPU s since the start, evaluations excluded) every 100 steps
-    for event in trainer.run(previews=False):
+    for event in ([] if args.load else trainer.run(previews=False)):
         if isinstance(event, StepDone) and event.step % 100 == 0:
             result["step_cpu"].append((event.step, train_cpu + time.process_time() - cpu0))
         if isinstance(event, StepDone) and args.eval_every and event.step % args.eval_every == 0:
@@ -214,7 +243,10 @@ def main(argv=None) -> int:
         return 0
     work = Path(args.save) if args.save else Path(tempfile.mkdtemp(prefix="cohort_"))
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = trainer.save(work / "checkpoint.pt")
+    if args.load and work.resolve() == Path(args.load).resolve():
+        ckpt = work / "checkpoint.pt"  # already there
+    else:
+        ckpt = trainer.save(work / "checkpoint.pt")
     if args.save or args.network_only:
         t_eval = time.process_time()
         if last_eval is not None and last_eval[0] == trainer.step:  # the last evaluation was at the end
@@ -236,22 +268,47 @@ def main(argv=None) -> int:
         print(json.dumps(result["network_alone"], indent=1))
         return 0
 
+    new_slices = []
     for c in test:
+        if args.positions:
+            first, last = foreground_slice_range(c.reference.data, axis)
+            fractions = [float(f) for f in args.positions.split(",")]
+            new_slices.append(sorted({int(round(first + f * (last - first))) for f in fractions}))
+        else:
+            new_slices.append(choose_reveal_slices(c.reference.data, args.k_new, axis, "inside"))
+    new_pairs = [AnnotatedPair(c.image.data, reveal_slices(c.reference.data, s, axis), name=c.name,
+                               spacing=c.image.scale) for c, s in zip(test, new_slices)]
+    joint = None
+    if args.with_cohort:  # one run holds the cohort's painted volumes and the new ones, as the dock does
+        joint = Trainer.from_checkpoint(ckpt, [*pairs[: len(train)], *new_pairs], device=device,
+                                        num_threads=args.threads)
+        for name in FUSION_SETTINGS:
+            setattr(joint.config.prior, name, getattr(fusion_cfg, name))
+    for i, (c, slices, pair) in enumerate(zip(test, new_slices, new_pairs)):
         ref = c.reference.data
-        slices = choose_reveal_slices(ref, args.k_new, axis, "inside")
-        painted = reveal_slices(ref, slices, axis)
+        painted = pair.labels
         keep = np.setdiff1d(np.arange(ref.shape[axis]), slices)
         row = {"name": c.name, "painted": slices}
         fill = interpolate_labels(painted, axis=axis, spacing=c.image.scale, image=c.image.data, method="flow").labels
         row["fill"] = score(fill, ref, keep_slices=keep, axis=axis)["dice"]
-        row["network"] = score(_predict(trainer, c.image.data, args.tta), ref, keep_slices=keep, axis=axis)["dice"]
-        pair = AnnotatedPair(c.image.data, painted, name=c.name, spacing=c.image.scale)
-        tuned = Trainer.from_checkpoint(ckpt, [pair], device=device, num_threads=args.threads)
-        tuned.config.iterations = args.finetune_steps
-        if args.finetune_steps:
-            for _ in tuned.run(previews=False):
-                pass
-        row["cohort_fused"] = score(tuned.predict_pair(0).labels, ref, keep_slices=keep, axis=axis)["dice"]
+        net = _predict(trainer, c.image.data, args.tta)
+        row["network"] = score(net, ref, keep_slices=keep, axis=axis)["dice"]
+        row["network_whole"] = score(net, ref)["dice"]
+        row["network_whole_lcc"] = score(keep_largest_component(net), ref)["dice"]
+        if joint is not None:
+            fused = joint.predict_pair(len(train) + i).labels
+        else:
+            tuned = Trainer.from_checkpoint(ckpt, [pair], device=device, num_threads=args.threads)
+            tuned.config.iterations = args.finetune_steps
+            for name in FUSION_SETTINGS:  # the fusion asked for (a loaded network's own config may differ)
+                setattr(tuned.config.prior, name, getattr(fusion_cfg, name))
+            if args.finetune_steps:
+                for _ in tuned.run(previews=False):
+                    pass
+            fused = tuned.predict_pair(0).labels
+        row["cohort_fused"] = score(fused, ref, keep_slices=keep, axis=axis)["dice"]
+        row["cohort_fused_whole"] = score(fused, ref)["dice"]
+        row["cohort_fused_whole_lcc"] = score(keep_largest_component(fused), ref)["dice"]
         if args.finetune_steps:
             scratch = Trainer(_config(args.finetune_steps, axis, args.seed, settings), [pair], device=device,
                               num_threads=args.threads)
@@ -261,7 +318,8 @@ def main(argv=None) -> int:
         log.info("%s: %s", c.name, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
         result["new"].append(row)
         write()
-    for key in ("fill", "network", "cohort_fused", "scratch_fused"):
+    for key in ("fill", "network", "cohort_fused", "scratch_fused", "network_whole", "network_whole_lcc",
+                "cohort_fused_whole", "cohort_fused_whole_lcc"):
         values = [r[key] for r in result["new"] if key in r]
         if values:
             result[f"{key}_mean"], result[f"{key}_std"] = float(np.mean(values)), float(np.std(values))

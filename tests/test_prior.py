@@ -21,6 +21,8 @@ from napari_semicl.engine.prior import (
     PriorConfig,
     dense_share,
     dense_target,
+    entropy_trust,
+    footprint_trust,
     fuse_probabilities,
     prior_probabilities,
     prior_weight,
@@ -87,6 +89,96 @@ def test_fusion_follows_the_rule():
     gated = (1 - share) * p_prior + share * p_net
     torch.testing.assert_close(fuse_probabilities(p_net, p_prior, torch.tensor([0.3]), 0.5, 2.0), gated)
     torch.testing.assert_close(fuse_probabilities(certain, p_prior, torch.tensor([0.0]), 0.0, 8.0), p_prior)
+
+
+def test_entropy_trust_falls_past_the_outermost_painted_slices_only():
+    dist = np.array([3, 2, 1, 0, 1, 2, 1, 0, 1, 2], np.float32)  # painted 3 and 7
+    r = entropy_trust(dist, 4.0)
+    np.testing.assert_array_equal(r[3:8], 1.0)  # between the painted slices: the rule as before
+    np.testing.assert_allclose(r[[0, 1, 2, 8, 9]], np.exp(-np.array([3, 2, 1, 1, 2]) / 4.0), rtol=1e-6)
+    np.testing.assert_array_equal(entropy_trust(dist, None), 1.0)  # None: trusted everywhere
+    with pytest.raises(ConfigError, match="entropy_length"):
+        PriorConfig(entropy_length=0.0).validate()
+
+
+def test_footprint_trust_is_the_slice_s_trust_near_the_carried_shape_and_1_farther_out():
+    # one row of fill scores three slices past the outermost painted one, fall-off 2 px a slice:
+    # the carried shape is scores + 6 (foreground > -margin within the margin); background first
+    fg = torch.tensor([-30.0, -22.0, -20.5, -8.0, -5.0]).view(1, 1, 1, 5)
+    scores = torch.cat([-fg, fg], dim=1)
+    r = footprint_trust(scores, torch.tensor([3.0]), torch.tensor([0.25]), shrink=2.0, margin_px=15.0)
+    assert r.shape == (1, 1, 1, 5)
+    np.testing.assert_allclose(r.flatten().numpy(), [1.0, 1.0, 0.25, 0.25, 0.25])  # carried -24, -16, -14.5, -2, 1
+    between = footprint_trust(scores, torch.tensor([1.0]), torch.tensor([1.0]), shrink=2.0, margin_px=15.0)
+    np.testing.assert_array_equal(between.flatten().numpy(), 1.0)  # between painted slices r = 1 anyway
+
+
+def test_past_the_painted_slices_an_unsure_network_falls_back_on_the_fill_less_with_distance():
+    """Hand-computed: p_net = (0.2, 0.8), p_prior = (0.9, 0.1), w = 0.1, four slices past
+    the outermost painted one with entropy_length 4 (r = e^-1). Before issue 26's fix the
+    network's entropy handed the voxel to the fill at any distance (r = 1): foreground
+    0.275, background; now 0.563, foreground as the network says."""
+    p_net = torch.tensor([0.2, 0.8]).view(1, 2, 1, 1)
+    p_prior = torch.tensor([0.9, 0.1]).view(1, 2, 1, 1)
+    h = -(0.2 * math.log(0.2) + 0.8 * math.log(0.8)) / math.log(2)  # 0.7219
+    r = math.exp(-1.0)
+    share = 0.9 * (1 - r * h)  # (1 - w)(1 - r H) = 0.6610
+    fused = fuse_probabilities(p_net, p_prior, torch.tensor([0.1]), trust=torch.tensor([r]))
+    assert fused[0, 1].item() == pytest.approx(0.5627, abs=1e-4)
+    assert fused[0, 1].item() == pytest.approx((1 - share) * 0.1 + share * 0.8, rel=1e-5)
+    old = fuse_probabilities(p_net, p_prior, torch.tensor([0.1]))  # r = 1: the rule before
+    assert old[0, 1].item() == pytest.approx(0.2752, abs=1e-4)
+    assert old[0, 1].item() < 0.5 < fused[0, 1].item()
+
+
+def test_the_fuser_trusts_the_fill_less_past_a_new_volume_s_one_painted_slice(brain):
+    """A new volume of a cohort with one painted slice (slice 11) fused with a network that
+    says foreground at 0.8 everywhere: past the painted slice the fill's share where the
+    network is unsure falls as exp(-d / entropy_length) near the painted shape carried past
+    it (issue 26: the first painted slice lowered a cohort network's mask). Hand formula on
+    slice 11 + 6; a volume alone in its run keeps the rule before (r = 1)."""
+    image, reference = brain
+    cfg = _config("supervised", beyond_length=2.0, agreement_power=8.0)
+    one = AnnotatedPair(image, reveal_slices(reference, [11], 0), name="one slice")
+    trainer = Trainer(cfg, [AnnotatedPair(image, reveal_slices(reference, [3, 20], 0), name="two"), one], device=CPU)
+    prior = trainer.prior
+    assert prior.cohort(1) and not prior.fill_only(1) and prior.config.entropy_length == 8.0  # the default
+    k = len(trainer.dataset.class_values)
+    probs = torch.zeros(1, k, *image.shape[1:])
+    probs[:, 0], probs[:, 1] = 0.2, 0.8
+    s, d = 17, 6.0
+    assert prior.slice_distance(1)[s] == d
+    p_prior = prior.probabilities(1, s, s + 1, probs)
+    h = -(0.2 * math.log(0.2) + 0.8 * math.log(0.8)) / math.log(k)  # normalised over the k classes
+    w = math.exp(-d / 2.0)  # beyond_length
+
+    def rule(r):
+        share = (1 - w) * (1 - h * r)  # a = 1: one painted slice, no gate
+        return (1 - share) * p_prior + share * probs
+
+    # r = exp(-d / entropy_length) within entropy_margin_px (15) of the painted shape carried
+    # past slice 11 (the fill's scores plus its 1.5 px a slice fall-off), 1 farther out
+    carried = torch.from_numpy(prior.scores(1, s, s + 1))[:, 1:].amax(dim=1, keepdim=True) + 1.5 * d
+    near = carried > -15.0
+    assert 0 < int(near.sum()) < near.numel()
+    for length in (8.0, 3.0):
+        prior.config.entropy_length = length
+        r = torch.where(near, torch.tensor(math.exp(-d / length)), torch.tensor(1.0))
+        torch.testing.assert_close(prior.fuser(1, agreement=1.0)(s, s + 1, probs), rule(r))
+    prior.config.entropy_margin_px = 0.0  # the carried shape itself
+    r = torch.where(carried > 0, torch.tensor(math.exp(-d / 3.0)), torch.tensor(1.0))
+    torch.testing.assert_close(prior.fuser(1, agreement=1.0)(s, s + 1, probs), rule(r))
+    prior.config.entropy_margin_px = 15.0
+    prior.config.entropy_length = None  # the rule before: the entropy hands unsure voxels to the fill
+    torch.testing.assert_close(prior.fuser(1, agreement=1.0)(s, s + 1, probs), rule(1.0))
+    prior.config.entropy_length = 8.0
+    on = prior.fuser(1, agreement=1.0)(11, 12, probs)  # the painted slice stays what was painted
+    torch.testing.assert_close(on, prior.probabilities(1, 11, 12, probs))
+    # the same volume alone in its run (its network fused from one slice): r = 1
+    cfg.prior.network_min_painted = 1
+    alone = Trainer(cfg, [one], device=CPU).prior
+    assert not alone.cohort(0) and not alone.fill_only(0)
+    torch.testing.assert_close(alone.fuser(0, agreement=1.0)(s, s + 1, probs), rule(1.0))
 
 
 def test_agreement_is_the_dice_against_the_prior_next_to_painted_slices(brain):

@@ -17,14 +17,18 @@ turns it into what the one training loop composes, whatever the method:
 * **Fusion** (``prior.fuse``): the mask a user gets mixes the network's class
   probabilities with the prior's, voxel by voxel::
 
-      n = (1 - c(d)) * (1 - H_net) * a ** agreement_power     c(d) = exp(-d / confidence_length)
+      n = (1 - c(d)) * (1 - r(d) H_net) * a ** agreement_power     c(d) = exp(-d / confidence_length)
       p = (1 - n) * p_prior + n * p_net
 
-  with ``d`` the slice's distance (in slices) to the nearest painted slice, ``H_net`` the
-  network's normalised entropy, ``a`` the network's Dice against the prior on the slices
-  within 2 of a painted one (where the fill is best) and ``p_prior = softmax(scores /
-  (temperature_px (1 + d)))`` over the interpolation's signed distances. Where the network
-  is unsure, the prior wins; near painted slices the prior wins; a network that does not yet
+  with ``d`` the slice's distance (in slices) to the nearest painted slice (past the
+  outermost painted slices ``c`` falls with ``beyond_length`` instead, when set), ``H_net`` the
+  network's normalised entropy, ``r(d)`` 1 between the outermost painted slices and
+  ``exp(-d / entropy_length)`` past them (where the fill is an extrapolation, an unsure
+  network keeps more of its say the farther it is), ``a`` the network's Dice against the
+  prior on the slices within 2 of a painted one (where the fill is best) and ``p_prior =
+  softmax(scores / (temperature_px (1 + d)))`` over the interpolation's signed distances.
+  Where the network is unsure, the prior wins (between the painted slices, and past them
+  near the outermost ones); near painted slices the prior wins; a network that does not yet
   reproduce the fill next to the painted slices has little say anywhere; far from painted
   slices a confident, consistent network decides. On painted slices (``d = 0``) the result
   is the painted labels. A volume with fewer than ``network_min_painted`` painted slices gets
@@ -44,7 +48,7 @@ import torch
 
 from ..data.annotation import IGNORE_INDEX
 from ..data.interpolation import METHODS as INTERPOLATION_METHODS
-from ..data.interpolation import FlowCache, extend_scores, interpolate_labels
+from ..data.interpolation import FlowCache, default_shrink, extend_scores, interpolate_labels
 from ..errors import ConfigError, DataError
 from ..errors import check_choice as _check_choice
 from ..models.ops import normalised_entropy
@@ -54,7 +58,7 @@ log = logging.getLogger(__name__)
 PRIOR_MODES = ("off", "targets")
 #: the PriorConfig fields that only change how a mask fuses network and fill (a resumed run may change them)
 FUSION_SETTINGS = ("fuse", "confidence_length", "temperature_px", "agreement_power", "network_min_painted",
-                   "beyond_length")
+                   "beyond_length", "entropy_length", "entropy_margin_px")
 #: the fills of data.interpolation, the default first (docs/benchmarks.md: flow measured better)
 INTERPOLATION_CHOICES = ("flow", *(m for m in INTERPOLATION_METHODS if m != "flow"))
 
@@ -98,6 +102,28 @@ class PriorConfig:
         fill is an extrapolation (``None``: ``confidence_length`` there too). A network that
         learnt the anatomy from other volumes (a cohort) is worth more there than the fill's
         shrinking copy of the last painted slice.
+    entropy_length : float or None
+        Slices: past the outermost painted slices of a volume fused with a cohort's network
+        (another volume of the run has ``network_min_painted`` painted slices,
+        :meth:`SlicePrior.cohort`), the network's entropy hands a voxel to the fill with the
+        factor ``r = exp(-d / entropy_length)`` near the painted shape (``entropy_margin_px``;
+        the share ``(1 - c)(1 - r H)`` in the module doc). ``r = 1`` between the painted
+        slices, in a volume alone in its run, and everywhere with ``None`` (the rule before
+        issue 26). Past the outermost painted slice the fill is that slice's shape shrinking
+        until it vanishes, and with ``r = 1`` every voxel the network was unsure of went to it,
+        however far: with one painted slice of a new left-atrium volume and a cohort network
+        (4 volumes, 5 painted slices each; the slice at 1/4, 1/2 or 3/4 of the structure), the
+        fused mask fell below the network alone on 3 of 12 volume-positions (down to -0.074
+        Dice, largest piece kept); with 8 slices and a 15 px margin on none, for a 3000-step and
+        a 9000-step network, and two or three painted slices moved by -0.003 to +0.006
+        (docs/prior.md, "Fusion").
+    entropy_margin_px : float
+        Pixels: ``r`` is ``exp(-d / entropy_length)`` only within this distance of the
+        outermost painted shape as the fill carries it past that slice (the fill's signed
+        distance plus its fall-off, 1.5 px a slice, times ``d``), and 1 farther out, where the
+        fill's background is the painted shape's surroundings and removed the network's stray
+        foreground (without the margin the same networks lost 0.02-0.05 Dice with one painted
+        slice; 5 px let one volume fall below the network alone, 30 px kept less of the gain).
     calibrate : bool
         With three painted slices or more, measure the interpolation on the volume itself
         (:func:`leave_one_out`) and set the band (pixels per slice) from it instead of
@@ -115,6 +141,8 @@ class PriorConfig:
     agreement_power: float = 8.0
     network_min_painted: int = 2
     beyond_length: float | None = None
+    entropy_length: float | None = 8.0
+    entropy_margin_px: float = 15.0
     calibrate: bool = True
 
     def validate(self, path: str = "prior") -> None:
@@ -128,8 +156,12 @@ class PriorConfig:
             raise ConfigError(f"{path}.network_min_painted must be >= 0, got {self.network_min_painted}")
         if not self.agreement_power >= 0:
             raise ConfigError(f"{path}.agreement_power must be >= 0, got {self.agreement_power}")
-        if self.beyond_length is not None and not self.beyond_length > 0:
-            raise ConfigError(f"{path}.beyond_length must be > 0 (or null), got {self.beyond_length}")
+        for name in ("beyond_length", "entropy_length"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{path}.{name} must be > 0 (or null), got {value}")
+        if not self.entropy_margin_px >= 0:
+            raise ConfigError(f"{path}.entropy_margin_px must be >= 0, got {self.entropy_margin_px}")
         for name in ("boundary_px", "confidence_length", "temperature_px"):
             value = getattr(self, name)
             if not value >= 0 or (name != "boundary_px" and value == 0):
@@ -166,6 +198,37 @@ def fusion_weight(slice_distance: np.ndarray, length: float, beyond_length: floa
     return weight
 
 
+def entropy_trust(slice_distance: np.ndarray, length: float | None) -> np.ndarray:
+    """r(d) of every slice: 1 between the outermost painted slices (and everywhere with
+    ``length`` None), ``exp(-d / length)`` past them, where the fill is an extrapolation."""
+    dist = np.asarray(slice_distance, np.float32)
+    trust = np.ones(len(dist), np.float32)
+    painted = np.flatnonzero(dist == 0)
+    if length is None or len(painted) == 0:
+        return trust
+    index = np.arange(len(dist))
+    beyond = (index < painted[0]) | (index > painted[-1])
+    trust[beyond] = prior_weight(dist[beyond], length)
+    return trust
+
+
+def footprint_trust(scores: torch.Tensor, slice_distance: torch.Tensor, slice_trust: torch.Tensor,
+                    shrink: float, margin_px: float) -> torch.Tensor:
+    """(B, 1, H, W) ``r`` per pixel: ``slice_trust`` (:func:`entropy_trust`) within ``margin_px``
+    of the outermost painted slice's shape as the fill carries it past that slice, 1 farther out.
+
+    scores : (B, K, H, W) the fill's signed distances, background first; past the outermost
+    painted slice a class scores its carried map minus ``shrink`` (pixels a slice) times the
+    distance ``slice_distance`` (B,), so ``scores + shrink * d`` is the carried shape itself.
+    Between the painted slices ``slice_trust`` is 1 and so is the result.
+    """
+    d = slice_distance.float().view(-1, 1, 1, 1)
+    carried = scores[:, 1:].float().amax(dim=1, keepdim=True) + float(shrink) * d
+    near = carried > -float(margin_px)
+    r = slice_trust.float().view(-1, 1, 1, 1).expand_as(carried)
+    return torch.where(near, r, torch.ones_like(r))
+
+
 def prior_probabilities(scores: torch.Tensor, slice_distance: torch.Tensor, temperature_px: float) -> torch.Tensor:
     """Soft class probabilities of the prior: softmax over classes of scores / T(d).
 
@@ -177,16 +240,20 @@ def prior_probabilities(scores: torch.Tensor, slice_distance: torch.Tensor, temp
 
 
 def fuse_probabilities(p_net: torch.Tensor, p_prior: torch.Tensor, weight: torch.Tensor,
-                       agreement: float = 1.0, power: float = 0.0) -> torch.Tensor:
-    """(1 - n) * p_prior + n * p_net, the network's share n = (1 - w)(1 - H_net) a^power.
+                       agreement: float = 1.0, power: float = 0.0, trust: torch.Tensor | None = None) -> torch.Tensor:
+    """(1 - n) * p_prior + n * p_net, the network's share n = (1 - w)(1 - r H_net) a^power.
 
     p_net, p_prior : (B, K, H, W) probabilities; weight : (B,) the prior's weight c(d);
     agreement : the network's Dice against the prior next to painted slices (``a``), with
-    ``power`` its exponent (0: no gate). With no gate this is alpha * p_prior +
-    (1 - alpha) * p_net, alpha = w + (1 - w) H (module doc).
+    ``power`` its exponent (0: no gate); trust : ``r``, how far the prior is trusted where the
+    network is unsure, (B,) per slice or (B, 1, H, W) per pixel (:meth:`SlicePrior.fuser`;
+    None: 1 everywhere). With no gate this is alpha * p_prior + (1 - alpha) * p_net,
+    alpha = w + (1 - w) r H (module doc).
     """
     ent = normalised_entropy(p_net, dim=1).unsqueeze(1)
     w = weight.float().view(-1, 1, 1, 1)
+    if trust is not None:
+        ent = ent * (trust.float().view(-1, 1, 1, 1) if trust.dim() == 1 else trust.float())
     share = (1.0 - w) * (1.0 - ent) * float(max(agreement, 0.0)) ** power
     return (1.0 - share) * p_prior + share * p_net
 
@@ -326,7 +393,8 @@ class SlicePrior:
         #: pair index -> (scores (K_prior, S, h, w) float16 of the fill's region, class index
         #: (K_prior,), distance (S,)); :meth:`scores` gives them as float32 on the whole plane
         self._volumes: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        #: pair index -> (the region's box in the plane, the plane's shape, sampling, unit)
+        #: pair index -> (the region's box in the plane, the plane's shape, sampling, unit, the
+        #: fill's fall-off past the outermost painted slices in pixels a slice)
         self._regions: dict[int, tuple] = {}
         #: pair index -> Calibration (the band and confidence length in use)
         self.calibration: dict[int, Calibration] = {}
@@ -369,7 +437,9 @@ class SlicePrior:
         # a plane's size, kept to 0.5 px at 1024 px and finer near the boundary, which decides
         scores = np.moveaxis(interp.scores, 1 + self.axis, 1).astype(np.float16)  # (K, S, h, w)
         plane = tuple(n for a, n in enumerate(labels.shape) if a != self.axis)
-        region = (interp.box, plane, interp.sampling, interp.unit)
+        # the fill's fall-off past the outermost painted slices (interpolate_labels' default)
+        region = (interp.box, plane, interp.sampling, interp.unit,
+                  default_shrink(pair.spacing, labels.ndim, self.axis))
         painted, distance = interp.painted, interp.slice_distance.astype(np.float32)
         del interp
         loo = []
@@ -398,7 +468,7 @@ class SlicePrior:
         on the whole plane (outside the fill's region extended as
         :func:`~napari_semicl.data.interpolation.extend_scores` does)."""
         crop = self._volumes[pair_index][0][:, start:stop].astype(np.float32)
-        box, plane, sampling, unit = self._regions[pair_index]
+        box, plane, sampling, unit, _ = self._regions[pair_index]
         return np.moveaxis(extend_scores(crop, box, plane, sampling, unit), 1, 0)
 
     def _mask_of(self, pair_index: int, slices) -> np.ndarray:
@@ -461,15 +531,35 @@ class SlicePrior:
             dices.append(2.0 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1))
         return float(np.mean(dices)) if dices else 1.0
 
+    def cohort(self, pair_index: int) -> bool:
+        """Whether another volume of the run has ``network_min_painted`` painted slices: the
+        network fused into this pair's mask is a cohort's, which learnt the anatomy from other
+        volumes (:meth:`fill_only`; ``entropy_length`` applies)."""
+        least = self.config.network_min_painted
+        return any(n >= least for p, n in self.painted_count.items() if p != pair_index)
+
     def fill_only(self, pair_index: int) -> bool:
         """Whether the pair's fused mask is the fill alone: fewer than ``network_min_painted``
         painted slices in it, and none of the run's other volumes has that many (a cohort
         network, trained on other painted volumes, takes part from a volume's first painted
         slice: with the fill alone, painting that slice would take the network's mask away)."""
-        least = self.config.network_min_painted
-        if self.painted_count[pair_index] >= least:
-            return False
-        return not any(n >= least for p, n in self.painted_count.items() if p != pair_index)
+        return self.painted_count[pair_index] < self.config.network_min_painted and not self.cohort(pair_index)
+
+    def probabilities(self, pair_index: int, start: int, stop: int, like: torch.Tensor,
+                      scores: torch.Tensor | None = None) -> torch.Tensor:
+        """The prior's class probabilities (B, K, H, W) of slices ``[start, stop)`` in the
+        network's class layout, dtype and device of ``like`` (:func:`prior_probabilities`);
+        ``scores``: those slices' :meth:`scores` on that device, when already at hand."""
+        device = like.device
+        class_index, dist = self._volumes[pair_index][1:]
+        s = torch.from_numpy(self.scores(pair_index, start, stop)).to(device) if scores is None else scores
+        d = torch.from_numpy(dist[start:stop]).to(device)
+        p_small = prior_probabilities(s, d, self.config.temperature_px)
+        p_prior = torch.zeros_like(like)
+        if p_prior.shape[1] != len(self.class_values):  # pragma: no cover - guarded by the class table
+            raise DataError("the prior's classes do not fit the network's")
+        p_prior[:, torch.from_numpy(class_index).to(device)] = p_small.to(like.dtype)
+        return p_prior
 
     def fuser(self, pair_index: int, agreement: float = 1.0):
         """``fuse(start, stop, probs)`` for :func:`~napari_semicl.engine.inference.predict_slices`:
@@ -478,22 +568,26 @@ class SlicePrior:
         if pair_index not in self._volumes or not self.config.fuse:
             return None
         fill_only = self.fill_only(pair_index)  # PriorConfig doc
-        _, class_index, dist = self._volumes[pair_index]
+        dist = self._volumes[pair_index][2]
         weight = fusion_weight(dist, self.calibration[pair_index].length, self.config.beyond_length)
-        n_classes = len(self.class_values)
+        # past the painted slices a cohort's network keeps more of its say where it is unsure
+        # (PriorConfig.entropy_length); a lone volume's network learnt no more than the fill there
+        length = self.config.entropy_length if self.cohort(pair_index) else None
+        trust = entropy_trust(dist, length)
+        shrink = self._regions[pair_index][4]
 
         def fuse(start: int, stop: int, probs: torch.Tensor) -> torch.Tensor:
             device = probs.device
-            s = torch.from_numpy(self.scores(pair_index, start, stop)).to(device)
-            d = torch.from_numpy(dist[start:stop]).to(device)
-            p_small = prior_probabilities(s, d, self.config.temperature_px)
-            p_prior = torch.zeros_like(probs)
-            p_prior[:, torch.from_numpy(class_index).to(device)] = p_small.to(probs.dtype)
-            if p_prior.shape[1] != n_classes:  # pragma: no cover - guarded by the class table
-                raise DataError("the prior's classes do not fit the network's")
+            scores = torch.from_numpy(self.scores(pair_index, start, stop)).to(device)
+            p_prior = self.probabilities(pair_index, start, stop, probs, scores)
             if fill_only:
                 return p_prior
+            r = None
+            if length is not None and bool((trust[start:stop] < 1).any()):
+                r = footprint_trust(scores, torch.from_numpy(dist[start:stop]).to(device),
+                                    torch.from_numpy(trust[start:stop]).to(device), shrink,
+                                    self.config.entropy_margin_px)
             return fuse_probabilities(probs, p_prior, torch.from_numpy(weight[start:stop]).to(device),
-                                      agreement, self.config.agreement_power)
+                                      agreement, self.config.agreement_power, r)
 
         return fuse
