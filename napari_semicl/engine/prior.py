@@ -184,17 +184,23 @@ def prior_weight(slice_distance: np.ndarray, length: float) -> np.ndarray:
     return np.exp(-np.asarray(slice_distance, np.float32) / np.float32(length)).astype(np.float32)
 
 
+def _past_painted(dist: np.ndarray) -> np.ndarray | None:
+    """Which slices lie past the outermost painted ones (distance 0), or None when none is painted."""
+    painted = np.flatnonzero(dist == 0)
+    if len(painted) == 0:
+        return None
+    index = np.arange(len(dist))
+    return (index < painted[0]) | (index > painted[-1])
+
+
 def fusion_weight(slice_distance: np.ndarray, length: float, beyond_length: float | None = None) -> np.ndarray:
     """c(d) of every slice: :func:`prior_weight` between the painted slices, and with
     ``beyond_length`` (slices) instead of ``length`` past the outermost painted ones."""
     dist = np.asarray(slice_distance, np.float32)
     weight = prior_weight(dist, length)
-    painted = np.flatnonzero(dist == 0)
-    if beyond_length is None or len(painted) == 0:
-        return weight
-    index = np.arange(len(dist))
-    beyond = (index < painted[0]) | (index > painted[-1])
-    weight[beyond] = prior_weight(dist[beyond], beyond_length)
+    beyond = None if beyond_length is None else _past_painted(dist)
+    if beyond is not None:
+        weight[beyond] = prior_weight(dist[beyond], beyond_length)
     return weight
 
 
@@ -203,12 +209,9 @@ def entropy_trust(slice_distance: np.ndarray, length: float | None) -> np.ndarra
     ``length`` None), ``exp(-d / length)`` past them, where the fill is an extrapolation."""
     dist = np.asarray(slice_distance, np.float32)
     trust = np.ones(len(dist), np.float32)
-    painted = np.flatnonzero(dist == 0)
-    if length is None or len(painted) == 0:
-        return trust
-    index = np.arange(len(dist))
-    beyond = (index < painted[0]) | (index > painted[-1])
-    trust[beyond] = prior_weight(dist[beyond], length)
+    beyond = None if length is None else _past_painted(dist)
+    if beyond is not None:
+        trust[beyond] = prior_weight(dist[beyond], length)
     return trust
 
 
