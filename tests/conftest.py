@@ -267,3 +267,24 @@ def small_network(monkeypatch):
         return dock
 
     return shrink
+
+
+# --- leaving the process ------------------------------------------------------------------------
+# A clean-clone run (2026-12-08) passed every test and then aborted in the interpreter's teardown
+# ("malloc_consolidate(): unaligned fastbin chunk detected", exit 134), after the last test, while
+# native libraries (Qt, VTK/ITK's SWIG modules, oneDNN) were being unloaded; the run before it on
+# the same code exited 0. The cause is not found. The suite's result is final once pytest has
+# written its summary, so the process leaves with that status without the native teardown.
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _EXIT_STATUS and os.environ.get("SEMICL_NATIVE_TEARDOWN") != "1":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[-1])
